@@ -1,0 +1,51 @@
+# The project's commands. Each one sets up the environment it needs (a .venv in the repository,
+# ignored by git) on its first run, and reuses it afterwards.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.skysense-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+DEPS := constraints.txt pyproject.toml kernels/pyproject.toml kernels/setup.py \
+        $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h) $(wildcard packages/*/pyproject.toml)
+# Extra arguments: `make pretrain ARGS="trainer.max_steps=50"`, `make test PYTEST_ARGS="-k swin"`.
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup pretrain test lint format bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): $(DEPS)
+	@echo "skysense: setting up $(VENV) (the first run installs torch and friends: a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q -c constraints.txt setuptools wheel pybind11
+	@$(PIP) install -q -c constraints.txt --no-build-isolation --config-settings editable_mode=compat \
+	    -e ./kernels -e ./packages/encoders -e ./packages/losses -e "./packages/data[dali]" \
+	    -e "./packages/tasks[bench]" -e ".[dev]"
+	@touch $@
+	@echo "skysense: $(VENV) ready"
+
+pretrain: $(STAMP)
+	$(BIN)/skysense pretrain $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/skysense bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/skysense bench mode=quick $(ARGS)
+
+clean:
+	rm -rf $(VENV) build kernels/build .pytest_cache .ruff_cache
+	find . -name '*.so' -path '*skysense*' -delete

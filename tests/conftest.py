@@ -1,0 +1,47 @@
+"""Shared test set-up.
+
+The Triton tier runs the Triton kernels on the CPU under the interpreter: TRITON_INTERPRET must
+be set before triton is first imported, so it is set here, before anything imports torch, on a
+machine without an NVIDIA GPU (set SKYSENSE_TRITON_INTERPRET=0 to keep real kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+if os.environ.get("SKYSENSE_TRITON_INTERPRET", "auto") == "auto":
+    if not Path("/dev/nvidia0").exists():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("SKYSENSE_TRITON_INTERPRET") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the repository, or $SKYSENSE_SHARED_DATA."""
+    env = os.environ.get("SKYSENSE_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real samples; tests that need them skip where they are absent."""
+    d = shared_data_dir()
+    if not (d / "README.md").exists():
+        pytest.skip(
+            f"real samples not found at {d}: the integration tier needs ../shared/data beside "
+            "the repository (or SKYSENSE_SHARED_DATA)"
+        )
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
