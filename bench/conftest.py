@@ -1,0 +1,87 @@
+"""The benchmark suite's shared fixture: ``report`` collects every figure of the run.
+
+A figure is ``report.add(group, name, value, unit, baseline=..., ratio=..., note=...)``: ``ratio``
+is ours over the baseline oriented so that > 1 means ours is better (a speed-up, a memory saving),
+measured in the same run. ``kind`` says what a figure is: "ratio" figures are guarded against the
+committed reference; "scaling" and "info" figures are reported and plotted only.
+At the end of the session the figures go to $SKYSENSE_BENCH_OUT (default
+bench/results/raw-<mode>.json), which `skysense bench` turns into the JSON and Markdown report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+from benchlib import MODE
+
+
+@dataclass
+class Figure:
+    group: str
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str | None = None
+    ratio: float | None = None
+    kind: str = "ratio"
+    params: dict = field(default_factory=dict)
+    note: str = ""
+
+
+class Report:
+    def __init__(self):
+        self.figures: list[Figure] = []
+
+    def add(
+        self,
+        group,
+        name,
+        value,
+        unit,
+        *,
+        baseline=None,
+        baseline_name=None,
+        ratio=None,
+        kind=None,
+        params=None,
+        note="",
+    ):
+        if kind is None:
+            kind = "ratio" if ratio is not None else "info"
+        fig = Figure(
+            group,
+            name,
+            float(value),
+            unit,
+            None if baseline is None else float(baseline),
+            baseline_name,
+            None if ratio is None else float(ratio),
+            kind,
+            params or {},
+            note,
+        )
+        self.figures.append(fig)
+        return fig
+
+
+@pytest.fixture(scope="session")
+def report():
+    r = Report()
+    yield r
+    out = Path(
+        os.environ.get("SKYSENSE_BENCH_OUT", Path(__file__).parent / "results" / f"raw-{MODE}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"mode": MODE, "figures": [asdict(f) for f in r.figures]}, indent=1))
+    tmp.replace(out)
+
+
+@pytest.fixture(scope="session")
+def bench_mode():
+    return MODE
