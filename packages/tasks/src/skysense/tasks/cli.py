@@ -30,6 +30,7 @@ class Command:
     summary: str
     config: str
     positional: tuple[str, ...] = field(default=())
+    flags: tuple[str, ...] = field(default=())  # extra --flags the command accepts
 
 
 COMMANDS: dict[str, Command] = {
@@ -61,7 +62,10 @@ COMMANDS: dict[str, Command] = {
         "skysense.tasks.bench", "run the benchmark suite and compare with the reference", "bench"
     ),
     "encoders": Command(
-        "skysense.tasks.summary", "print an encoder preset's summary (parameter counts)", "summary"
+        "skysense.tasks.summary",
+        "print an encoder preset's summary (parameter counts)",
+        "summary",
+        flags=("--summary",),
     ),
 }
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--help" in flags or "-h" in args:
             print(_help(name, cmd, overrides))
             return 0
-        unknown = flags - {"--cfg", "--help"}
+        unknown = flags - {"--cfg", "--help", *cmd.flags}
         if unknown:
             raise ConfigError("arguments", f"unknown flag(s) {sorted(unknown)}")
         cfg = compose(cmd.config, overrides)
