@@ -1,5 +1,7 @@
 // Entry point of the skysense.kernels._C extension: the C++ CPU kernels register here.
 #include <pybind11/pybind11.h>
+
+#include "normalize_crop_flip.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,4 +23,5 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "SkySense C++ CPU kernels";
   m.def("build_info", &build_info, "Compile-time facts of the extension (OpenMP, threads).");
+  register_normalize_crop_flip(m);
 }
