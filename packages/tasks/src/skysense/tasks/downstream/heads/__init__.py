@@ -1,0 +1,21 @@
+"""Task heads: classification, UperNet (+ auxiliary FCN), the change head, the simple pyramid
+neck for single-resolution features, and Faster R-CNN + FPN for detection."""
+
+from skysense.tasks.downstream.heads.change import ChangeHead, SiameseFusion
+from skysense.tasks.downstream.heads.classification import ClassificationHead
+from skysense.tasks.downstream.heads.detection import SkySenseFasterRCNN, SwinFPN
+from skysense.tasks.downstream.heads.fcn import FCNHead
+from skysense.tasks.downstream.heads.neck import SimplePyramid
+from skysense.tasks.downstream.heads.upernet import PyramidPooling, UperNetHead
+
+__all__ = [
+    "ChangeHead",
+    "ClassificationHead",
+    "FCNHead",
+    "PyramidPooling",
+    "SiameseFusion",
+    "SimplePyramid",
+    "SkySenseFasterRCNN",
+    "SwinFPN",
+    "UperNetHead",
+]
