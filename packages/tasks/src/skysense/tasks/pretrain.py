@@ -1,7 +1,223 @@
-"""`skysense pretrain`: not implemented yet (issue #7)."""
+"""`skysense pretrain`: the full SkySense pre-training path.
+
+    skysense pretrain                                   # tiny preset, embedded sample, CPU
+    skysense pretrain model=base data=shards data.manifest=/data/manifest.sqlite
+    skysense pretrain trainer.nproc=2                   # DDP on this machine through torchrun
+    torchrun --nproc_per_node 2 -m skysense.tasks.cli pretrain trainer.strategy=fsdp
+
+The config is validated before any work (unknown preset, batch not divisible by processes and
+accumulation steps, missing data) with a message naming the field.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-def main(cfg, command: str = "pretrain") -> int:
-    raise NotImplementedError(f"`skysense {command}` lands with issue #7")
+from omegaconf import DictConfig, OmegaConf
+
+from skysense.tasks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first wrong field; does no work."""
+    from skysense.encoders import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(
+            "model.preset", f"unknown preset '{cfg.model.preset}'; known: {', '.join(PRESETS)}"
+        )
+    t = cfg.trainer
+    for field in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "nproc",
+        "checkpoint_every",
+        "log_every",
+    ):
+        if not isinstance(t[field], int) or t[field] < 1:
+            raise ConfigError(f"trainer.{field}", f"must be a positive integer, got {t[field]!r}")
+    world = int(os.environ.get("WORLD_SIZE", t.nproc))
+    if t.batch_size % (world * t.grad_accum):
+        raise ConfigError(
+            "trainer.batch_size",
+            f"{t.batch_size} is not divisible by processes x grad_accum = {world} x {t.grad_accum}",
+        )
+    if t.strategy not in ("ddp", "fsdp"):
+        raise ConfigError("trainer.strategy", f"'{t.strategy}' is not one of ddp, fsdp")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError("trainer.precision", f"'{t.precision}' is not one of auto, fp32, bf16")
+    if cfg.data.name == "shards":
+        manifest = cfg.data.get("manifest")
+        if manifest in (None, "???") or OmegaConf.is_missing(cfg.data, "manifest"):
+            raise ConfigError(
+                "data.manifest", "no manifest given (data=shards needs data.manifest=PATH)"
+            )
+        if not Path(manifest).exists():
+            raise ConfigError("data.manifest", f"{manifest} does not exist")
+    elif cfg.data.name != "embedded":
+        raise ConfigError("data.name", f"unknown data source '{cfg.data.name}'")
+    if cfg.optim.get("lr_scaling", "none") not in ("none", "linear", "sqrt"):
+        raise ConfigError(
+            "optim.lr_scaling", f"'{cfg.optim.lr_scaling}' is not one of none, linear, sqrt"
+        )
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
+
+
+@dataclass
+class Run:
+    """What the loop needs from the outside world, built from the config."""
+
+    cfg: DictConfig
+    info: object
+    manifest: Path
+
+    def build_encoder(self):
+        from skysense.encoders import build_skysense
+
+        overrides = OmegaConf.to_container(self.cfg.model.overrides, resolve=True) or {}
+        if self.cfg.model.checkpointing:
+            overrides["checkpointing"] = True
+        return build_skysense(self.cfg.model.preset, **overrides)
+
+    def build_loss(self, encoder):
+        from skysense.losses import SkySenseLoss
+
+        return SkySenseLoss.from_encoder(
+            encoder, **OmegaConf.to_container(self.cfg.loss, resolve=True)
+        )
+
+    def build_loader(self, start_batch: int, batch_size: int):
+        from skysense.data import build_loader
+
+        d = self.cfg.data
+        views = OmegaConf.to_container(d.get("views", {}), resolve=True)
+        return build_loader(
+            self.manifest,
+            "train",
+            batch_size,
+            backend=d.backend,
+            views=True,
+            view_config=views,
+            seed=self.cfg.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            start_batch=start_batch,
+            num_workers=d.num_workers,
+            epochs=None,
+        )
+
+    def probe(self, encoder):
+        from skysense.data import build_loader
+        from skysense.tasks.training.probe import linear_probe
+
+        if not self.cfg.trainer.get("linear_probe", True) or not self.info.is_main:
+            return None
+        d = self.cfg.data
+        train = build_loader(self.manifest, "train", 16, backend="torch", seed=0, drop_last=False)
+        val = build_loader(self.manifest, "val", 16, backend="torch", seed=0, drop_last=False)
+        return linear_probe(encoder, train, val, self.info.device) if d else None
+
+    def after_step(self, student, teacher, teacher_outs, views):
+        """GCPL: update the prototypes from the teacher's F_fus, then share them."""
+        loss = student.loss
+        protos = student.encoder.geo_context.prototypes
+        for out in teacher_outs:
+            loss.gcpl.update(
+                protos, out["fused"], out["region"], self.cfg.loss.get("gcpl_momentum", 0.99)
+            )
+        teacher.encoder.geo_context.prototypes.copy_(protos)
+
+    def tensorboard(self, run_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def progress(self, total, initial, disable):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            initial=initial,
+            disable=disable,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def plot(self, history, path):
+        from skysense.tasks.training.plots import plot_losses
+
+        return plot_losses(history, path)
+
+
+def prepare_data(cfg: DictConfig, info) -> Path:
+    if cfg.data.name == "embedded":
+        from skysense.data.embedded import ensure_embedded
+
+        return ensure_embedded(
+            Path(cfg.data.root), n_samples=cfg.data.n_samples, seed=cfg.data.seed
+        )
+    return Path(cfg.data.manifest)
+
+
+def summary_line(s: dict) -> str:
+    probe = ""
+    if s.get("probe_pretrained") is not None:
+        probe = f", linear probe {s['probe_pretrained']:.3f}"
+        if s.get("probe_random_init") is not None:
+            probe += f" (random init {s['probe_random_init']:.3f})"
+    return (
+        f"pretrain done: {s['steps']} steps ({s['steps_this_run']} this run), "
+        f"{s['samples_per_s']:.2f} samples/s, final loss {s['final_loss']:.4f}, "
+        f"checkpoint {s['checkpoint']}{probe}"
+    )
+
+
+def main(cfg: DictConfig, command: str = "pretrain") -> int:
+    from skysense.tasks.training import dist as D
+
+    validate(cfg)
+    if cfg.trainer.nproc > 1 and not D.launched_by_torchrun():
+        argv = [a for a in sys.argv[2:] if not a.startswith("trainer.nproc=")]
+        return D.launch(cfg.trainer.nproc, command, argv + [f"trainer.nproc={cfg.trainer.nproc}"])
+
+    from skysense.tasks.training.loop import scaled_lr, train
+
+    info = D.init(cfg.trainer.device)
+    try:
+        if info.is_main:
+            manifest = prepare_data(cfg, info)
+        if info.distributed:
+            import torch.distributed as dist
+
+            box = [str(manifest) if info.is_main else None]
+            dist.broadcast_object_list(box, src=0)
+            manifest = Path(box[0])
+        log.info(
+            "pre-training preset %s on %s: global batch %d = %d process(es) x %d per process x %d"
+            " accumulation step(s); peak lr %.3g (%s scaling of %.3g)",
+            cfg.model.preset,
+            info.device,
+            cfg.trainer.batch_size,
+            info.world_size,
+            cfg.trainer.batch_size // info.world_size // cfg.trainer.grad_accum,
+            cfg.trainer.grad_accum,
+            scaled_lr(cfg.optim, cfg.trainer.batch_size),
+            cfg.optim.get("lr_scaling", "none"),
+            cfg.optim.lr,
+        )
+        summary = train(cfg, Run(cfg, info, manifest))
+        if info.is_main:
+            print(summary_line(summary), flush=True)
+    finally:
+        D.shutdown()
+    return 0

@@ -1,0 +1,107 @@
+"""Checkpoints written atomically: a kill at any moment leaves the previous checkpoint intact.
+
+A checkpoint is one ``torch.save`` file ``step_<N>.pt`` in ``<run_dir>/checkpoints``; it is
+written to a temporary name in the same folder, flushed to disk, then renamed (atomic on POSIX),
+and only then is ``latest`` (a one-line text file naming it) replaced the same way. Readers trust
+``latest`` and never see a partial file.
+
+Contents (a dict): ``student``, ``teacher`` (SkySense state_dicts), ``student_heads``,
+``teacher_heads``, ``loss`` (centres), ``optimizer``, ``step`` (optimizer steps done),
+``data_position`` (global batches consumed), ``rng`` (python, numpy, torch, cuda), ``config``
+(the composed config as a plain dict), ``history`` (logged losses so far).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file_object)`` into a temporary file beside ``path``, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (the global state is what we restore)
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``state`` as ``step_<step>.pt`` atomically, point ``latest`` at it, and remove
+    older checkpoints beyond the ``keep`` newest. Returns the checkpoint's path."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / f"step_{step:07d}.pt"
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
+    old = sorted(ckpt_dir.glob("step_*.pt"))[:-keep] if keep > 0 else []
+    for p in old:
+        if p != path:
+            p.unlink(missing_ok=True)
+    return path
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``ckpt_dir`` (as named by ``latest``), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.exists():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    if not path.exists():
+        log.warning("%s names %s, which is missing", pointer, path.name)
+        return None
+    return path
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save`."""
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,117 @@
+"""Distributed set-up through torch.distributed (no home-made launcher): ``torchrun`` starts the
+processes; gloo on the CPU, NCCL on GPUs; DDP or FSDP (``fully_shard``) wrapping."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' asked for, but CUDA is not available here")
+    return dev
+
+
+def init(device_name: str = "auto") -> DistInfo:
+    """Join the process group when started by torchrun; a single process otherwise."""
+    device = pick_device(device_name)
+    if not launched_by_torchrun():
+        return DistInfo(0, 1, 0, device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, command: str, argv: list[str]) -> int:
+    """Re-run ``skysense <command> argv`` under torchrun with ``nproc`` processes on this machine."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "skysense.tasks.cli",
+        command,
+        *argv,
+    ]
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    env = dict(os.environ)
+    # torchrun sets OMP_NUM_THREADS=1 unless told: share the cores out instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def wrap(module: nn.Module, strategy: str, info: DistInfo, find_unused: bool = True) -> nn.Module:
+    """Wrap the trainable module for ``strategy`` (ddp or fsdp) when distributed."""
+    if not info.distributed:
+        return module
+    if strategy == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=ids, find_unused_parameters=find_unused
+        )
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        # Shard every transformer block on its own, then the rest at the root.
+        for m in module.modules():
+            if m is not module and type(m).__name__.endswith(("Block", "Layer")):
+                fully_shard(m, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
+    raise ValueError(f"trainer.strategy: unknown '{strategy}' (ddp or fsdp)")
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t

@@ -1,0 +1,90 @@
+"""Linear-probe evaluation: does the representation separate the labelled classes?
+
+Features of a frozen encoder (spatially pooled ``geo`` / ``fused`` and per-modality tokens,
+concatenated) are standardised, then a multinomial logistic regression is fit on the train
+split (full-batch L-BFGS, L2) and scored on the val split. The same probe on a randomly
+initialised encoder is the baseline a pre-trained encoder must beat.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def pooled_features(out: dict) -> torch.Tensor:
+    """(B, F) float32: the mean over the grid of ``geo`` (else ``fused``), and the mean over
+    valid steps and the grid of each modality's tokens, concatenated."""
+    parts = []
+    main = out.get("geo", out.get("fused"))
+    if main is not None:
+        parts.append(main.float().mean(dim=(-2, -1)))
+    for mod in ("hr", "s2", "s1"):
+        tok = out.get(f"tokens_{mod}")
+        if tok is None:
+            continue
+        valid = out[f"valid_{mod}"].to(tok.dtype)  # (B, T)
+        pooled = tok.float().mean(dim=(-2, -1))  # (B, T, C)
+        w = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
+        parts.append((pooled * w[..., None]).sum(dim=1))
+    if not parts:
+        raise ValueError("linear probe: the encoder output has no features to pool")
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def extract(encoder: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of every batch (labels: (B,) int64 from ``label``)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        feats.append(pooled_features(encoder(batch)).cpu())
+        labels.append(batch["label"].cpu())
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_score(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
+) -> float:
+    """Val accuracy of an L2-regularised multinomial logistic regression fit on train."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    xt, xv = (x_train - mean) / std, (x_val - mean) / std
+    n_classes = int(max(y_train.max(), y_val.max())) + 1
+    lin = nn.Linear(xt.shape[1], n_classes).double()
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    xt, xv = xt.double(), xv.double()
+    opt = torch.optim.LBFGS(
+        lin.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = (
+            nn.functional.cross_entropy(lin(xt), y_train) + weight_decay * lin.weight.pow(2).sum()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (lin(xv).argmax(1) == y_val).double().mean().item()
+
+
+def linear_probe(encoder: nn.Module, train_batches, val_batches, device) -> float:
+    """Val accuracy of a linear probe on ``encoder``'s frozen, pooled features."""
+    xt, yt = extract(encoder, train_batches, device)
+    xv, yv = extract(encoder, val_batches, device)
+    return fit_score(xt, yt, xv, yv)

@@ -1,0 +1,22 @@
+"""Schedules of pre-training: learning rate (linear warm-up then cosine), weight decay (cosine
+from start to end value), teacher EMA momentum (cosine from base to 1). Pure functions of the
+step, so a resumed run needs only the step to be where it was."""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Cosine interpolation from ``start`` (step 0) to ``end`` (step ``total``), clamped."""
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup`` steps, then cosine down to ``final``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, max(total - warmup, 1), peak, final)
