@@ -1,7 +1,305 @@
-"""`skysense bench`: not implemented yet (issue #9)."""
+"""`skysense bench`: run the benchmark suite, write one report, guard the ratios.
+
+The suite (``bench/test_bench_*.py``, pytest-benchmark) records every figure beside a baseline
+measured in the same run (bench/conftest.py ``report``). This command runs it, then writes
+
+- ``<out>/report-<mode>.json``: the machine, every figure, the comparison;
+- ``<out>/report-<mode>.md``: the same as tables a person reads;
+- ``<out>/scaling-<mode>.png``: how cost grows with the work (the "scaling" figures);
+
+and compares each guarded ratio with the committed reference: a ratio below
+``reference * (1 - tolerance)`` is a regression, and so is a ratio below 1.0 (ours slower or
+bigger than the baseline) that carries no explanation; either makes the command exit 1.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
 
-def main(cfg, command: str = "bench") -> int:
-    raise NotImplementedError(f"`skysense {command}` lands with issue #9")
+from omegaconf import DictConfig
+
+from skysense.tasks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {"full": 0.25, "quick": 0.6}
+
+
+def find_bench_dir(start: Path | None = None) -> Path:
+    """The suite's folder: ``bench/`` holding ``conftest.py``, looked up from ``start`` upward."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "bench" / "conftest.py").exists():
+            return d / "bench"
+    raise ConfigError("bench_dir", f"no bench/conftest.py in {here} or above; set bench_dir=PATH")
+
+
+def machine() -> dict:
+    """CPU, cores, memory, accelerator and versions: what a figure was measured on."""
+    import numpy
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    for name in ("triton", "rasterio", "timm"):
+        # A missing optional package is just absent from the list.
+        with contextlib.suppress(Exception):
+            versions[name] = __import__(name).__version__
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": mem,
+        "device": dev,
+        "platform": platform.platform(),
+        "versions": versions,
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def figure_key(f: dict) -> str:
+    params = ",".join(f"{k}={v}" for k, v in sorted(f.get("params", {}).items()))
+    return f"{f['group']}/{f['name']}" + (f"[{params}]" if params else "")
+
+
+def compare(figures: list[dict], reference: dict[str, float], tolerance: float) -> list[dict]:
+    """Verdicts for the guarded ("ratio") figures: ok, regression, unexplained, new."""
+    out = []
+    for f in figures:
+        if f.get("kind") != "ratio" or f.get("ratio") is None:
+            continue
+        key = figure_key(f)
+        ref = reference.get(key)
+        verdict, why = "ok", ""
+        if ref is not None and f["ratio"] < ref * (1.0 - tolerance):
+            verdict = "regression"
+            why = f"ratio {f['ratio']:.3g} < reference {ref:.3g} x (1 - {tolerance})"
+        elif f["ratio"] < 1.0 and not f.get("note"):
+            verdict = "unexplained"
+            why = f"ratio {f['ratio']:.3g} < 1.0 with no explanation"
+        elif ref is None:
+            verdict = "new"
+        out.append(
+            {"key": key, "ratio": f["ratio"], "reference": ref, "verdict": verdict, "why": why}
+        )
+    return out
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        a = abs(v)
+        s = f"{v:.3g}" if (a >= 1e-3 and a < 1e5) or a == 0 else f"{v:.3e}"
+    else:
+        s = str(v)
+    return f"{s} {unit}".strip()
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# SkySense benchmark report ({report['mode']} mode)",
+        "",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gib']} GiB, device {m['device']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- commit {m['commit']}, {m['date']}; tolerance {report['tolerance']}",
+        "",
+        "Every ratio is ours over a baseline measured in the same run, oriented so that > 1 means"
+        " ours is better (faster, or less memory).",
+        "",
+    ]
+    verdicts = {v["key"]: v for v in report["comparison"]}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for f in report["figures"]:
+        groups[f["group"]].append(f)
+    for g, figs in groups.items():
+        lines += [f"## {g}", ""]
+        ratio_figs = [f for f in figs if f["kind"] != "scaling"]
+        if ratio_figs:
+            lines += [
+                "| figure | ours | baseline | ratio | verdict | note |",
+                "|---|---|---|---|---|---|",
+            ]
+            for f in ratio_figs:
+                v = verdicts.get(figure_key(f), {})
+                name = f["name"] + (
+                    " (" + ", ".join(f"{k}={x}" for k, x in f["params"].items()) + ")"
+                    if f["params"]
+                    else ""
+                )
+                base = _fmt(f["baseline"], f["unit"]) + (
+                    f" ({f['baseline_name']})" if f.get("baseline_name") else ""
+                )
+                lines.append(
+                    f"| {name} | {_fmt(f['value'], f['unit'])} | {base} | {_fmt(f['ratio'])} | "
+                    f"{v.get('verdict', f['kind'])} | {f.get('note', '')} |"
+                )
+            lines.append("")
+        scaling = [f for f in figs if f["kind"] == "scaling"]
+        if scaling:
+            lines += ["| scaling | parameters | value |", "|---|---|---|"]
+            for f in scaling:
+                p = ", ".join(f"{k}={x}" for k, x in f["params"].items())
+                lines.append(f"| {f['name']} | {p} | {_fmt(f['value'], f['unit'])} |")
+            lines.append("")
+    bad = [v for v in report["comparison"] if v["verdict"] in ("regression", "unexplained")]
+    lines += ["## Verdict", ""]
+    if bad:
+        lines += [f"- **{v['verdict']}**: {v['key']}: {v['why']}" for v in bad]
+    else:
+        lines.append("No regression: every guarded ratio is within tolerance of the reference.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(figures: list[dict], path: Path) -> Path | None:
+    """One panel per scaling series: value against its swept parameter."""
+    series: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
+    for f in figures:
+        if f["kind"] != "scaling" or not f["params"]:
+            continue
+        sweep = f["params"].get("sweep") or next(iter(f["params"]))
+        x = f["params"].get(sweep)
+        if not isinstance(x, (int, float)):
+            continue
+        series[(f["group"], f["name"], sweep)].append((x, f["value"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), squeeze=False)
+    units = {(f["group"], f["name"]): f["unit"] for f in figures}
+    for ax, ((g, name, sweep), pts) in zip(axes.flat, sorted(series.items())):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_title(f"{g}: {name}", fontsize=9)
+        ax.set_xlabel(sweep)
+        ax.set_ylabel(units.get((g, name), ""))
+        if max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-9) > 20:
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(cfg: DictConfig, command: str = "bench") -> int:
+    mode = cfg.mode
+    if mode not in ("full", "quick"):
+        raise ConfigError("mode", f"'{mode}' is not one of full, quick")
+    bench_dir = Path(cfg.bench_dir) if cfg.bench_dir else find_bench_dir()
+    if not (bench_dir / "conftest.py").exists():
+        raise ConfigError("bench_dir", f"{bench_dir} has no conftest.py")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else bench_dir / "results"
+    tolerance = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE[mode]
+    ref_path = Path(cfg.reference) if cfg.reference else out_dir / f"reference-{mode}.json"
+    raw = out_dir / f"raw-{mode}.json"
+    raw.unlink(missing_ok=True)
+
+    env = dict(os.environ, SKYSENSE_BENCH_MODE=mode, SKYSENSE_BENCH_OUT=str(raw))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(bench_dir),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable-gc",
+        *shlex.split(cfg.pytest_args),
+    ]
+    log.info("running %s", " ".join(cmd))
+    rc = subprocess.call(cmd, env=env)
+    if not raw.exists():
+        print(
+            f"skysense bench: the suite wrote no figures ({raw}); pytest exit {rc}", file=sys.stderr
+        )
+        return 1
+    figures = json.loads(raw.read_text())["figures"]
+    reference = json.loads(ref_path.read_text())["ratios"] if ref_path.exists() else {}
+    if not reference and not cfg.update_reference:
+        log.warning(
+            "no reference at %s: every ratio is new (run with update_reference=true)", ref_path
+        )
+    comparison = compare(figures, reference, tolerance)
+    report = {
+        "mode": mode,
+        "tolerance": tolerance,
+        "machine": machine(),
+        "figures": figures,
+        "comparison": comparison,
+        "pytest_exit": rc,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"report-{mode}.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    png = plot_scaling(figures, out_dir / f"scaling-{mode}.png")
+    if png:
+        md += f"\n![scaling]({png.name})\n"
+    (out_dir / f"report-{mode}.md").write_text(md)
+    if cfg.update_reference:
+        ratios = {
+            figure_key(f): f["ratio"]
+            for f in figures
+            if f["kind"] == "ratio" and f["ratio"] is not None
+        }
+        ref_path.write_text(
+            json.dumps({"mode": mode, "machine": report["machine"], "ratios": ratios}, indent=1)
+        )
+        log.info("wrote the reference %s (%d ratios)", ref_path, len(ratios))
+    bad = [v for v in comparison if v["verdict"] in ("regression", "unexplained")]
+    print(f"skysense bench: {len(figures)} figures, report {out_dir / f'report-{mode}.md'}")
+    for v in bad:
+        print(f"  {v['verdict'].upper()}: {v['key']}: {v['why']}")
+    if rc != 0:
+        print(f"skysense bench: pytest exited {rc}", file=sys.stderr)
+        return 1
+    return 1 if (bad and not cfg.update_reference) else 0
