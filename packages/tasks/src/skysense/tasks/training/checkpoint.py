@@ -79,6 +79,10 @@ def save(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     """Write ``state`` as ``step_<step>.pt`` atomically, point ``latest`` at it, and remove
     older checkpoints beyond the ``keep`` newest. Returns the checkpoint's path."""
     ckpt_dir = Path(ckpt_dir)
+    # Leftovers of a save that was killed: only one process writes checkpoints, so any
+    # temporary file here is stale.
+    for stale in ckpt_dir.glob(".step_*.tmp"):
+        stale.unlink(missing_ok=True)
     path = ckpt_dir / f"step_{step:07d}.pt"
     atomic_write_bytes(path, lambda f: torch.save(state, f))
     atomic_write_bytes(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
