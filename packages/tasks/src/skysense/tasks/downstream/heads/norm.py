@@ -10,7 +10,11 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     BatchNorm's statistics, and a 1 x 1 pooled map with batch 1 breaks BatchNorm in training);
     "bn": BatchNorm2d (the UperNet paper's choice at large batch)."""
     if kind == "gn":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        # At least 4 channels per group: the PPM's 1 x 1 pooled maps need more than one value
+        # per group to normalise.
+        groups = next(
+            g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 4 or g == 1
+        )
         return nn.GroupNorm(groups, channels)
     if kind == "bn":
         return nn.BatchNorm2d(channels)

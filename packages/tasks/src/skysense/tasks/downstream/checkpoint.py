@@ -1,0 +1,194 @@
+"""Encoders for fine-tuning: built at random or from a pre-training checkpoint, and the
+fine-tuned model files that `skysense evaluate`, `infer` and `export` read.
+
+A pre-training checkpoint (written by `skysense pretrain`) is a ``torch.save``'d dict with
+``"student"`` and ``"teacher"`` (SkySense state dicts) and ``"config"`` (the composed config as
+a plain dict; ``config["model"]["preset"]`` and ``config["model"]["overrides"]`` rebuild the
+encoder). Fine-tuning reads the teacher by default. Loading is strict: every missing,
+unexpected or mis-shaped key is listed, and an error is raised unless ``strict=False``.
+
+A fine-tuned model file (written by `skysense finetune`) holds ``"format"`` (:data:`FORMAT`),
+``"state_dict"`` (the task model's), and ``"meta"``: everything needed to rebuild the model
+without data (encoder preset and overrides, task kind, feature source, head options, feature
+channels, class names) and to feed it (the input modality, bands and normalisation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "skysense-finetuned/1"
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict does not fit the model it is loaded into."""
+
+
+def torch_load(path: str | Path) -> dict:
+    """``torch.load`` on the CPU; tensors-only first, full unpickling (trusted files only) where
+    the file holds other Python objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled objects beyond tensors and containers
+        log.warning("%s holds non-tensor objects (%s); unpickling it fully", path, type(e).__name__)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def compare_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """Missing, unexpected and mis-shaped keys of ``state`` against ``model.state_dict()``."""
+    own = model.state_dict()
+    return {
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+        "shape": sorted(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state
+            and hasattr(state[k], "shape")
+            and tuple(state[k].shape) != tuple(own[k].shape)
+        ),
+    }
+
+
+def _describe(report: dict[str, list], limit: int = 12) -> str:
+    lines = []
+    for kind, keys in report.items():
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            lines.append(f"{len(keys)} {kind}: " + ", ".join(keys[:limit]) + more)
+    return "; ".join(lines)
+
+
+def load_state(model: nn.Module, state: Mapping, source: str, strict: bool = True) -> dict:
+    """Load ``state`` into ``model``; raise :class:`CheckpointMismatch` naming ``source`` and the
+    offending keys when strict, else log them. Returns the report."""
+    report = compare_state_dict(model, state)
+    if any(report.values()):
+        msg = f"{source} does not match the model: {_describe(report)}"
+        if strict:
+            raise CheckpointMismatch(msg)
+        log.warning("%s (loading the matching keys only: strict=False)", msg)
+    own = model.state_dict()
+    ok = {
+        k: v
+        for k, v in state.items()
+        if k in own and (not hasattr(v, "shape") or tuple(v.shape) == tuple(own[k].shape))
+    }
+    model.load_state_dict(ok, strict=False)
+    log.info("loaded %d tensors from %s", len(ok), source)
+    return report
+
+
+def build_encoder(
+    preset: str,
+    overrides: Mapping | None = None,
+    checkpoint: str | Path | None = None,
+    key: str = "teacher",
+    strict: bool = True,
+    checkpointing: bool = False,
+) -> tuple[nn.Module, dict]:
+    """A SkySense encoder, random (``checkpoint=None``) or from a pre-training checkpoint.
+
+    With a checkpoint, the encoder is rebuilt from the checkpoint's own ``config["model"]``
+    (preset and overrides; a different ``preset`` argument is overridden, with a warning) and
+    its ``key`` state dict ("teacher" or "student") is loaded strictly.
+
+    Returns:
+        (encoder, info): info holds ``preset``, ``overrides``, ``checkpoint``, ``key`` and the
+        load report.
+    """
+    from skysense.encoders import build_skysense
+
+    overrides = dict(overrides or {})
+    info: dict = {"preset": preset, "overrides": overrides, "checkpoint": None, "key": None}
+    state = None
+    if checkpoint:
+        ckpt = torch_load(checkpoint)
+        if "format" in ckpt and ckpt["format"] == FORMAT:
+            raise ValueError(
+                f"{checkpoint} is a fine-tuned model file, not a pre-training checkpoint: "
+                "start fine-tuning from the pre-training checkpoint, or evaluate / infer / "
+                "export this file"
+            )
+        if key not in ckpt:
+            raise KeyError(
+                f"checkpoint {checkpoint} has no {key!r} state dict (keys: {sorted(ckpt)}); "
+                "choose encoder_key=student or teacher"
+            )
+        model_cfg = (ckpt.get("config") or {}).get("model") or {}
+        if "preset" in model_cfg:
+            if model_cfg["preset"] != preset or dict(model_cfg.get("overrides") or {}) != overrides:
+                log.warning(
+                    "checkpoint %s was trained with preset %r overrides %s; building that "
+                    "(not %r %s)",
+                    checkpoint,
+                    model_cfg["preset"],
+                    model_cfg.get("overrides"),
+                    preset,
+                    overrides,
+                )
+            preset = model_cfg["preset"]
+            overrides = dict(model_cfg.get("overrides") or {})
+        else:
+            log.warning(
+                "checkpoint %s records no config['model']; using preset %r", checkpoint, preset
+            )
+        state = ckpt[key]
+        info.update(preset=preset, overrides=overrides, checkpoint=str(checkpoint), key=key)
+    kwargs = dict(overrides)
+    if checkpointing:
+        kwargs["checkpointing"] = True
+    encoder = build_skysense(preset, **kwargs)
+    if state is not None:
+        info["report"] = load_state(encoder, state, f"checkpoint {checkpoint} [{key!r}]", strict)
+    return encoder, info
+
+
+def save_finetuned(path: str | Path, model: nn.Module, meta: Mapping) -> Path:
+    """Write a fine-tuned model file atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "meta": dict(meta)}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_finetuned(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild and load a model written by :func:`save_finetuned`. Returns (model in eval mode,
+    meta)."""
+    from skysense.encoders import build_skysense
+    from skysense.tasks.downstream.heads import SkySenseFasterRCNN
+    from skysense.tasks.downstream.model import TaskModel
+
+    obj = torch_load(path)
+    if obj.get("format") != FORMAT:
+        hint = " (a pre-training checkpoint: fine-tune it first)" if "teacher" in obj else ""
+        raise ValueError(
+            f"{path} is not a fine-tuned SkySense model file{hint}; keys {sorted(obj)}"
+        )
+    meta = obj["meta"]
+    encoder = build_skysense(meta["preset"], **dict(meta.get("overrides") or {}))
+    head = dict(meta.get("head") or {})
+    if meta["kind"] == "detection":
+        head.pop("freeze_encoder", None)
+        model = SkySenseFasterRCNN(encoder, meta["channels"], meta["n_classes"], **head)
+    else:
+        model = TaskModel(
+            encoder, meta["kind"], meta["source"], meta["n_classes"], meta["channels"], **head
+        )
+    load_state(model, obj["state_dict"], f"fine-tuned model {path}", strict=True)
+    return model.eval(), meta
