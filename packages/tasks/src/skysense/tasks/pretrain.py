@@ -120,20 +120,9 @@ class Run:
 
         if not self.cfg.trainer.get("linear_probe", True) or not self.info.is_main:
             return None
-        d = self.cfg.data
         train = build_loader(self.manifest, "train", 16, backend="torch", seed=0, drop_last=False)
         val = build_loader(self.manifest, "val", 16, backend="torch", seed=0, drop_last=False)
-        return linear_probe(encoder, train, val, self.info.device) if d else None
-
-    def after_step(self, student, teacher, teacher_outs, views):
-        """GCPL: update the prototypes from the teacher's F_fus, then share them."""
-        loss = student.loss
-        protos = student.encoder.geo_context.prototypes
-        for out in teacher_outs:
-            loss.gcpl.update(
-                protos, out["fused"], out["region"], self.cfg.loss.get("gcpl_momentum", 0.99)
-            )
-        teacher.encoder.geo_context.prototypes.copy_(protos)
+        return linear_probe(encoder, train, val, self.info.device)
 
     def tensorboard(self, run_dir):
         from torch.utils.tensorboard import SummaryWriter

@@ -95,21 +95,112 @@ def scaled_lr(ocfg, batch_size: int) -> float:
     return ocfg.lr
 
 
+class Trainer:
+    """Student, teacher, optimizer and one optimizer step, built from the config.
+
+    ``step(views, step)`` runs the teacher on both views, the student and the loss on each
+    micro-batch, backward, clipping, the AdamW step with the scheduled lr and weight decay, the
+    teacher EMA and the GCPL prototype update. The loop, the benchmarks and the tests share it.
+    """
+
+    def __init__(self, cfg: DictConfig, info: D.DistInfo, encoder: torch.nn.Module, loss_fn):
+        self.cfg, self.info = cfg, info
+        self.tcfg, self.ocfg = cfg.trainer, cfg.optim
+        device = info.device
+        self.student = Student(encoder.to(device), loss_fn.to(device))
+        self.teacher = Teacher(self.student).to(device)
+        self.optimizer = build_optimizer(self.student, self.ocfg)
+        self.peak_lr = scaled_lr(self.ocfg, self.tcfg.batch_size)
+        use_bf16 = self.tcfg.precision == "bf16" or (
+            self.tcfg.precision == "auto" and device.type == "cuda"
+        )
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.wrapped = self.student
+
+    def distribute(self) -> None:
+        """Wrap for DDP/FSDP and compile, after any checkpoint was loaded."""
+        self.wrapped = D.wrap(self.student, self.tcfg.strategy, self.info)
+        if self.tcfg.strategy == "fsdp" and self.info.distributed:
+            D.wrap(self.teacher, "fsdp", self.info)
+        if self.tcfg.compile:
+            self.student.encoder.compile()
+            self.teacher.encoder.compile()
+
+    def schedules(self, step: int) -> tuple[float, float, float]:
+        t, o = self.tcfg, self.ocfg
+        lr = warmup_cosine(step, t.max_steps, o.warmup_steps, self.peak_lr, o.min_lr)
+        wd = cosine(step, t.max_steps, o.weight_decay, o.weight_decay_end)
+        momentum = cosine(step, t.max_steps, t.teacher_momentum, 1.0)
+        return lr, wd, momentum
+
+    def step(self, views: dict, step: int) -> dict:
+        """One optimizer step on a views batch (this process's share of the global batch)."""
+        lr, wd, momentum = self.schedules(step)
+        set_lr_wd(self.optimizer, lr, wd)
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.tcfg.grad_accum
+        device_type = self.info.device.type
+        terms_acc: dict[str, float] = {}
+        total_acc = 0.0
+        fused = []
+        for micro in split_micro(views, accum):
+            with torch.autocast(
+                device_type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                teacher_outs = self.teacher(micro)
+                out = self.wrapped(micro, teacher_outs, self.teacher.heads)
+            total, terms = out["total"], out["terms"]
+            if not torch.isfinite(total.detach()):
+                bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
+                raise NonFiniteLoss(
+                    f"step {step + 1}: loss is {float(total)}; terms that went bad: "
+                    f"{bad or ['total']} (nothing was saved for this step)"
+                )
+            (total / accum).backward()
+            total_acc += float(total.detach()) / accum
+            for k, v in terms.items():
+                terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
+            fused += [(o["fused"].float(), o["region"]) for o in teacher_outs if "fused" in o]
+        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.ocfg.grad_clip)
+        self.optimizer.step()
+        ema_update(self.teacher, self.student, momentum)
+        self.update_prototypes(fused)
+        return {
+            "loss": total_acc,
+            "terms": terms_acc,
+            "lr": lr,
+            "wd": wd,
+            "momentum": momentum,
+            "grad_norm": float(gnorm),
+        }
+
+    @torch.no_grad()
+    def update_prototypes(self, fused: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """GCPL: EMA of the region prototypes towards the teacher's F_fus of this step (both
+        views), accumulated across processes by the loss module, then shared with the teacher."""
+        geo = getattr(self.student.encoder, "geo_context", None)
+        gcpl = getattr(self.student.loss, "gcpl", None)
+        if geo is None or gcpl is None or not fused:
+            return
+        f = torch.cat([x for x, _ in fused])
+        r = torch.cat([r for _, r in fused])
+        gcpl.update(geo.prototypes, f, r)
+        self.teacher.encoder.geo_context.prototypes.copy_(geo.prototypes)
+
+
 def train(cfg: DictConfig, run) -> dict:
-    """Run pre-training as ``cfg`` says. ``run`` carries what the entry point prepared: the
-    encoder/loss builders, the loaders, the dist info. Returns the summary dict."""
+    """Run pre-training as ``cfg`` says. ``run`` carries what the entry point prepared (model
+    builders, loaders, probe, logging sinks, the dist info). Returns the summary dict."""
     info: D.DistInfo = run.info
-    tcfg, ocfg = cfg.trainer, cfg.optim
-    device = info.device
+    tcfg = cfg.trainer
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
     torch.manual_seed(cfg.seed)
-    encoder = run.build_encoder().to(device)
-    loss_fn = run.build_loss(encoder).to(device)
-    student = Student(encoder, loss_fn)
-    teacher = Teacher(student).to(device)
-    optimizer = build_optimizer(student, ocfg)
+    encoder = run.build_encoder()
+    trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
 
     start_step, data_position, history = 0, 0, []
     if cfg.resume:
@@ -118,29 +209,17 @@ def train(cfg: DictConfig, run) -> dict:
             log.info("resume: no checkpoint in %s, starting afresh", ckpt_dir)
         else:
             state = ckpt.load(path)
-            _load_state(student, teacher, optimizer, state)
+            _load_state(trainer.student, trainer.teacher, trainer.optimizer, state)
             start_step, data_position = state["step"], state["data_position"]
             history = state.get("history", [])
             ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
             log.info("resumed from %s at step %d", path, start_step)
+    trainer.distribute()
 
-    wrapped = D.wrap(student, tcfg.strategy, info)
-    if tcfg.strategy == "fsdp" and info.distributed:
-        D.wrap(teacher, "fsdp", info)
-    if tcfg.compile:
-        encoder.compile()
-        teacher.encoder.compile()
-
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    accum = tcfg.grad_accum
-    peak_lr = scaled_lr(ocfg, tcfg.batch_size)
     per_rank = tcfg.batch_size // info.world_size
-    loader = run.build_loader(start_batch=data_position, batch_size=per_rank)
-    it = iter(loader)
+    it = iter(run.build_loader(start_batch=data_position, batch_size=per_rank))
 
-    probe_random = run.probe(teacher.encoder) if (run.probe and start_step == 0) else None
+    probe_random = run.probe(trainer.teacher.encoder) if start_step == 0 else None
     if probe_random is not None:
         log.info("linear probe of the randomly initialised encoder: %.3f", probe_random)
 
@@ -150,70 +229,35 @@ def train(cfg: DictConfig, run) -> dict:
     last_path = ckpt.latest(ckpt_dir)
     loss_value = float("nan")
     for step in range(start_step, tcfg.max_steps):
-        lr = warmup_cosine(step, tcfg.max_steps, ocfg.warmup_steps, peak_lr, ocfg.min_lr)
-        wd = cosine(step, tcfg.max_steps, ocfg.weight_decay, ocfg.weight_decay_end)
-        momentum = cosine(step, tcfg.max_steps, tcfg.teacher_momentum, 1.0)
-        set_lr_wd(optimizer, lr, wd)
-
-        views = to_device(next(it), device)
+        views = to_device(next(it), info.device)
         data_position += 1
-        optimizer.zero_grad(set_to_none=True)
-        terms_acc: dict[str, float] = {}
-        total_acc = 0.0
-        last_teacher_outs = None
-        for micro in split_micro(views, accum):
-            with autocast:
-                teacher_outs = teacher(micro)
-                out = wrapped(micro, teacher_outs, teacher.heads)
-            total = out["total"] if isinstance(out, dict) else out.total
-            terms = out["terms"] if isinstance(out, dict) else out.terms
-            if not torch.isfinite(total.detach()):
-                bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
-                raise NonFiniteLoss(
-                    f"step {step}: loss is {float(total)}; terms that went bad: {bad or ['total']}"
-                    " (no checkpoint was written for this step)"
-                )
-            (total / accum).backward()
-            total_acc += float(total.detach()) / accum
-            for k, v in terms.items():
-                terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
-            last_teacher_outs = (teacher_outs, micro)
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), ocfg.grad_clip)
-        optimizer.step()
-        ema_update(teacher, student, momentum)
-        run.after_step(student, teacher, *last_teacher_outs)
-
+        rec = trainer.step(views, step)
         samples_done += tcfg.batch_size
-        loss_value = float(D.all_reduce_mean(torch.tensor(total_acc)))
-        elapsed = time.perf_counter() - t_start
-        sps = samples_done / max(elapsed, 1e-9)
-        rec = {
-            "step": step + 1,
-            "loss": loss_value,
-            "lr": lr,
-            "terms": terms_acc,
-            "samples_per_s": sps,
-        }
-        history.append(rec)
+        loss_value = float(D.all_reduce_mean(torch.tensor(rec["loss"])))
+        sps = samples_done / max(time.perf_counter() - t_start, 1e-9)
+        history.append(
+            {
+                "step": step + 1,
+                "loss": loss_value,
+                "lr": rec["lr"],
+                "terms": rec["terms"],
+                "samples_per_s": sps,
+            }
+        )
         if writer is not None and (step + 1) % tcfg.log_every == 0:
             writer.add_scalar("loss/total", loss_value, step + 1)
-            for k, v in terms_acc.items():
+            for k, v in rec["terms"].items():
                 writer.add_scalar(f"loss/{k}", v, step + 1)
-            writer.add_scalar("optim/lr", lr, step + 1)
-            writer.add_scalar("optim/weight_decay", wd, step + 1)
-            writer.add_scalar("optim/teacher_momentum", momentum, step + 1)
-            writer.add_scalar("optim/grad_norm", float(gnorm), step + 1)
+            for k in ("lr", "wd", "momentum", "grad_norm"):
+                writer.add_scalar(f"optim/{k}", rec[k], step + 1)
             writer.add_scalar("throughput/samples_per_s", sps, step + 1)
         bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:.1f}")
         bar.update(1)
-
         if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.max_steps:
-            last_path = save_checkpoint(
-                ckpt_dir, step + 1, data_position, student, teacher, optimizer, history, cfg, info
-            )
+            last_path = save_checkpoint(ckpt_dir, step + 1, data_position, trainer, history, cfg)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    probe_trained = run.probe(teacher.encoder) if run.probe else None
+    probe_trained = run.probe(trainer.teacher.encoder)
     summary = {
         "steps": tcfg.max_steps,
         "steps_this_run": tcfg.max_steps - start_step,
@@ -234,8 +278,9 @@ def train(cfg: DictConfig, run) -> dict:
     return summary
 
 
-def save_checkpoint(ckpt_dir, step, data_position, student, teacher, optimizer, history, cfg, info):
-    s, t, o = _state_dicts(student, teacher, optimizer, info)
+def save_checkpoint(ckpt_dir, step, data_position, trainer: Trainer, history, cfg):
+    info = trainer.info
+    s, t, o = _state_dicts(trainer.student, trainer.teacher, trainer.optimizer, info)
     rngs = [ckpt.rng_state()]
     if info.distributed:
         gathered = [None] * info.world_size
@@ -243,7 +288,6 @@ def save_checkpoint(ckpt_dir, step, data_position, student, teacher, optimizer, 
         rngs = gathered
     path = None
     if info.is_main:
-        module = student.module if hasattr(student, "module") else student
         state = {
             "student_module": s,
             "teacher_module": t,
@@ -257,7 +301,6 @@ def save_checkpoint(ckpt_dir, step, data_position, student, teacher, optimizer, 
             "config": OmegaConf.to_container(cfg, resolve=True),
             "loss_terms": sorted(history[-1]["terms"]) if history else [],
         }
-        del module
         path = ckpt.save(ckpt_dir, step, state, keep=cfg.trainer.get("keep_checkpoints", 2))
     if info.distributed:
         torch.distributed.barrier()
