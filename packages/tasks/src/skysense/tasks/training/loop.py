@@ -150,7 +150,7 @@ class Trainer:
                 enabled=self.autocast_dtype is not None,
             ):
                 teacher_outs = self.teacher(micro)
-                out = self.wrapped(micro, teacher_outs, self.teacher.heads)
+                out = self.wrapped(micro, teacher_outs, self.teacher.heads, step)
             total, terms = out["total"], out["terms"]
             if not torch.isfinite(total.detach()):
                 bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
