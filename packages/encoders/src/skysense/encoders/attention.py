@@ -1,0 +1,55 @@
+"""Multi-head self-attention through ``skysense.kernels.attention`` (ViT and fusion blocks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skysense.kernels import attention
+
+
+def padding_bias(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N) bool, True = padding -> (B, 1, 1, N) additive bias: 0 on keys, -inf on padding."""
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Self-attention over tokens: qkv projection, ``kernels.attention``, output projection.
+
+    Args:
+        dim: token width; ``dim % num_heads == 0``.
+        num_heads: attention heads.
+        qkv_bias: bias on the q, k, v projection.
+        attn_drop: dropout on the attention weights (training only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, dim) float; key_padding_mask: (B, N) bool, True where the token is padding
+        (it is then ignored as a key; its own output is computed but meaningless).
+        Returns (B, N, dim)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = None
+        if key_padding_mask is not None and torch.compiler.is_compiling():
+            # The kernel's handling of rows whose keys are all padding branches on the data,
+            # which breaks the graph (and torch.export). Our callers never pass such rows (the
+            # fusion's extra token is never padding), so the same mask as an additive bias is
+            # exact and branch-free. Eager runs keep the kernel's key_padding_mask path.
+            bias, key_padding_mask = padding_bias(key_padding_mask, q.dtype), None
+        drop = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, bias=bias, key_padding_mask=key_padding_mask, dropout_p=drop)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

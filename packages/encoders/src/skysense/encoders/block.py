@@ -1,0 +1,46 @@
+"""The pre-norm transformer block of the ViTs and of the temporal fusion."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skysense.encoders.attention import Attention
+from skysense.encoders.drop_path import DropPath
+from skysense.encoders.mlp import Mlp
+
+
+class Block(nn.Module):
+    """x + DropPath(Attn(LN(x))), then x + DropPath(Mlp(LN(x))).
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP over ``dim``.
+        qkv_bias: bias on the q, k, v projection.
+        drop_path: stochastic-depth probability of both branches.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, dim) float; key_padding_mask: (B, N) bool, True = padding. -> (B, N, dim)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

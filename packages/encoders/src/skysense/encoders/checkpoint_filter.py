@@ -1,0 +1,180 @@
+"""Map the released SkySense checkpoints' keys onto this project's module names.
+
+The release (research licence; users bring the files) ships the HR Swin V2 under
+``backbone_gep``, the two ViTs under ``backbone_s2`` / ``backbone_s1``, the temporal fusion
+under ``fusion``, the DTPE as the parameter ``ctpe`` (1, 365, 2816), and heads under
+``head_gep`` / ``head*``.
+
+What the mapping rests on (no released file was available to this project):
+
+- Checked against the released *code* (the follow-up SkySense++ repository, which builds the
+  same backbones): the Swin V2 names of mmcls' ``SwinTransformerV2`` (``patch_embed.projection``,
+  ``stages.i.downsample.reduction``/``norm``, ``stages.i.blocks.j.attn.w_msa.{qkv, q_bias,
+  v_bias, logit_scale, cpb_mlp.0, cpb_mlp.2, proj}``, ``norm1/2/3``, ``ffn.layers.0.0`` /
+  ``ffn.layers.1``, output norms ``norm{i}``); the mmseg ``VisionTransformer`` names
+  (``patch_embed.projection``, ``cls_token``, ``pos_embed`` with the class token's row,
+  ``layers.i.ln1/ln2``, ``attn.attn.in_proj_*`` / ``out_proj``, ``ffn.layers``, final ``ln1``);
+  the fusion's ``porj_linear`` (sic), ``cls_token`` and mmseg layers; the grid heads
+  ``head_s2`` / ``head_s1`` as ``decoder.0`` (Conv2d) + ``decoder.1`` (PixelShuffle); patch
+  merging's 4C order (``nn.Unfold``: channel-major), which :class:`PatchMerging` reproduces.
+- Inferred: that the CVPR release uses these same module names under the prefixes above
+  (``backbone_gep`` for HR; SkySense++ calls it ``backbone_hr``, accepted too); that its
+  grid heads are ``head_s2``/``head_s1`` like SkySense++'s; that ``ctpe`` is the DTPE of
+  every token (the paper) rather than of S2 only (SkySense++): the mapping is the same, the
+  config's ``dtpe_mode`` decides. ``head_gep`` and other ``head*`` keys (pre-training heads)
+  have no counterpart in the encoder and are reported as unmapped. The released fusion has no
+  final norm (build with ``fusion_final_norm=False``, the default). Relative-position tables
+  and indices (buffers recomputed here) are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# (released prefix, our module) pairs; the rules for the part after the prefix follow.
+PREFIXES = (
+    ("backbone_gep.", "hr_encoder.", "swin"),
+    ("backbone_hr.", "hr_encoder.", "swin"),
+    ("backbone_s2.", "s2_encoder.", "vit"),
+    ("backbone_s1.", "s1_encoder.", "vit"),
+    ("fusion.", "fusion.", "fusion"),
+    ("head_s2.decoder.0.", "grid_s2.proj.", "head"),
+    ("head_s1.decoder.0.", "grid_s1.proj.", "head"),
+)
+OURS = ("hr_encoder.", "s2_encoder.", "s1_encoder.", "grid_s2.", "grid_s1.", "geo_context.")
+_OUR_FUSION = ("blocks.", "proj.", "dtpe.", "extra_token", "norm.")
+
+_DROP = re.compile(r"attn\.w_msa\.(relative_coords_table|relative_position_index)$")
+_BLOCK = [
+    (r"^layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attn\.attn\.in_proj_weight$", r"blocks.\1.attn.qkv.weight"),
+    (r"^layers\.(\d+)\.attn\.attn\.in_proj_bias$", r"blocks.\1.attn.qkv.bias"),
+    (r"^layers\.(\d+)\.attn\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
+]
+RULES: dict[str, list[tuple[str, str]]] = {
+    "swin": [
+        (r"^patch_embed\.projection\.", "patch_embed.proj."),
+        (r"^patch_embed\.norm\.", "patch_embed.norm."),
+        (
+            r"^stages\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)$",
+            r"stages.\1.downsample.\2",
+        ),
+        (
+            r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\."
+            r"(qkv\.weight|q_bias|v_bias|logit_scale|cpb_mlp\.0\.weight|cpb_mlp\.0\.bias"
+            r"|cpb_mlp\.2\.weight|proj\.weight|proj\.bias)$",
+            r"stages.\1.blocks.\2.attn.\3",
+        ),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.(norm[123])\.", r"stages.\1.blocks.\2.\3."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.", r"stages.\1.blocks.\2.mlp.fc1."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.", r"stages.\1.blocks.\2.mlp.fc2."),
+        (r"^norm(\d+)\.", r"out_norms.\1."),
+    ],
+    "vit": [
+        (r"^patch_embed\.projection\.", "patch_embed."),
+        (r"^cls_token$", "cls_token"),
+        (r"^pos_embed$", "pos_embed"),
+        *_BLOCK,
+        (r"^ln1\.", "norm."),
+    ],
+    "fusion": [
+        (r"^porj_linear\.", "proj."),
+        (r"^cls_token$", "extra_token"),
+        *_BLOCK,
+    ],
+    "head": [(r"^(weight|bias)$", r"\1")],
+}
+
+
+def _rename(rest: str, kind: str) -> str | None:
+    for pattern, repl in RULES[kind]:
+        new, n = re.subn(pattern, repl, rest)
+        if n:
+            return new
+    return None
+
+
+def map_released_keys(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename released keys. Returns (mapped state dict, unmapped keys, dropped keys).
+
+    Keys already in this project's naming pass through; ``ctpe`` (1, days, C) becomes
+    ``fusion.dtpe.table`` (days, C); recomputed buffers are dropped.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    dropped: list[str] = []
+    for key, value in state_dict.items():
+        if key == "ctpe":
+            mapped["fusion.dtpe.table"] = value.reshape(value.shape[-2], value.shape[-1])
+            continue
+        if _DROP.search(key):
+            dropped.append(key)
+            continue
+        new = None
+        for prefix, ours, kind in PREFIXES:
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                renamed = _rename(rest, kind)
+                if renamed is not None:
+                    new = ours + renamed
+                elif kind == "fusion" and rest.startswith(_OUR_FUSION):
+                    new = key  # already this project's name
+                break
+        else:
+            if key.startswith(OURS):
+                new = key
+        if new is None:
+            unmapped.append(key)
+        else:
+            mapped[new] = value
+    return mapped, unmapped, dropped
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: torch.nn.Module | None = None) -> dict:
+    """A released SkySense state dict -> this project's names (timm's habit).
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a DDP ``module.`` prefix, renames
+    (see the module docstring for what is checked and what inferred), logs the keys it could
+    not map, and, given ``model``, resizes the ViTs' position embeddings to the model's grid
+    (bicubic, as at run time). Load the result with ``model.load_state_dict(sd, strict=False)``
+    and read its missing keys (the prototypes, and anything the release lacks).
+    """
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    mapped, unmapped, dropped = map_released_keys(state_dict)
+    if unmapped:
+        log.warning("checkpoint_filter_fn: %d key(s) not mapped: %s", len(unmapped), unmapped)
+    if dropped:
+        log.info("checkpoint_filter_fn: dropped %d recomputed buffer(s)", len(dropped))
+    if model is not None:
+        for m in ("s2", "s1"):
+            key = f"{m}_encoder.pos_embed"
+            enc = getattr(model, f"{m}_encoder", None)
+            if key in mapped and enc is not None and mapped[key].shape != enc.pos_embed.shape:
+                mapped[key] = _resize_pos_embed(mapped[key], enc.num_prefix, enc.grid)
+    return mapped
+
+
+def _resize_pos_embed(pos: torch.Tensor, num_prefix: int, grid: int) -> torch.Tensor:
+    prefix, rest = pos[:, :num_prefix], pos[:, num_prefix:]
+    old = int(round(rest.shape[1] ** 0.5))
+    if old * old != rest.shape[1]:
+        raise ValueError(f"pos_embed {tuple(pos.shape)}: the patch grid is not square")
+    rest = rest.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    rest = F.interpolate(rest, size=(grid, grid), mode="bicubic", align_corners=False)
+    rest = rest.flatten(2).transpose(1, 2).to(pos.dtype)
+    return torch.cat([prefix, rest], dim=1)
