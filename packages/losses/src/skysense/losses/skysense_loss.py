@@ -4,7 +4,7 @@ GCPL prototype update the training loop calls after each optimizer step.
 Wiring (done by the tasks package, not here): the student encoder and the teacher encoder (EMA)
 each encode both views; the teacher heads are an EMA copy of ``SkySenseLoss.heads``::
 
-    loss_fn = SkySenseLoss(grid_dim=C_g, fusion_dim=D_f, **cfg.loss)
+    loss_fn = SkySenseLoss.from_config(cfg.loss, grid_dim=C_g, fusion_dim=D_f)
     teacher_heads = copy.deepcopy(loss_fn.heads).requires_grad_(False)
     out = loss_fn(
         student=[student(v1), student(v2)],
@@ -15,9 +15,9 @@ each encode both views; the teacher heads are an EMA copy of ``SkySenseLoss.head
     )
     out.total.backward(); optimizer.step()
     ema_(teacher_heads, loss_fn.heads); ema_(teacher_encoder, student_encoder)
-    loss_fn.update_prototypes(teacher.geo_context.prototypes,
-                              torch.cat([t1["fused"], t2["fused"]]),
-                              torch.cat([t1["region"], t2["region"]]))
+    loss_fn.gcpl.update(teacher.geo_context.prototypes,
+                        torch.cat([t1["fused"], t2["fused"]]),
+                        torch.cat([t1["region"], t2["region"]]), momentum)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class SkySenseLoss(nn.Module):
     """MGCL over hr, s2, s1 and F_fus at three granularities, plus CMA over modality pairs.
 
     Owns the student projection heads (``heads``: one :class:`DINOHead` per family), the CMA
-    projections (``cross_modal.proj``), and the teacher centres (buffers of ``centering``). The
+    projections (``cma.proj``), and the teacher centres (buffers of ``centering``). The
     teacher heads are the caller's EMA copy of ``heads``.
 
     Args:
@@ -152,7 +152,7 @@ class SkySenseLoss(nn.Module):
             head_bottleneck_dim,
             center_momentum,
         )
-        self.multi_granularity = MultiGranularityContrastiveLoss(
+        self.mgcl = MultiGranularityContrastiveLoss(
             n_clusters=n_clusters,
             cluster_rounds=cluster_rounds,
             sinkhorn_iters=sinkhorn_iters,
@@ -161,12 +161,15 @@ class SkySenseLoss(nn.Module):
             pixel_sampling=pixel_sampling,
             student_temp=student_temp,
         )
-        self.cross_modal = CrossModalAlignment(
+        self.cma = CrossModalAlignment(
             grid_dim, proj_dim=cma_dim, temperature=cma_temperature, gather=cma_gather
         )
-        self.geo_context = GeoContextPrototypeLearning(
+        self.gcpl = GeoContextPrototypeLearning(
             momentum=gcpl_momentum, sinkhorn_iters=gcpl_sinkhorn_iters, epsilon=gcpl_epsilon
         )
+        # Training-mode forward calls so far: the warm-up clock when the caller gives no step
+        # (persistent, so a resumed run continues its schedule).
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, cfg: Mapping, grid_dim: int, fusion_dim: int) -> SkySenseLoss:
@@ -180,6 +183,27 @@ class SkySenseLoss(nn.Module):
                 f"loss config: unknown field(s) {unknown}; SkySenseLoss takes {sorted(known)}"
             )
         return cls(grid_dim, fusion_dim, **dict(cfg))
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, **cfg) -> SkySenseLoss:
+        """Build for ``encoder`` (read duck-typed, no import of skysense.encoders): C_g and D_f
+        come from its ``grid_dim`` and ``fusion_dim`` attributes (or those of its ``config`` /
+        ``cfg``); ``cfg`` is the ``loss`` config group."""
+        dims = {}
+        for name in ("grid_dim", "fusion_dim"):
+            for src in (encoder, getattr(encoder, "config", None), getattr(encoder, "cfg", None)):
+                if src is None:
+                    continue
+                val = src.get(name) if isinstance(src, Mapping) else getattr(src, name, None)
+                if val is not None:
+                    dims[name] = int(val)
+                    break
+            else:
+                raise ValueError(
+                    f"SkySenseLoss.from_encoder: {type(encoder).__name__} exposes no '{name}' "
+                    f"(nor config.{name}); pass grid_dim and fusion_dim to SkySenseLoss.from_config"
+                )
+        return cls.from_config(cfg, dims["grid_dim"], dims["fusion_dim"])
 
     def teacher_temp_at(self, step: int | None) -> float:
         """Teacher temperature at optimizer step ``step`` (linear warm-up, then constant)."""
@@ -206,7 +230,8 @@ class SkySenseLoss(nn.Module):
                 ``s2_index``/``s1_index`` (B, T) are read.
             teacher_heads: the EMA copy of ``heads``; None uses ``heads`` themselves as the
                 teacher (no gradient flows through the teacher side either way).
-            step: optimizer step, for the teacher-temperature warm-up (None: the final value).
+            step: optimizer step, for the teacher-temperature warm-up (None: the number of
+                training-mode calls so far, exact without gradient accumulation).
             teacher_temp: overrides the schedule.
 
         Any modality may be absent from the batch (its keys absent from every output): its terms
@@ -226,6 +251,8 @@ class SkySenseLoss(nn.Module):
         missing = [f for f in FAMILIES if f not in t_heads]
         if missing:
             raise ValueError(f"teacher_heads lacks the heads {missing}")
+        if step is None:
+            step = int(self.calls)
         tt = float(teacher_temp) if teacher_temp is not None else self.teacher_temp_at(step)
         affines = [v["view_affine"] for v in views]
 
@@ -249,7 +276,7 @@ class SkySenseLoss(nn.Module):
                     )
             if all(s is None for s in s_f):
                 continue
-            losses, fam_stats = self.multi_granularity(
+            losses, fam_stats = self.mgcl(
                 s_f,
                 t_f,
                 affines,
@@ -265,7 +292,7 @@ class SkySenseLoss(nn.Module):
             stats.update({f"{fam}/{lvl}": st for lvl, st in fam_stats.items()})
 
         cma_total = None
-        for name, loss in self.cross_modal(student).items():
+        for name, loss in self.cma(student).items():
             terms[f"cma/{name}"] = loss
             cma_total = loss if cma_total is None else cma_total + loss
 
@@ -280,6 +307,7 @@ class SkySenseLoss(nn.Module):
 
             with torch.no_grad():
                 self.centering.update(stats, weight_of)
+            self.calls += 1
 
         total = None
         for key, part in (("mgcl", mgcl_total), ("cma", cma_total)):
@@ -307,7 +335,7 @@ class SkySenseLoss(nn.Module):
     ) -> dict[str, float]:
         """The GCPL EMA update of the geo-context prototypes, in place (see
         :meth:`GeoContextPrototypeLearning.update`; call it with the teacher's F_fus)."""
-        return self.geo_context.update(prototypes, fused, region, momentum)
+        return self.gcpl.update(prototypes, fused, region, momentum)
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, levels={self.level_weights}, modalities={MODALITIES}"
