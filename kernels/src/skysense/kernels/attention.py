@@ -1,83 +1,249 @@
-"""Scaled dot-product attention with an additive bias and a key padding mask.
+"""Scaled dot-product attention with additive biases and a key padding mask: one public op.
 
-Backends: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``, any device) and
-``reference`` (plain PyTorch math). The fused Triton kernel (CUDA) lands with the kernels issue.
+Backends, picked per call (first that takes the inputs):
+- ``triton``: the fused Triton kernel, forward and backward (``triton_attention``), on CUDA for
+  fp32/fp16/bf16, head dim <= 256, at most two bias tensors, no dropout. Forced, it also runs on
+  CPU tensors under the Triton interpreter (the test tier).
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` on CUDA, where one of its operators
+  actually runs on these inputs (probed once per kind of input and cached: an xformers whose C++
+  extension does not load may still serve through its PyTorch-backed operators).
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (any device; the merged bias
+  is materialised there).
+- ``reference``: plain PyTorch math (tests).
+
+Biases: ``bias`` is a tensor or a sequence of tensors, each broadcastable to (B, H, Nq, Nk), where
+a leading dim Bb that divides B is applied periodically (batch b reads bias[b % Bb]): Swin passes
+its relative position bias (1, H, N, N) and its shift mask (nW, 1, N, N) for B * nW windows laid
+out image-major.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from skysense.kernels import dispatch
 
+logger = logging.getLogger(__name__)
+
 OP = "attention"
+BACKENDS = ("triton", "xformers", "sdpa", "reference")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(q, k, v, bias, key_padding_mask):
+def _bias_list(bias) -> list[torch.Tensor]:
+    if bias is None:
+        return []
+    if isinstance(bias, torch.Tensor):
+        return [bias]
+    if isinstance(bias, Sequence):
+        out = [b for b in bias if b is not None]
+        for i, b in enumerate(out):
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"attention: bias[{i}] must be a tensor, got {type(b).__name__}")
+        return out
+    raise TypeError(f"attention: bias must be a tensor or a sequence of tensors, got {type(bias)}")
+
+
+def _check(q, k, v, biases, key_padding_mask):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if (
-        k.shape != v.shape[:3] + (k.shape[3],)
-        or q.shape[:2] != k.shape[:2]
-        or q.shape[3] != k.shape[3]
-    ):
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"attention: shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"attention: shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)} (need q (B, H, Nq, D), k and v (B, H, Nk, D))"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(
+            f"attention: q, k, v must share dtype and device; got {q.dtype}/{q.device}, "
+            f"{k.dtype}/{k.device}, {v.dtype}/{v.device}"
         )
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
     ):
         raise ValueError(
-            f"attention: key_padding_mask must be bool (B, N) = ({k.shape[0]}, {k.shape[2]}); "
+            f"attention: key_padding_mask must be bool (B, Nk) = ({k.shape[0]}, {k.shape[2]}); "
             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
         )
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    for i, b in enumerate(biases):
+        if b.device != q.device:
+            raise ValueError(f"attention: bias[{i}] is on {b.device}, q on {q.device}")
+        _expand_bias(b, i, B, H, Nq, Nk, check_only=True)
 
 
-def _merged_mask(q, k, bias, key_padding_mask):
-    """Additive float mask = bias + (-inf on padded keys), broadcastable to (B, H, Nq, Nk)."""
-    m = bias
-    if key_padding_mask is not None:
-        pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-        pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
-        m = pad if m is None else m.to(q.dtype) + pad
-    elif m is not None:
-        m = m.to(q.dtype)
+def _expand_bias(b, index, B, H, Nq, Nk, check_only=False):
+    """A view/copy of bias ``b`` that broadcasts to (B, H, Nq, Nk) with the periodic batch rule."""
+    if not b.is_floating_point():
+        raise TypeError(f"attention: bias[{index}] must be a float tensor, got {b.dtype}")
+    if b.dim() > 4:
+        raise ValueError(f"attention: bias[{index}] has {b.dim()} dims, at most 4 allowed")
+    b4 = b[(None,) * (4 - b.dim())]
+    for d, (size, want) in enumerate(zip(b4.shape, (B, H, Nq, Nk))):
+        ok = size in (1, want) or (d == 0 and want % size == 0)
+        if not ok:
+            rule = " (or a divisor of B, applied periodically)" if d == 0 else ""
+            raise ValueError(
+                f"attention: bias[{index}] of shape {tuple(b.shape)} does not broadcast to "
+                f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}: dim {d} has {size}, expected 1 or "
+                f"{want}{rule}"
+            )
+    if check_only:
+        return None
+    if b4.shape[0] not in (1, B):
+        b4 = b4.repeat(B // b4.shape[0], 1, 1, 1)  # batch b reads bias[b % Bb]
+    return b4
+
+
+def _merged_bias(q, k, biases, dtype):
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    m = None
+    for i, b in enumerate(biases):
+        e = _expand_bias(b, i, B, H, Nq, Nk).to(dtype)
+        m = e if m is None else m + e
     return m
 
 
 def attention_reference(q, k, v, bias=None, key_padding_mask=None, scale=None):
     """Plain PyTorch attention: softmax(q k^T * scale + bias, masked keys excluded) v.
 
-    q: (B, H, Nq, D), k/v: (B, H, Nk, D); bias broadcastable to (B, H, Nq, Nk);
-    key_padding_mask: (B, Nk) bool, True = key is padding. A query row whose keys are all masked
-    gives zeros. Computed in the inputs' dtype.
+    q: (B, H, Nq, D), k/v: (B, H, Nk, D); bias: a tensor or a sequence of tensors, each
+    broadcastable to (B, H, Nq, Nk) (leading dim periodic over B); key_padding_mask: (B, Nk)
+    bool, True = key is padding. A query row whose keys are all masked gives zeros (and zero
+    gradients). Computed in the inputs' dtype; materialises the (B, H, Nq, Nk) scores.
     """
+    biases = _bias_list(bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(s.dtype)
+    mb = _merged_bias(q, k, biases, s.dtype)
+    if mb is not None:
+        s = s + mb
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)
+    # A safe softmax: a row of -inf gives zeros, and no NaN reaches the backward.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     return torch.matmul(p, v)
 
 
-def _sdpa(q, k, v, bias, key_padding_mask, scale, dropout_p):
-    mask = _merged_mask(q, k, bias, key_padding_mask)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+def _sdpa(q, k, v, biases, key_padding_mask, scale, dropout_p):
+    mask = _merged_bias(q, k, biases, q.dtype)
+    all_masked = None
     if key_padding_mask is not None:
-        # Rows with every key masked come out NaN from softmax(-inf...); the contract is zeros.
+        # A row whose keys are all masked would be softmax(-inf...) = NaN, in the forward and the
+        # backward: unmask such rows for the call and zero their output instead.
         all_masked = key_padding_mask.all(dim=1)
-        if bool(all_masked.any()):
-            out = out.masked_fill(all_masked[:, None, None, None], 0.0)
+        kpm = key_padding_mask & ~all_masked[:, None]
+        pad = torch.zeros(kpm.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(kpm, float("-inf"))[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if all_masked is not None and bool(all_masked.any()):
+        out = out.masked_fill(all_masked[:, None, None, None], 0.0)
     return out
+
+
+# --- xformers -----------------------------------------------------------------------------------
+
+_xformers_probe: dict[tuple, str | None] = {}
+
+
+def _xformers_call(q, k, v, biases, key_padding_mask, scale, dropout_p):
+    import xformers.ops as xops
+
+    mask = _merged_bias(q, k, biases, q.dtype)
+    all_masked = None
+    if key_padding_mask is not None:
+        all_masked = key_padding_mask.all(dim=1)
+        kpm = key_padding_mask & ~all_masked[:, None]
+        pad = torch.zeros(kpm.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(kpm, float("-inf"))[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_bias=mask, p=dropout_p, scale=scale,
+    ).transpose(1, 2)  # fmt: skip
+    if all_masked is not None and bool(all_masked.any()):
+        out = out.masked_fill(all_masked[:, None, None, None], 0.0)
+    return out
+
+
+def xformers_unavailable_reason(q, has_bias: bool) -> str | None:
+    """Why xformers cannot serve inputs like ``q`` (None when it can). Probed once per
+    (device, dtype, head dim, bias or not) with a tiny forward and backward, then cached."""
+    key = (q.device.type, q.dtype, q.shape[-1], has_bias)
+    if key in _xformers_probe:
+        return _xformers_probe[key]
+    reason = None
+    if q.device.type != "cuda":
+        reason = f"xformers' memory_efficient_attention needs CUDA tensors (got {q.device.type})"
+    else:
+        try:
+            import xformers.ops  # noqa: F401
+
+            t = torch.randn(1, 2, 16, q.shape[-1], device=q.device, dtype=q.dtype)
+            t.requires_grad_(True)
+            bias = [torch.zeros(1, 2, 16, 16, device=q.device, dtype=q.dtype)] if has_bias else []
+            _xformers_call(t, t, t, bias, None, None, 0.0).sum().backward()
+        except Exception as e:  # any failure (import, no operator, kernel error) rules it out
+            reason = f"xformers cannot run these inputs: {type(e).__name__}: {str(e)[:200]}"
+    if reason:
+        logger.info("attention: xformers unavailable for %s: %s", key, reason)
+    _xformers_probe[key] = reason
+    return reason
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+
+def _triton_unavailable_reason(q, biases, dropout_p) -> str | None:
+    r = dispatch.triton_unavailable_reason(q.device)
+    if r:
+        return r
+    if q.dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel takes fp32, fp16 or bf16, got {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"the Triton kernel takes head dims up to 256, got {q.shape[-1]}"
+    if len(biases) > 2:
+        return f"the Triton kernel takes at most 2 bias tensors, got {len(biases)}"
+    if dropout_p > 0.0:
+        return "the Triton kernel has no attention dropout (dropout_p > 0)"
+    return None
+
+
+def _choose(q, biases, key_padding_mask, dropout_p) -> str:
+    forced = dispatch.forced_backend(OP)
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"attention: unknown backend {forced!r}; one of {BACKENDS}")
+        reason = None
+        if forced == "triton":
+            reason = _triton_unavailable_reason(q, biases, dropout_p)
+        elif forced == "xformers":
+            reason = xformers_unavailable_reason(q, bool(biases) or key_padding_mask is not None)
+        if reason:
+            raise RuntimeError(f"attention: backend '{forced}' forced but {reason}")
+        return forced
+    if q.is_cuda:
+        if _triton_unavailable_reason(q, biases, dropout_p) is None:
+            return "triton"
+        if xformers_unavailable_reason(q, bool(biases) or key_padding_mask is not None) is None:
+            return "xformers"
+    return "sdpa"
 
 
 def attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p=0.0):
@@ -86,25 +252,33 @@ def attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p=0
     Args:
         q: (B, H, Nq, D) float32/float16/bfloat16.
         k, v: (B, H, Nk, D), same dtype and device as q.
-        bias: additive float bias broadcastable to (B, H, Nq, Nk), read through its strides
-            (e.g. Swin's relative position bias (1, H, N, N) plus a shift mask); may require grad.
+        bias: None, a float tensor or a sequence of float tensors, each broadcastable to
+            (B, H, Nq, Nk), where a leading dim Bb dividing B is applied periodically (batch b
+            reads bias[b % Bb]). The Triton kernel reads them through their strides (a stride-0
+            dim is a broadcast one) and sums them on the fly; each may require grad (Swin's
+            relative position bias table), its gradient reduced to its own shape.
         key_padding_mask: (B, Nk) bool, True where the key is padding (a missing time step).
             A query whose keys are all masked returns zeros.
         scale: multiplier of q k^T; default 1/sqrt(D).
-        dropout_p: attention dropout (training only; sdpa backend).
+        dropout_p: attention dropout probability (sdpa and xformers backends only).
 
     Returns:
-        (B, H, Nq, D) in q's dtype. :func:`skysense.kernels.last_backend` ("attention") names the
-        backend that ran.
+        (B, H, Nq, D) in q's dtype. ``last_backend("attention")`` names the backend that ran.
     """
-    _check(q, k, v, bias, key_padding_mask)
-    forced = dispatch.forced_backend(OP)
-    backend = forced or "sdpa"
-    if backend == "reference":
-        out = attention_reference(q, k, v, bias, key_padding_mask, scale)
+    biases = _bias_list(bias)
+    _check(q, k, v, biases, key_padding_mask)
+    backend = _choose(q, biases, key_padding_mask, dropout_p)
+    if backend == "triton":
+        from skysense.kernels.triton_attention import flash_attention
+
+        out = flash_attention(q, k, v, biases, key_padding_mask, scale)
+    elif backend == "xformers":
+        out = _xformers_call(q, k, v, biases, key_padding_mask, scale, dropout_p)
     elif backend == "sdpa":
-        out = _sdpa(q, k, v, bias, key_padding_mask, scale, dropout_p)
+        out = _sdpa(q, k, v, biases, key_padding_mask, scale, dropout_p)
     else:
-        raise NotImplementedError(f"attention backend '{backend}' is not available yet")
+        if dropout_p > 0.0:
+            raise ValueError("attention: the reference backend has no dropout")
+        out = attention_reference(q, k, v, biases, key_padding_mask, scale)
     dispatch.record(OP, backend)
     return out

@@ -53,3 +53,63 @@ def record(op: str, backend: str) -> None:
 def last_backend(op: str) -> str | None:
     """Name of the backend that served the last call of ``op`` in this process."""
     return _last.get(op)
+
+
+# --- backend availability and test hooks -------------------------------------------------------
+
+_POISON_ENV = "SKYSENSE_KERNELS_POISON"
+
+
+def interpreting() -> bool:
+    """True when Triton runs under its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can).
+
+    On CUDA they need an importable triton; on the CPU they run only under the interpreter, which
+    the test tier switches on (tests/conftest.py) before triton is imported.
+    """
+    import torch
+
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"the Triton kernels need CUDA tensors (got {device.type}); on the CPU they run only "
+        "under the interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    )
+
+
+def poisoning() -> bool:
+    """Whether launchers fill their outputs with NaN before the kernel runs (tests set this so
+    that an element a kernel forgot to write shows up)."""
+    return getattr(_state, "poison", False) or os.environ.get(_POISON_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Inside the block, kernel launchers allocate their outputs filled with NaN."""
+    old = getattr(_state, "poison", False)
+    _state.poison = enabled
+    try:
+        yield
+    finally:
+        _state.poison = old
+
+
+def new_output(shape, dtype, device):
+    """``torch.empty``, or NaN-filled (integers: -1) while :func:`poisoning`."""
+    import torch
+
+    if not poisoning():
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
