@@ -25,15 +25,19 @@ from skysense.losses.features import MODALITIES, family_features
 
 
 def pooled_features(
-    out: Mapping[str, torch.Tensor], modality: str, where: str
+    out: Mapping[str, torch.Tensor],
+    view: Mapping[str, torch.Tensor] | None,
+    modality: str,
+    where: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-location feature of a modality, averaged over its valid steps.
+    """Per-location feature of a modality, averaged over its valid steps (with the view given,
+    steps whose ``*_index`` is -1 count as padding too).
 
     Returns:
         ((B, h, w, C) features, (B,) bool: the sample has at least one valid step), or None
         where the modality is absent from the batch.
     """
-    f = family_features(out, None, modality, where)
+    f = family_features(out, view, modality, where)
     if f is None:
         return None
     w = f.valid.to(f.tokens.dtype)  # (B, T)
@@ -83,11 +87,14 @@ class CrossModalAlignment(nn.Module):
         return F.normalize(self.proj[modality](feats), dim=-1)
 
     def view_pairs(
-        self, out: Mapping[str, torch.Tensor], where: str
+        self,
+        out: Mapping[str, torch.Tensor],
+        view: Mapping[str, torch.Tensor] | None,
+        where: str,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """pair name "a-b" -> ((N, C), (N, C)) co-located features of the two modalities in one
         view, for the samples that have both."""
-        pooled = {m: pooled_features(out, m, where) for m in self.modalities}
+        pooled = {m: pooled_features(out, view, m, where) for m in self.modalities}
         res = {}
         for ma, mb in self.pairs:
             if pooled[ma] is None or pooled[mb] is None:
@@ -102,18 +109,27 @@ class CrossModalAlignment(nn.Module):
             res[f"{ma}-{mb}"] = (fa[keep].flatten(0, 2), fb[keep].flatten(0, 2))
         return res
 
-    def forward(self, outputs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        outputs: Sequence[Mapping[str, torch.Tensor]],
+        views: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """CMA of each view's student features.
 
         Args:
             outputs: the student's encoder output of each view.
+            views: the view batches (optional): their ``s2_index``/``s1_index`` mark padding.
         Returns:
             pair name (e.g. "hr-s2") -> scalar: the pair's InfoNCE averaged over the views that
             have rows for it (views are not mixed in one InfoNCE: their overlap would put the
             same ground among the negatives).
         """
         gather = self.gather and is_distributed()
-        per_view = [self.view_pairs(o, f"student view {i + 1}") for i, o in enumerate(outputs)]
+        views = views if views is not None else [None] * len(outputs)
+        per_view = [
+            self.view_pairs(o, v, f"student view {i + 1}")
+            for i, (o, v) in enumerate(zip(outputs, views))
+        ]
         names = [f"{a}-{b}" for a, b in self.pairs]
         if gather:
             # Gathering is collective: every process must run the same (view, pair) calls, so

@@ -292,7 +292,7 @@ class SkySenseLoss(nn.Module):
             stats.update({f"{fam}/{lvl}": st for lvl, st in fam_stats.items()})
 
         cma_total = None
-        for name, loss in self.cma(student).items():
+        for name, loss in self.cma(student, views).items():
             terms[f"cma/{name}"] = loss
             cma_total = loss if cma_total is None else cma_total + loss
 

@@ -1,0 +1,278 @@
+"""SkySenseLoss: how the terms combine, and the invariances that catch real bugs (view swap,
+padded steps, absent modality, entropy floor); config and construction."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from losses_synth import make_batch
+
+from skysense.losses import SkySenseLoss
+
+pytestmark = pytest.mark.unit
+
+KW = dict(n_prototypes=41, head_hidden_dim=24, head_bottleneck_dim=16, n_clusters=3)
+CONF = (
+    Path(__file__).resolve().parents[2] / "packages/tasks/src/skysense/tasks/conf/loss/default.yaml"
+)
+
+
+def grads(tensors):
+    return [t.grad.clone() for t in tensors]
+
+
+def student_leaves(students):
+    return [v for s in students for k, v in sorted(s.items()) if v.requires_grad]
+
+
+def test_total_is_the_weighted_sum_of_the_terms():
+    students, teachers, views = make_batch(seed=11, requires_grad=False)
+    loss = SkySenseLoss(
+        12, 10, mgcl=0.7, cma=0.3, pixel_weight=2.0, object_weight=0.5, image_weight=1.5, **KW
+    ).eval()
+    out = loss(students, teachers, views)
+    t = out.terms
+    fams = ("hr", "s2", "s1", "fused")
+    lw = {"pixel": 2.0, "object": 0.5, "image": 1.5}
+    assert {f"mgcl/{f}/{lvl}" for f in fams for lvl in lw} <= set(t)
+    mgcl = sum(lw[k.split("/")[2]] * v for k, v in t.items() if k.startswith("mgcl/"))
+    cma = sum(v for k, v in t.items() if k.startswith("cma/"))
+    assert {"cma/hr-s2", "cma/hr-s1", "cma/s2-s1"} <= set(t)
+    torch.testing.assert_close(t["mgcl"], mgcl)
+    torch.testing.assert_close(t["cma"], cma)
+    torch.testing.assert_close(out.total, 0.7 * mgcl + 0.3 * cma)
+    torch.testing.assert_close(t["total"], out.total)
+    assert out["total"] is out.total and all(not v.requires_grad for v in t.values())
+
+
+@pytest.mark.parametrize("sampling", ["nearest", "bilinear"])
+def test_swapping_the_views_gives_the_same_loss(sampling):
+    students, teachers, views = make_batch(seed=12)
+    loss = SkySenseLoss(12, 10, pixel_sampling=sampling, **KW).eval()
+    t_heads = copy.deepcopy(loss.heads)
+    a = loss(students, teachers, views, t_heads)
+    a.total.backward()
+    ga = grads(student_leaves(students))
+    for x in student_leaves(students):
+        x.grad = None
+    b = loss(students[::-1], teachers[::-1], views[::-1], t_heads)
+    b.total.backward()
+    assert a.terms.keys() == b.terms.keys()
+    for k in a.terms:
+        torch.testing.assert_close(a.terms[k], b.terms[k], rtol=1e-5, atol=1e-6)
+    for x, y in zip(ga, grads(student_leaves(students))):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+
+
+def pad_series(outs, views, m, n, junk):
+    """Append n steps of garbage to modality m: invalid (valid False), or valid with index -1
+    (a step of no known acquisition), alternately."""
+    new_o, new_v = [], []
+    for o, v in zip(outs, views):
+        o, v = dict(o), dict(v)
+        tok = o[f"tokens_{m}"]
+        b, _, c, h, w = tok.shape
+        o[f"tokens_{m}"] = torch.cat([tok, junk * torch.randn(b, n, c, h, w)], 1)
+        valid = torch.zeros(b, n, dtype=torch.bool)
+        valid[:, 1::2] = True
+        o[f"valid_{m}"] = torch.cat([o[f"valid_{m}"], valid], 1)
+        if f"{m}_index" in v:
+            v[f"{m}_index"] = torch.cat(
+                [v[f"{m}_index"], torch.full((b, n), -1, dtype=torch.long)], 1
+            )
+        new_o.append(o)
+        new_v.append(v)
+    return new_o, new_v
+
+
+def test_padded_steps_change_nothing():
+    students, teachers, views = make_batch(seed=13)
+    loss = SkySenseLoss(12, 10, **KW).eval()
+    ref = loss(students, teachers, views)
+    ref.total.backward()
+    g_ref = {
+        (i, k): v.grad.clone()
+        for i, s in enumerate(students)
+        for k, v in s.items()
+        if v.requires_grad
+    }
+    for x in student_leaves(students):
+        x.grad = None
+    # Padding in the student's and the teacher's outputs, s2 and s1, with huge garbage.
+    s_p, t_p, v_p = students, teachers, views
+    for m in ("s2", "s1"):
+        s_p, v_p2 = pad_series(s_p, v_p, m, 3, 1e4)
+        t_p, _ = pad_series(t_p, v_p, m, 3, 1e4)
+        v_p = v_p2
+    leaves = [v for s in s_p for v in s.values() if v.requires_grad]
+    for x in leaves:
+        x.retain_grad()
+    out = loss(s_p, t_p, v_p)
+    out.total.backward()
+    assert ref.terms.keys() == out.terms.keys()
+    for k in ref.terms:
+        torch.testing.assert_close(out.terms[k], ref.terms[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert len(g_ref) == 8  # hr, s2, s1, fused in two views
+    for (i, k), g in g_ref.items():
+        got = s_p[i][k].grad
+        t = students[i][k].shape[1]
+        torch.testing.assert_close(got[:, :t], g, rtol=1e-4, atol=1e-7)
+        assert (got[:, t:] == 0).all()  # the padding receives no gradient
+
+
+def test_absent_modality_changes_nothing():
+    """A batch without S1, and the same batch with S1 present but every step invalid, give the
+    same terms; the shared terms equal those of the batch with S1 present and valid (S1 enters
+    no other term)."""
+    students, teachers, views = make_batch(seed=14, requires_grad=False)
+    loss = SkySenseLoss(12, 10, **KW).eval()
+    full = loss(students, teachers, views).terms
+
+    def drop(d, keys):
+        return {k: v for k, v in d.items() if k not in keys}
+
+    s1_keys = {"tokens_s1", "valid_s1", "s1_index"}
+    no_s1 = loss(
+        [drop(s, s1_keys) for s in students],
+        [drop(t, s1_keys) for t in teachers],
+        [drop(v, s1_keys) for v in views],
+    ).terms
+    dead = []
+    for o in students + teachers:
+        o = dict(o)
+        o["valid_s1"] = torch.zeros_like(o["valid_s1"])
+        dead.append(o)
+    invalid_s1 = loss(dead[:2], dead[2:], views).terms
+    assert not any("s1" in k for k in no_s1)
+    assert no_s1.keys() == invalid_s1.keys()
+    for k in no_s1:
+        torch.testing.assert_close(no_s1[k], invalid_s1[k])
+        if "/" in k:
+            torch.testing.assert_close(no_s1[k], full[k])
+    # HR absent too, and fused only.
+    only_fused = loss(
+        [{"fused": s["fused"]} for s in students], [{"fused": t["fused"]} for t in teachers], views
+    ).terms
+    assert sorted(only_fused) == [
+        "mgcl",
+        "mgcl/fused/image",
+        "mgcl/fused/object",
+        "mgcl/fused/pixel",
+        "total",
+    ]
+    for k in ("mgcl/fused/image", "mgcl/fused/object", "mgcl/fused/pixel"):
+        torch.testing.assert_close(only_fused[k], full[k])
+
+
+def test_entropy_floor():
+    """Student = teacher (same features at the same ground, same heads, same temperature) and a
+    uniform centre: every MGCL term equals the teacher's entropy, and no gradient flows."""
+    students, teachers, views = make_batch(seed=15, tile=4, crop=4, consistent=True)
+    loss = SkySenseLoss(12, 10, cma=0.0, student_temp=0.2, **KW).eval()
+    with torch.no_grad():
+        loss.centering.center.fill_(0.37)  # uniform: no effect on the softmax
+    out = loss(students, teachers, views, teacher_temp=0.2)
+    # The entropy of the teacher's distributions, row by row, from the same rows.
+    from skysense.losses.features import family_features
+
+    for fam in ("hr", "s2", "s1", "fused"):
+        sf = [family_features(o, v, fam, "s") for o, v in zip(students, views)]
+        tf = [family_features(o, v, fam, "t") for o, v in zip(teachers, views)]
+        rows = {}
+        for a, b in ((0, 1), (1, 0)):
+            for lvl, (_, t) in loss.mgcl.pairs(
+                sf[a], tf[b], views[a]["view_affine"], views[b]["view_affine"]
+            ).items():
+                rows.setdefault(lvl, []).append(t)
+        for lvl, r in rows.items():
+            logits = loss.heads[fam].logits(torch.cat(r)).double() / 0.2
+            p = torch.softmax(logits, -1)
+            ent = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+            torch.testing.assert_close(
+                out.terms[f"mgcl/{fam}/{lvl}"].double(), ent, rtol=1e-5, atol=1e-5
+            )
+    out.total.backward()
+    for x in student_leaves(students):
+        assert x.grad.abs().max() < 1e-5
+    # A different centre or temperature moves the loss above the floor.
+    with torch.no_grad():
+        loss.centering.center.normal_()
+    above = loss(students, teachers, views, teacher_temp=0.2)
+    assert above.terms["mgcl/s2/pixel"] > out.terms["mgcl/s2/pixel"]
+
+
+def test_centres_update_in_training_mode_only():
+    students, teachers, views = make_batch(seed=16, requires_grad=False)
+    loss = SkySenseLoss(12, 10, **KW)
+    before = loss.centering.center.clone()
+    loss.eval()(students, teachers, views)
+    assert torch.equal(loss.centering.center, before) and int(loss.calls) == 0
+    loss.train()(students, teachers, views)
+    assert int(loss.calls) == 1
+    changed = (loss.centering.center != before).any(1)
+    assert changed.all()  # every family and level had rows
+
+
+def test_teacher_temperature_follows_the_step():
+    students, teachers, views = make_batch(seed=17, requires_grad=False)
+    loss = SkySenseLoss(
+        12, 10, warmup_teacher_temp=0.04, teacher_temp=0.08, warmup_teacher_temp_steps=10, **KW
+    )
+    assert loss(students, teachers, views, step=5).teacher_temp == pytest.approx(0.06)
+    assert loss(students, teachers, views, teacher_temp=0.5).teacher_temp == 0.5
+    # Without a step, the count of training calls is the clock (two so far).
+    assert loss(students, teachers, views).teacher_temp == pytest.approx(0.04 + 0.004 * 2)
+
+
+def test_config_group_lists_every_field():
+    cfg = yaml.safe_load(CONF.read_text())
+    params = inspect.signature(SkySenseLoss.__init__).parameters
+    fields = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(cfg) == fields
+    assert cfg["n_prototypes"] == 4096 and "mgcl" in cfg and "cma" in cfg
+    text = CONF.read_text()
+    for f in fields:  # each field is commented (a comment line somewhere above it)
+        assert f"\n{f}:" in text
+    loss = SkySenseLoss.from_config({**cfg, "n_prototypes": 32, "head_hidden_dim": 16}, 12, 10)
+    assert loss.heads["s2"].n_prototypes == 32 and loss.heads["fused"].in_dim == 10
+    with pytest.raises(ValueError, match="unknown field.*'mgcl_weight'"):
+        SkySenseLoss.from_config({"mgcl_weight": 1.0}, 12, 10)
+
+
+def test_from_encoder_reads_the_dims():
+    class Cfg:
+        grid_dim, fusion_dim = 12, 10
+
+    class Enc(torch.nn.Module):
+        config = Cfg()
+
+    loss = SkySenseLoss.from_encoder(Enc(), n_prototypes=16, head_hidden_dim=8)
+    assert loss.heads["hr"].in_dim == 12 and loss.heads["fused"].in_dim == 10
+    with pytest.raises(ValueError, match="grid_dim"):
+        SkySenseLoss.from_encoder(torch.nn.Linear(2, 2))
+
+
+def test_bad_inputs_are_named():
+    students, teachers, views = make_batch(seed=18, requires_grad=False)
+    loss = SkySenseLoss(12, 10, **KW)
+    with pytest.raises(ValueError, match="same number"):
+        loss(students[:1], teachers[:1], views[:1])
+    with pytest.raises(ValueError, match="view 2 lacks 'view_affine'"):
+        loss(students, teachers, [views[0], {}])
+    bad = dict(students[0])
+    bad["valid_s2"] = bad["valid_s2"][:, :2]
+    with pytest.raises(ValueError, match=r"student view 1: 'valid_s2' has shape \(3, 2\)"):
+        loss([bad, students[1]], teachers, views)
+    no_idx = dict(views[1])
+    del no_idx["s1_index"]
+    with pytest.raises(ValueError, match="view 2: the view lacks 's1_index'"):
+        loss(students, teachers, [views[0], no_idx])
+    t = dict(teachers[0])
+    del t["tokens_hr"], t["valid_hr"]
+    with pytest.raises(ValueError, match="teacher output lacks the hr"):
+        loss(students, [t, teachers[1]], views)
