@@ -426,7 +426,7 @@ def _blocks(D: int, Nq: int, Nk: int, backward: bool) -> tuple[int, int, int, in
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim and these lengths."""
     if dispatch.interpreting():
         # The interpreter pays per program and per loop step: few, large blocks.
-        bm = bn = 128
+        bm = bn = 256
         warps, stages = 4, 1
     elif backward:
         bm, bn = (64, 64) if D <= 64 else (32, 64) if D <= 128 else (32, 32)
