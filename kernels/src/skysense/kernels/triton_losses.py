@@ -1,0 +1,495 @@
+"""Triton kernels of the loss ops: block-wise InfoNCE, the fused prototype cross-entropy and
+Sinkhorn-Knopp's scaling vectors. The maths is in ``info_nce``, ``prototype_loss`` and
+``sinkhorn``; these are the CUDA engines behind the same autograd Functions as the chunked
+torch ones (same four / two primitives), so both are checked against one reference.
+
+Every kernel accumulates in fp32 whatever it reads (fp32, fp16, bf16). Similarities are built
+by looping over the feature dim in chunks, so any d works; gradient outputs are tiled over the
+feature dim too (a second grid axis), so the accumulators stay small.
+
+Only imported when a Triton backend is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from skysense.kernels import dispatch
+from skysense.kernels import distributed as sdist
+
+
+@triton.jit
+def _dot(a, b, FP32: tl.constexpr, PREC: tl.constexpr):
+    # The interpreter computes bf16 dots wrongly: FP32 upcasts the operands there.
+    if FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _sim(
+    X, Y, offs_m, offs_n, n, m, d, sxm, sxd, sym, syd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """X[offs_m] . Y[offs_n]^T over the whole feature dim: (BLOCK_M, BLOCK_N) fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dm = offs_d < d
+        x = tl.load(
+            X + offs_m[:, None] * sxm + offs_d[None, :] * sxd,
+            mask=(offs_m < n)[:, None] & dm[None, :],
+            other=0.0,
+        )
+        yT = tl.load(
+            Y + offs_n[None, :] * sym + offs_d[:, None] * syd,
+            mask=(offs_n < m)[None, :] & dm[:, None],
+            other=0.0,
+        )
+        acc += _dot(x, yT, FP32, PREC)
+    return acc
+
+
+# --- InfoNCE --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nce_lse_kernel(
+    X, Y, LSE, n, m, d, sxm, sxd, sym, syd, inv_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """LSE[i] = logsumexp_j (X_i . Y_j) * inv_t, online over blocks of Y."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, m, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _sim(
+            X, Y, offs_m, offs_n, n, m, d, sxm, sxd, sym, syd, BLOCK_M, BLOCK_N, BLOCK_D, FP32, PREC
+        )
+        s = tl.where((offs_n < m)[None, :], s * inv_t, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, 1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+        run_max = new_max
+    tl.store(LSE + offs_m, run_max + tl.log(run_sum), mask=offs_m < n)
+
+
+@triton.jit
+def _nce_grad_kernel(
+    X, Y, LSE_X, LSE_Y, DX, n, m, d, sxm, sxd, sym, syd, inv_t,
+    USE_X: tl.constexpr, USE_Y: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """DX[i, chunk] = sum_j G_ij Y[j, chunk], G = [exp(S - lse_x_i)] + [exp(S - lse_y_j)]."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mm = offs_m < n
+    if USE_X:
+        lse_x = tl.load(LSE_X + offs_m, mask=mm, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    for n0 in range(0, m, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nm = offs_n < m
+        s = (
+            _sim(
+                X,
+                Y,
+                offs_m,
+                offs_n,
+                n,
+                m,
+                d,
+                sxm,
+                sxd,
+                sym,
+                syd,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                FP32,
+                PREC,
+            )
+            * inv_t
+        )
+        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if USE_X:
+            g += tl.exp(s - lse_x[:, None])
+        if USE_Y:
+            lse_y = tl.load(LSE_Y + offs_n, mask=nm, other=0.0)
+            g += tl.exp(s - lse_y[None, :])
+        g = tl.where(nm[None, :], g, 0.0)
+        y = tl.load(
+            Y + offs_n[:, None] * sym + offs_do[None, :] * syd,
+            mask=nm[:, None] & (offs_do < d)[None, :],
+            other=0.0,
+        )
+        acc += _dot(g.to(y.dtype), y, FP32, PREC)
+    tl.store(
+        DX + offs_m[:, None] * d + offs_do[None, :],
+        acc,
+        mask=mm[:, None] & (offs_do < d)[None, :],
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not dispatch.interpreting():
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee"
+
+
+def _fp32(dtype: torch.dtype) -> bool:
+    return dispatch.interpreting() and dtype == torch.bfloat16
+
+
+def _pow2(x: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def _tiles(rows: int, cols: int, d: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps)."""
+    if dispatch.interpreting():  # few, large blocks: the interpreter pays per program and step
+        return _pow2(rows, hi=256), _pow2(cols, hi=256), _pow2(d, hi=256), _pow2(d, hi=256), 4
+    return _pow2(rows), _pow2(cols), _pow2(d, hi=64), _pow2(d, hi=128), 4
+
+
+class TritonInfoNCEEngine:
+    """The four InfoNCE primitives of ``info_nce.ChunkedEngine``, on Triton kernels."""
+
+    name = "triton"
+
+    @staticmethod
+    def lse_rows(x, y, inv_t):
+        n, d = x.shape
+        m = y.shape[0]
+        out = dispatch.new_output((n,), torch.float32, x.device)
+        bm, bn, bd, _, warps = _tiles(n, m, d)
+        _nce_lse_kernel[(triton.cdiv(n, bm),)](
+            x, y, out, n, m, d, *x.stride(), *y.stride(), inv_t,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, FP32=_fp32(x.dtype), PREC=_precision(x.dtype),
+            num_warps=warps,
+        )  # fmt: skip
+        return out
+
+    @classmethod
+    def lse_both(cls, a, b, inv_t):
+        # Column log-sum-exps are the rows of b a^T: two launches, no atomics, deterministic.
+        return cls.lse_rows(a, b, inv_t), cls.lse_rows(b, a, inv_t)
+
+    @staticmethod
+    def grad_rows(x, y, lse_x, lse_y, inv_t):
+        n, d = x.shape
+        m = y.shape[0]
+        out = dispatch.new_output((n, d), torch.float32, x.device)
+        bm, bn, bd, bdo, warps = _tiles(n, m, d)
+        dummy = lse_x if lse_x is not None else lse_y
+        _nce_grad_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bdo))](
+            x, y, dummy if lse_x is None else lse_x, dummy if lse_y is None else lse_y, out,
+            n, m, d, *x.stride(), *y.stride(), inv_t,
+            USE_X=lse_x is not None, USE_Y=lse_y is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo,
+            FP32=_fp32(x.dtype), PREC=_precision(x.dtype), num_warps=warps,
+        )  # fmt: skip
+        return out
+
+    @classmethod
+    def grad_both(cls, a, b, lse_r, lse_c, inv_t):
+        return (
+            cls.grad_rows(a, b, lse_r, lse_c, inv_t),
+            cls.grad_rows(b, a, lse_c, lse_r, inv_t),
+        )
+
+
+# --- prototype cross-entropy ----------------------------------------------------------------------
+
+
+@triton.jit
+def _proto_logits(
+    SX, TX, W, TW, C, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Student s = SX W^T / t_s and teacher t = (TX TW^T - C) / t_t tiles, -inf past K."""
+    s = _sim(
+        SX, W, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, BLOCK_M, BLOCK_K, BLOCK_D, FP32, PREC
+    )
+    t = _sim(
+        TX, TW, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, BLOCK_M, BLOCK_K, BLOCK_D, FP32, PREC
+    )
+    if HAS_C:
+        t -= tl.load(C + offs_k, mask=offs_k < K, other=0.0)[None, :]
+    km = (offs_k < K)[None, :]
+    s = tl.where(km, s * inv_ts, float("-inf"))
+    t = tl.where(km, t * inv_tt, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _proto_fwd_kernel(
+    SX, TX, W, TW, C, STATS, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt, k_per_split,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Per row and K split: student (max, sum), teacher (max, sum) and sum_k e^{t-max} s."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    k_lo = split * k_per_split
+    ms = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    ls = tl.zeros([BLOCK_M], tl.float32)
+    mt = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    lt = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        s, t = _proto_logits(
+            SX, TX, W, TW, C, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+            HAS_C, BLOCK_M, BLOCK_K, BLOCK_D, FP32, PREC,
+        )  # fmt: skip
+        new_ms = tl.maximum(ms, tl.max(s, 1))
+        safe_ms = tl.where(new_ms == float("-inf"), 0.0, new_ms)
+        ls = ls * tl.exp(ms - safe_ms) + tl.sum(tl.exp(s - safe_ms[:, None]), 1)
+        ms = new_ms
+        new_mt = tl.maximum(mt, tl.max(t, 1))
+        safe_mt = tl.where(new_mt == float("-inf"), 0.0, new_mt)
+        alpha = tl.exp(mt - safe_mt)
+        e = tl.exp(t - safe_mt[:, None])
+        lt = lt * alpha + tl.sum(e, 1)
+        km = offs_k[None, :] < K  # past K, e = 0 and s = -inf: keep 0 * -inf out of the sum
+        acc = acc * alpha + tl.sum(e * tl.where(km, s, 0.0), 1)
+        mt = new_mt
+    base = STATS + split * N + offs_m
+    stride = tl.num_programs(1) * N
+    mm = offs_m < N
+    tl.store(base, ms, mask=mm)
+    tl.store(base + stride, ls, mask=mm)
+    tl.store(base + 2 * stride, mt, mask=mm)
+    tl.store(base + 3 * stride, lt, mask=mm)
+    tl.store(base + 4 * stride, acc, mask=mm)
+
+
+@triton.jit
+def _proto_dx_kernel(
+    SX, TX, W, TW, C, LSE_S, LSE_T, DSX, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """DSX[i, chunk] = sum_k (softmax(s)_ik - p_ik) W[k, chunk]."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mm = offs_m < N
+    lse_s = tl.load(LSE_S + offs_m, mask=mm, other=0.0)
+    lse_t = tl.load(LSE_T + offs_m, mask=mm, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        s, t = _proto_logits(
+            SX, TX, W, TW, C, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+            HAS_C, BLOCK_M, BLOCK_K, BLOCK_D, FP32, PREC,
+        )  # fmt: skip
+        g = tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])
+        g = tl.where(mm[:, None], g, 0.0)
+        w = tl.load(
+            W + offs_k[:, None] * swk + offs_do[None, :] * swd,
+            mask=(offs_k < K)[:, None] & (offs_do < d)[None, :],
+            other=0.0,
+        )
+        acc += _dot(g.to(w.dtype), w, FP32, PREC)
+    tl.store(
+        DSX + offs_m[:, None] * d + offs_do[None, :], acc, mask=mm[:, None] & (offs_do < d)[None, :]
+    )
+
+
+@triton.jit
+def _proto_dw_kernel(
+    SX, TX, W, TW, C, LSE_S, LSE_T, DW, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """DW[k, chunk] = sum_i (softmax(s)_ik - p_ik) SX[i, chunk]."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mm = offs_m < N
+        s, t = _proto_logits(
+            SX, TX, W, TW, C, offs_m, offs_k, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
+            HAS_C, BLOCK_M, BLOCK_K, BLOCK_D, FP32, PREC,
+        )  # fmt: skip
+        lse_s = tl.load(LSE_S + offs_m, mask=mm, other=0.0)
+        lse_t = tl.load(LSE_T + offs_m, mask=mm, other=0.0)
+        g = tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])
+        g = tl.where(mm[:, None], g, 0.0)
+        x = tl.load(
+            SX + offs_m[:, None] * sxm + offs_do[None, :] * sxd,
+            mask=mm[:, None] & (offs_do < d)[None, :],
+            other=0.0,
+        )
+        acc += _dot(tl.trans(g.to(x.dtype)), x, FP32, PREC)
+    tl.store(
+        DW + offs_k[:, None] * d + offs_do[None, :],
+        acc,
+        mask=(offs_k < K)[:, None] & (offs_do < d)[None, :],
+    )
+
+
+class TritonPrototypeEngine:
+    """The forward / backward primitives of ``prototype_loss.ChunkedEngine`` on Triton."""
+
+    name = "triton"
+
+    @staticmethod
+    def _common(sx, w, d):
+        return dict(FP32=_fp32(sx.dtype), PREC=_precision(sx.dtype))
+
+    @staticmethod
+    def _tiles(n, k, d):
+        if dispatch.interpreting():
+            return _pow2(n, hi=256), _pow2(k, hi=256), _pow2(d, hi=256), _pow2(d, hi=256)
+        return _pow2(n), _pow2(k), _pow2(d, hi=64), _pow2(d, hi=128)
+
+    @classmethod
+    def forward(cls, sx, tx, w, tw, center, inv_ts, inv_tt):
+        n, d = sx.shape
+        k = w.shape[0]
+        bm, bk, bd, _ = cls._tiles(n, k, d)
+        row_blocks = triton.cdiv(n, bm)
+        # Split K across programs when there are too few row blocks to fill the device.
+        want = 1 if dispatch.interpreting() else max(1, 256 // row_blocks)
+        splits = max(1, min(want, triton.cdiv(k, bk)))
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+        splits = triton.cdiv(k, k_per_split)
+        stats = dispatch.new_output((5, splits, n), torch.float32, sx.device)
+        has_c = center is not None
+        _proto_fwd_kernel[(row_blocks, splits)](
+            sx, tx, w, tw, center if has_c else sx, stats, n, k, d,
+            *sx.stride(), *w.stride(), inv_ts, inv_tt, k_per_split,
+            HAS_C=has_c, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, **cls._common(sx, w, d),
+        )  # fmt: skip
+        ms, ls, mt, lt, acc = stats.unbind(0)
+        gms, gmt = ms.amax(0), mt.amax(0)
+        ls = (ls * torch.exp(ms - gms)).sum(0)
+        alpha = torch.exp(mt - gmt)
+        lt, acc = (lt * alpha).sum(0), (acc * alpha).sum(0)
+        lse_s, lse_t = gms + torch.log(ls), gmt + torch.log(lt)
+        return lse_s - acc / lt, lse_s, lse_t
+
+    @classmethod
+    def backward(cls, sx, tx, w, tw, center, inv_ts, inv_tt, lse_s, lse_t):
+        n, d = sx.shape
+        k = w.shape[0]
+        bm, bk, bd, bdo = cls._tiles(n, k, d)
+        has_c = center is not None
+        dsx = dispatch.new_output((n, d), torch.float32, sx.device)
+        dw = dispatch.new_output((k, d), torch.float32, sx.device)
+        args = (
+            sx, tx, w, tw, center if has_c else sx, lse_s, lse_t,
+        )  # fmt: skip
+        rest = (n, k, d, *sx.stride(), *w.stride(), inv_ts, inv_tt)
+        meta = dict(
+            HAS_C=has_c, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DO=bdo, **cls._common(sx, w, d)
+        )
+        _proto_dx_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bdo))](*args, dsx, *rest, **meta)
+        _proto_dw_kernel[(triton.cdiv(k, bk), triton.cdiv(d, bdo))](*args, dw, *rest, **meta)
+        return dsx, dw
+
+
+# --- Sinkhorn-Knopp -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sk_tile(S, RMAX, offs_n, offs_k, N, K, ssn, ssk, inv_eps):
+    msk = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    s = tl.load(S + offs_n[:, None] * ssn + offs_k[None, :] * ssk, mask=msk, other=0.0).to(
+        tl.float32
+    )
+    rmax = tl.load(RMAX + offs_n, mask=offs_n < N, other=0.0)
+    return tl.where(msk, tl.exp((s - rmax[:, None]) * inv_eps), 0.0)
+
+
+@triton.jit
+def _sk_colsum_kernel(
+    S, RMAX, CVEC, OUT, N, K, ssn, ssk, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """OUT[k] = sum_n E_nk c_n."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        e = _sk_tile(S, RMAX, offs_n, offs_k, N, K, ssn, ssk, inv_eps)
+        c = tl.load(CVEC + offs_n, mask=offs_n < N, other=0.0)
+        acc += tl.sum(e * c[:, None], 0)
+    tl.store(OUT + offs_k, acc, mask=offs_k < K)
+
+
+@triton.jit
+def _sk_rowsum_kernel(
+    S, RMAX, RVEC, OUT, N, K, ssn, ssk, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """OUT[n] = sum_k E_nk r_k."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        e = _sk_tile(S, RMAX, offs_n, offs_k, N, K, ssn, ssk, inv_eps)
+        r = tl.load(RVEC + offs_k, mask=offs_k < K, other=0.0)
+        acc += tl.sum(e * r[None, :], 1)
+    tl.store(OUT + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def _sk_write_kernel(
+    S, RMAX, RVEC, CVEC, Q, N, K, ssn, ssk, sqn, sqk, inv_eps,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Q_nk = E_nk r_k c_n (c already carries the factor N)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    e = _sk_tile(S, RMAX, offs_n, offs_k, N, K, ssn, ssk, inv_eps)
+    r = tl.load(RVEC + offs_k, mask=offs_k < K, other=0.0)
+    c = tl.load(CVEC + offs_n, mask=offs_n < N, other=0.0)
+    q = e * r[None, :] * c[:, None]
+    msk = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(Q + offs_n[:, None] * sqn + offs_k[None, :] * sqk, q.to(Q.dtype.element_ty), mask=msk)
+
+
+@torch.no_grad()
+def sinkhorn_triton(scores, n_iters, epsilon, distributed):
+    """Sinkhorn-Knopp (n_iters >= 1) with the scaling vectors of ``sinkhorn``'s docstring; exp
+    recomputed from the scores in every pass, the (N, K) output written once."""
+    from skysense.kernels.sinkhorn import _initial_col_scale, _n_total
+
+    n, k = scores.shape
+    n_all = _n_total(scores, distributed)
+    inv_eps = 1.0 / epsilon
+    rmax = scores.amax(dim=1).float()
+    c = _initial_col_scale(rmax, epsilon, distributed).float()
+    r = torch.empty(k, dtype=torch.float32, device=scores.device)
+    if dispatch.interpreting():
+        bn, bk = _pow2(n, hi=256), _pow2(k, hi=256)
+    else:
+        bn, bk = _pow2(n, hi=64), _pow2(k, hi=128)
+    ss = scores.stride()
+    for _ in range(n_iters):
+        col = dispatch.new_output((k,), torch.float32, scores.device)
+        _sk_colsum_kernel[(triton.cdiv(k, bk),)](
+            scores, rmax, c, col, n, k, *ss, inv_eps, BLOCK_N=bn, BLOCK_K=bk
+        )
+        if distributed:
+            sdist.all_reduce_sum_(col)
+        r = 1.0 / (k * col)
+        row = dispatch.new_output((n,), torch.float32, scores.device)
+        _sk_rowsum_kernel[(triton.cdiv(n, bn),)](
+            scores, rmax, r, row, n, k, *ss, inv_eps, BLOCK_N=bn, BLOCK_K=bk
+        )
+        c = 1.0 / (n_all * row)
+    q = dispatch.new_output((n, k), scores.dtype, scores.device)
+    _sk_write_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        scores, rmax, r, c * n_all, q, n, k, *ss, *q.stride(), inv_eps, BLOCK_N=bn, BLOCK_K=bk
+    )
+    return q
