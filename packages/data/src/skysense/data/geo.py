@@ -201,6 +201,7 @@ def warp(
     if src_grid.crs == grid.crs and _aligned(src_grid, grid):
         return _read_aligned(dataset, band, src_grid, grid, src_nodata)
     out = np.full(grid.shape, np.nan, dtype=np.float32)
+    xscale, yscale = _scales(src_grid, grid)
     reproject(
         source=rasterio.band(dataset, band),
         destination=out,
@@ -209,8 +210,19 @@ def warp(
         dst_crs=grid.crs,
         dst_nodata=np.nan,
         resampling=resampling_method(resampling),
+        # GDAL sizes its resampling kernel from each chunk's own source/destination ratio, so
+        # the same pixel would differ between a whole-place warp and a one-tile warp; a fixed
+        # ratio (of the whole file) makes every pixel independent of the window asked for.
+        XSCALE=repr(xscale),
+        YSCALE=repr(yscale),
     )
     return out
+
+
+def _scales(src: Grid, dst: Grid) -> tuple[float, float]:
+    """Destination pixels per source pixel along x and y, over the whole source."""
+    b = bounds_in(src.bounds, src.crs, dst.crs)
+    return (b[2] - b[0]) / dst.res[0] / src.width, (b[3] - b[1]) / dst.res[1] / src.height
 
 
 def _aligned(src: Grid, dst: Grid) -> bool:

@@ -1,0 +1,294 @@
+"""The manifest: one SQLite file (stdlib) that lists every sample of an ingested data set.
+
+It scales to millions of samples (one row per sample, indexed by split) and is written in
+transactions: ingest commits a shard's rows only after the shard's files are complete on disk,
+and sets ``meta.complete`` last, so a killed ingest never leaves a manifest that looks complete.
+
+Tables:
+
+- ``meta(key, value)``: JSON values: ``complete``, ``version``, ``config`` (the ingest settings),
+  ``modalities``, ``tile_size``, ``hr_ratio``, ``gsd``, ``label_kind`` (none/single/multi).
+- ``samples``: one row per sample: ``id`` (the ``sample_id`` of batches), ``name``, ``grp``
+  (the place it was cut from), ``split``, ``shard``, ``offset`` (row within the shard),
+  ``lat``/``lon`` of the tile centre, ``label`` (class index, -1 none), ``labels`` (JSON list of
+  class indices for multi-label sets), ``crs``, tile ``minx miny maxx maxy`` in that CRS,
+  ``row``/``col`` (tile origin in the place's grid), and per modality ``<m>_dates`` (ISO dates,
+  comma-separated, one per step) and ``<m>_valid`` (one '0'/'1' per step: usable or not).
+- ``shards(id, path, n, ...)``: the shard folders, relative to the manifest.
+- ``groups(grp, crs, transform, height, width, hr_ratio)``: each place's grid (to re-read the
+  sources, as the benchmark's baseline does), ``acquisitions(grp, modality, step, sensor, days,
+  files)``: the source files of each step.
+- ``shard_stats`` (per shard, for resuming) and ``band_stats(modality, band, count, mean, std,
+  min, max)``: per-band statistics over the usable pixels of the stored tiles.
+- ``bad_files(path, reason)``: the per-file report of bad inputs. ``classes(idx, name)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VERSION = 1
+FILENAME = "manifest.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards(
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL, n INTEGER NOT NULL, steps TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples(
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, grp TEXT NOT NULL, split TEXT NOT NULL,
+    shard INTEGER NOT NULL, offset INTEGER NOT NULL, lat REAL, lon REAL,
+    label INTEGER NOT NULL DEFAULT -1, labels TEXT, crs TEXT,
+    minx REAL, miny REAL, maxx REAL, maxy REAL, row INTEGER, col INTEGER,
+    hr_dates TEXT, hr_valid TEXT, s2_dates TEXT, s2_valid TEXT, s1_dates TEXT, s1_valid TEXT);
+CREATE INDEX IF NOT EXISTS samples_split ON samples(split, id);
+CREATE TABLE IF NOT EXISTS groups(
+    grp TEXT PRIMARY KEY, crs TEXT, transform TEXT, height INTEGER, width INTEGER,
+    hr_ratio INTEGER, n_tiles INTEGER, shard INTEGER);
+CREATE TABLE IF NOT EXISTS acquisitions(
+    grp TEXT NOT NULL, modality TEXT NOT NULL, step INTEGER NOT NULL, sensor TEXT,
+    days INTEGER, files TEXT, PRIMARY KEY(grp, modality, step));
+CREATE TABLE IF NOT EXISTS shard_stats(
+    shard INTEGER, modality TEXT, band TEXT, count INTEGER, sum REAL, sumsq REAL,
+    min REAL, max REAL);
+CREATE TABLE IF NOT EXISTS band_stats(
+    modality TEXT, band TEXT, count INTEGER, mean REAL, std REAL, min REAL, max REAL,
+    PRIMARY KEY(modality, band));
+CREATE TABLE IF NOT EXISTS bad_files(path TEXT, reason TEXT, PRIMARY KEY(path, reason));
+CREATE TABLE IF NOT EXISTS classes(idx INTEGER PRIMARY KEY, name TEXT);
+"""
+
+
+class ManifestError(RuntimeError):
+    """A manifest that cannot be used (missing, from an unfinished ingest, another version)."""
+
+
+def manifest_path(path) -> Path:
+    """``path`` itself if it is a file, else ``path/manifest.sqlite``."""
+    p = Path(path)
+    return p / FILENAME if p.is_dir() else p
+
+
+class ManifestWriter:
+    """The ingest side: creates the schema, commits shards in transactions, finalises."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=DELETE")
+        self.db.executescript(SCHEMA)
+        self.db.commit()
+
+    def close(self):
+        self.db.close()
+
+    def get_meta(self, key, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, **kv) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in kv.items()],
+            )
+
+    def done_groups(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT grp FROM groups")}
+
+    def n_shards(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM shards").fetchone()[0]
+
+    def n_samples(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def commit(self, shards: list[tuple[dict, list[dict], list[tuple]]], groups: list[dict]):
+        """One transaction: shards (each with its sample rows and statistics) and the places
+        they complete. Until it commits, the shards' folders are not part of the data set."""
+        with self.db:
+            for shard, samples, stats in shards:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)",
+                    (shard["id"], shard["path"], shard["n"], json.dumps(shard["steps"])),
+                )
+                if samples:
+                    cols = list(samples[0])
+                    self.db.executemany(
+                        f"INSERT INTO samples ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})",
+                        [tuple(s[c] for c in cols) for s in samples],
+                    )
+                self.db.executemany(
+                    "INSERT INTO shard_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(shard["id"], *s) for s in stats],
+                )
+            last = shards[-1][0]["id"] if shards else -1
+            for g in groups:
+                self._insert_group(g, last)
+
+    def _insert_group(self, g: dict, shard: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                g["grp"],
+                g["crs"],
+                json.dumps(g["transform"]),
+                g["height"],
+                g["width"],
+                g["hr_ratio"],
+                g["n_tiles"],
+                shard,
+            ),
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO acquisitions VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (g["grp"], a["modality"], a["step"], a["sensor"], a["days"], a["files"])
+                for a in g["acquisitions"]
+            ],
+        )
+
+    def commit_groups_without_tiles(self, groups: list[dict]) -> None:
+        """Record places that gave no tile (so a resumed ingest does not redo them)."""
+        with self.db:
+            for g in groups:
+                self._insert_group(g, -1)
+
+    def add_bad_files(self, bad: list[tuple[str, str]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO bad_files VALUES (?, ?)", bad)
+
+    def set_classes(self, names: list[str]) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM classes")
+            self.db.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(names)))
+
+    def finalise(self, **meta) -> None:
+        """Reduce the per-shard statistics into ``band_stats`` and mark the manifest complete."""
+        with self.db:
+            self.db.execute("DELETE FROM band_stats")
+            rows = self.db.execute(
+                "SELECT modality, band, SUM(count), SUM(sum), SUM(sumsq), MIN(min), MAX(max) "
+                "FROM shard_stats GROUP BY modality, band"
+            ).fetchall()
+            for m, b, n, s, ss, lo, hi in rows:
+                mean = s / n if n else float("nan")
+                var = max(0.0, ss / n - mean * mean) if n else float("nan")
+                self.db.execute(
+                    "INSERT INTO band_stats VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (m, b, n, mean, var**0.5, lo, hi),
+                )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in {**meta, "complete": True}.items()],
+            )
+
+
+@dataclass
+class SampleTable:
+    """The columns of ``samples`` a loader needs, as numpy arrays (row i = sample id i)."""
+
+    id: np.ndarray  # (N,) int64
+    split: np.ndarray  # (N,) object (str)
+    shard: np.ndarray  # (N,) int64
+    offset: np.ndarray  # (N,) int64
+    latlon: np.ndarray  # (N, 2) float32, NaN unknown
+    label: np.ndarray  # (N,) int64, -1 none
+    labels: list  # N entries: list of class indices (multi-label) or None
+
+
+class Manifest:
+    """The read side: ``Manifest(path)`` (the .sqlite file or its folder).
+
+    Raises :class:`ManifestError` for a missing file or one whose ingest did not finish.
+    """
+
+    def __init__(self, path, *, require_complete: bool = True):
+        self.path = manifest_path(path)
+        if not self.path.is_file():
+            raise ManifestError(f"{self.path}: no manifest (run `skysense ingest SRC DST` first)")
+        self.root = self.path.parent
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+            if require_complete and not self.meta.get("complete"):
+                raise ManifestError(
+                    f"{self.path}: the ingest that writes it did not finish; run the same "
+                    "`skysense ingest` again to resume it"
+                )
+            if self.meta.get("version", VERSION) != VERSION:
+                raise ManifestError(
+                    f"{self.path}: manifest version {self.meta.get('version')}, this code reads "
+                    f"{VERSION}"
+                )
+            rows = db.execute(
+                "SELECT id, split, shard, offset, lat, lon, label, labels FROM samples ORDER BY id"
+            ).fetchall()
+            self.shards = {
+                r[0]: {"path": r[1], "n": r[2], "steps": json.loads(r[3])}
+                for r in db.execute("SELECT id, path, n, steps FROM shards")
+            }
+            self.classes = [r[0] for r in db.execute("SELECT name FROM classes ORDER BY idx")]
+            self.band_stats = {
+                (m, b): {"count": n, "mean": mu, "std": sd, "min": lo, "max": hi}
+                for m, b, n, mu, sd, lo, hi in db.execute("SELECT * FROM band_stats")
+            }
+            self.bad_files = db.execute("SELECT path, reason FROM bad_files").fetchall()
+        finally:
+            db.close()
+        n = len(rows)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        if n and not np.array_equal(ids, np.arange(n)):
+            raise ManifestError(f"{self.path}: sample ids are not 0..{n - 1}")
+        self.samples = SampleTable(
+            id=ids,
+            split=np.array([r[1] for r in rows], dtype=object),
+            shard=np.array([r[2] for r in rows], dtype=np.int64),
+            offset=np.array([r[3] for r in rows], dtype=np.int64),
+            latlon=np.array(
+                [
+                    [np.nan if r[4] is None else r[4], np.nan if r[5] is None else r[5]]
+                    for r in rows
+                ],
+                dtype=np.float32,
+            ).reshape(n, 2),
+            label=np.array([r[6] for r in rows], dtype=np.int64),
+            labels=[json.loads(r[7]) if r[7] else None for r in rows],
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples.id)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.meta["modalities"])
+
+    @property
+    def label_kind(self) -> str:
+        return self.meta.get("label_kind", "none")
+
+    def split_ids(self, split: str | None) -> np.ndarray:
+        """Sample ids of ``split`` ("train", "val", "test", or None/"all" for every sample)."""
+        if split in (None, "all"):
+            return self.samples.id.copy()
+        ids = self.samples.id[self.samples.split == split]
+        if len(ids) == 0:
+            have = sorted(set(self.samples.split.tolist()))
+            raise ManifestError(f"{self.path}: no sample in split {split!r} (splits: {have})")
+        return ids
+
+    def shard_dir(self, shard: int) -> Path:
+        return self.root / self.shards[int(shard)]["path"]
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        """Run a read-only query (e.g. on ``samples``, ``acquisitions``, ``groups``)."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()

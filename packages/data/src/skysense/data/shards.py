@@ -1,0 +1,180 @@
+"""Shards: many samples per folder of pixel-interleaved ``.npy`` arrays, read by memory map.
+
+A shard is a folder ``shards/shard-000042/`` holding, for its ``N`` samples:
+
+================== ============================= =============================================
+file               shape, dtype                  meaning
+================== ============================= =============================================
+``s2.npy``         (N, T, h, w, 10) uint16       Sentinel-2 digital numbers, model band order
+``s1.npy``         (N, T, h, w, 2) float32       Sentinel-1 VV, VH in dB (NaN = no data)
+``hr.npy``         (N, H, W, 3) uint8            HR RGB
+``<m>_mask.npy``   (N, T, h, w) / (N, H, W) u8   bit 0: has data, bit 1: clear (not cloud)
+``<m>_days.npy``   (N, T) / (N,) int32           acquisition date, days since 1970-01-01
+``<m>_step.npy``   (N, T) / (N,) uint8           0 padding, 1 present but unusable, 2 usable
+``shard.json``     -                             N, the arrays' shapes and dtypes
+================== ============================= =============================================
+
+``T`` is the longest series of the shard (shorter ones are padded with step 0). Pixels are
+interleaved (channels last), which is what DALI's numpy reader and ``np.load(mmap_mode="r")``
+read fastest; a loader reads a sample's steps and crop window without decoding anything.
+Shards are written under ``<name>.tmp`` and renamed when complete, so a folder named
+``shard-*`` (no suffix) is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+HAS_DATA, CLEAR = 1, 2
+STEP_ABSENT, STEP_UNUSABLE, STEP_USABLE = 0, 1, 2
+STORE_DTYPE = {"hr": np.uint8, "s2": np.uint16, "s1": np.float32}
+FILL = {"hr": 0, "s2": 0, "s1": np.nan}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(root, index: int, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` (name -> array, first axis = sample) as shard ``index`` under ``root``.
+
+    The arrays land in ``shard-<index>.tmp`` first, are flushed to disk, and the folder is then
+    renamed: an interrupted write leaves only a ``.tmp`` folder, which readers ignore and the
+    next ingest removes. Returns the shard folder's path relative to ``root``.
+    """
+    root = Path(root)
+    final = root / SHARD_DIR / shard_name(index)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if final.exists():
+        # A shard written by an interrupted run that never reached the manifest: redo it.
+        shutil.rmtree(final)
+    tmp.mkdir(parents=True)
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1:
+        raise ValueError(f"shard {index}: arrays disagree on the number of samples: {n}")
+    info = {"n": n.pop(), "arrays": {}}
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        with open(tmp / f"{name}.npy", "wb") as f:
+            np.save(f, a)
+            f.flush()
+            os.fsync(f.fileno())
+        info["arrays"][name] = {"shape": list(a.shape), "dtype": a.dtype.name}
+    (tmp / "shard.json").write_text(json.dumps(info, indent=1))
+    _fsync_dir(tmp)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final.relative_to(root)
+
+
+def clean_partial(root, keep: int) -> None:
+    """Remove ``.tmp`` shard folders and shards numbered ``keep`` or above (not in the manifest)."""
+    d = Path(root) / SHARD_DIR
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith("shard-"):
+            try:
+                i = int(p.name.split("-")[1])
+            except ValueError:
+                continue
+            if i >= keep:
+                log.info("removing %s: written by an interrupted ingest, not in the manifest", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def pack(tiles: list[dict], modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Stack tile records into shard arrays (time padded to the longest series).
+
+    A tile record holds, per modality present, ``data`` ((T, h, w, C), or (H, W, 3) for hr),
+    ``mask`` (uint8 bits), ``days`` (int32) and ``step`` (uint8); see :mod:`skysense.data.ingest`.
+    A modality a tile lacks is stored as padding (step 0).
+    """
+    out: dict[str, np.ndarray] = {}
+    n = len(tiles)
+    for m in modalities:
+        have = [t[m] for t in tiles if t.get(m) is not None]
+        if not have:
+            raise ValueError(f"no tile of this shard has modality {m!r}")
+        ref = have[0]["data"]
+        if m == "hr":
+            data = np.zeros((n, *ref.shape), STORE_DTYPE[m])
+            mask = np.zeros((n, *ref.shape[:2]), np.uint8)
+            days = np.zeros(n, np.int32)
+            step = np.zeros(n, np.uint8)
+            for i, t in enumerate(tiles):
+                if t.get(m) is not None:
+                    data[i], mask[i] = t[m]["data"], t[m]["mask"]
+                    days[i], step[i] = t[m]["days"], t[m]["step"]
+        else:
+            T = max(len(t[m]["data"]) for t in tiles if t.get(m) is not None)
+            T = max(T, 1)
+            data = np.full((n, T, *ref.shape[1:]), FILL[m], STORE_DTYPE[m])
+            mask = np.zeros((n, T, *ref.shape[1:3]), np.uint8)
+            days = np.zeros((n, T), np.int32)
+            step = np.zeros((n, T), np.uint8)
+            for i, t in enumerate(tiles):
+                if t.get(m) is None:
+                    continue
+                k = len(t[m]["data"])
+                data[i, :k], mask[i, :k] = t[m]["data"], t[m]["mask"]
+                days[i, :k], step[i, :k] = t[m]["days"], t[m]["step"]
+        out[m], out[f"{m}_mask"], out[f"{m}_days"], out[f"{m}_step"] = data, mask, days, step
+    return out
+
+
+class ShardReader:
+    """Memory-mapped access to a manifest's shards (a few hundred kept open, least recent out)."""
+
+    def __init__(self, manifest, max_open: int = 256):
+        self.manifest = manifest
+        self.max_open = max_open
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self):
+        # Memory maps do not cross process boundaries; each worker opens its own.
+        return {"manifest": self.manifest, "max_open": self.max_open}
+
+    def __setstate__(self, state):
+        self.__init__(state["manifest"], state["max_open"])
+
+    def arrays(self, shard: int) -> dict[str, np.ndarray]:
+        shard = int(shard)
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        d = self.manifest.shard_dir(shard)
+        info_path = d / "shard.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{d}: shard missing or incomplete (no shard.json)")
+        info = json.loads(info_path.read_text())
+        arrs = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in info["arrays"]}
+        self._open[shard] = arrs
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return arrs
