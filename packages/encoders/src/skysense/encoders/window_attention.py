@@ -64,11 +64,12 @@ def log_spaced_coords(
 
     Returns ((2 wh - 1) * (2 ww - 1), 2) in ``dtype``.
     """
-    dy = torch.arange(-(wh - 1), wh, device=device, dtype=torch.float32)
-    dx = torch.arange(-(ww - 1), ww, device=device, dtype=torch.float32)
+    # float64 so that the table is exact before the cast, whatever the model's dtype
+    dy = torch.arange(-(wh - 1), wh, device=device, dtype=torch.float64)
+    dx = torch.arange(-(ww - 1), ww, device=device, dtype=torch.float64)
     t = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2)
     norm = torch.tensor([max(ref[0] - 1, 1), max(ref[1] - 1, 1)], device=device)
-    t = t / norm * 8.0
+    t = t / norm.to(t.dtype) * 8.0
     t = torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8.0)
     return t.to(dtype)
 

@@ -1,0 +1,116 @@
+"""checkpoint_filter_fn on a synthetic "released" state dict: our model's keys renamed to the
+release's names by an independent table (the reverse of the documented mapping)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from skysense.encoders import build_skysense, checkpoint_filter_fn, map_released_keys
+
+pytestmark = pytest.mark.unit
+
+# ours -> released, written from the release's module names (not from the filter's rules)
+TO_RELEASED = [
+    (r"^hr_encoder\.patch_embed\.proj\.", "backbone_gep.patch_embed.projection."),
+    (r"^hr_encoder\.out_norms\.(\d)\.", r"backbone_gep.norm\1."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.attn\.", r"backbone_gep.\1.attn.w_msa."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.mlp\.fc1\.", r"backbone_gep.\1.ffn.layers.0.0."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.mlp\.fc2\.", r"backbone_gep.\1.ffn.layers.1."),
+    (r"^hr_encoder\.", "backbone_gep."),
+    (r"^(s[12])_encoder\.patch_embed\.", r"backbone_\1.patch_embed.projection."),
+    (r"^(s[12])_encoder\.norm\.", r"backbone_\1.ln1."),
+    (r"^(s[12])_encoder\.blocks\.(\d+)\.norm(\d)\.", r"backbone_\1.layers.\2.ln\3."),
+    (
+        r"^(s[12])_encoder\.blocks\.(\d+)\.attn\.qkv\.weight",
+        r"backbone_\1.layers.\2.attn.attn.in_proj_weight",
+    ),
+    (
+        r"^(s[12])_encoder\.blocks\.(\d+)\.attn\.qkv\.bias",
+        r"backbone_\1.layers.\2.attn.attn.in_proj_bias",
+    ),
+    (
+        r"^(s[12])_encoder\.blocks\.(\d+)\.attn\.proj\.",
+        r"backbone_\1.layers.\2.attn.attn.out_proj.",
+    ),
+    (r"^(s[12])_encoder\.blocks\.(\d+)\.mlp\.fc1\.", r"backbone_\1.layers.\2.ffn.layers.0.0."),
+    (r"^(s[12])_encoder\.blocks\.(\d+)\.mlp\.fc2\.", r"backbone_\1.layers.\2.ffn.layers.1."),
+    (r"^(s[12])_encoder\.", r"backbone_\1."),
+    (r"^grid_(s[12])\.proj\.", r"head_\1.decoder.0."),
+    (r"^fusion\.proj\.", "fusion.porj_linear."),
+    (r"^fusion\.extra_token$", "fusion.cls_token"),
+    (r"^fusion\.blocks\.(\d+)\.norm(\d)\.", r"fusion.layers.\1.ln\2."),
+    (r"^fusion\.blocks\.(\d+)\.attn\.qkv\.weight", r"fusion.layers.\1.attn.attn.in_proj_weight"),
+    (r"^fusion\.blocks\.(\d+)\.attn\.qkv\.bias", r"fusion.layers.\1.attn.attn.in_proj_bias"),
+    (r"^fusion\.blocks\.(\d+)\.attn\.proj\.", r"fusion.layers.\1.attn.attn.out_proj."),
+    (r"^fusion\.blocks\.(\d+)\.mlp\.fc1\.", r"fusion.layers.\1.ffn.layers.0.0."),
+    (r"^fusion\.blocks\.(\d+)\.mlp\.fc2\.", r"fusion.layers.\1.ffn.layers.1."),
+]
+
+
+def _released(model) -> dict:
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "geo_context.prototypes":
+            continue  # not part of the released backbone files
+        if k == "fusion.dtpe.table":
+            sd["ctpe"] = v[None].clone()
+            continue
+        for pat, rep in TO_RELEASED:
+            new, n = re.subn(pat, rep, k)
+            if n:
+                sd[new] = v.clone()
+                break
+        else:
+            raise AssertionError(f"test table misses {k}")
+    return sd
+
+
+def test_released_names_map_back_onto_the_model(caplog):
+    torch.manual_seed(0)
+    src = build_skysense("tiny")
+    released = _released(src)
+    assert "backbone_gep.stages.2.blocks.1.attn.w_msa.cpb_mlp.2.weight" in released
+    assert "backbone_s2.layers.3.attn.attn.in_proj_weight" in released
+    assert released["ctpe"].shape == (1, 365, 256)
+    # things the release has that we recompute or do not have
+    released["backbone_gep.stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(1)
+    released["backbone_gep.stages.0.blocks.0.attn.w_msa.relative_coords_table"] = torch.zeros(1)
+    released["head_gep.mlp.0.weight"] = torch.zeros(3)
+    released["head.last_layer.weight"] = torch.zeros(3)
+    wrapped = {"state_dict": {"module." + k: v for k, v in released.items()}}
+
+    with caplog.at_level(logging.WARNING, logger="skysense.encoders.checkpoint_filter"):
+        sd = checkpoint_filter_fn(wrapped, model=src)
+    assert "head_gep.mlp.0.weight" in caplog.text and "head.last_layer.weight" in caplog.text
+
+    dst = build_skysense("tiny")
+    result = dst.load_state_dict(sd, strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys == ["geo_context.prototypes"]
+    for k, v in src.state_dict().items():
+        if k != "geo_context.prototypes":
+            assert torch.equal(dst.state_dict()[k], v), k
+
+    _, unmapped, dropped = map_released_keys(released)
+    assert sorted(unmapped) == ["head.last_layer.weight", "head_gep.mlp.0.weight"]
+    assert len(dropped) == 2
+
+
+def test_pos_embed_is_resized_to_the_model_grid():
+    src = build_skysense("tiny", s_img_size=32, hr_img_size=256)  # 8 x 8 ViT grid
+    dst = build_skysense("tiny")  # 4 x 4
+    sd = checkpoint_filter_fn(_released(src), model=dst)
+    assert sd["s2_encoder.pos_embed"].shape == dst.s2_encoder.pos_embed.shape
+    torch.testing.assert_close(  # the class token's row is kept as it is
+        sd["s2_encoder.pos_embed"][:, 0], src.s2_encoder.pos_embed[:, 0].detach()
+    )
+
+
+def test_our_own_names_pass_through():
+    m = build_skysense("tiny")
+    sd = checkpoint_filter_fn(m.state_dict())
+    assert set(sd) == set(m.state_dict())
