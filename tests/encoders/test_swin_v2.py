@@ -144,3 +144,19 @@ def test_extra_norm_every_six_blocks_on_huge():
     ]
     assert with_norm3 == [(2, 5), (2, 11), (2, 17)]
     assert [blk.attn.shift for blk in swin.stages[2].blocks[:4]] == [False, True, False, True]
+
+
+@pytest.mark.triton
+def test_window_attention_through_the_triton_kernel_matches_reference():
+    """The periodic (nW, 1, N, N) mask layout as the fused kernel reads it (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    from skysense.kernels import force_backend, last_backend
+
+    attn = WindowAttentionV2(8, 2, (4, 4), shift=True, cpb_hidden=8)
+    _randomise(attn)
+    x = torch.randn(2, 7, 8, 8)
+    with force_backend("attention", "triton"):
+        ours = attn(x)
+        assert last_backend("attention") == "triton"
+    ref = window_attention_reference(attn.double(), x.double()).float()
+    torch.testing.assert_close(ours, ref, rtol=2e-4, atol=2e-4)

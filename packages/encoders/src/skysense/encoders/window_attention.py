@@ -181,29 +181,22 @@ class WindowAttentionV2(nn.Module):
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
 
-        bias = self.relative_bias(wh, ww)
-        mask = window_mask(H, W, wh, ww, sh, sw, x.device, bias.dtype)
-        if mask is None:
-            out = attention(
-                q.reshape(B * nW, nh, N, hd),
-                k.reshape(B * nW, nh, N, hd),
-                v.reshape(B * nW, nh, N, hd),
-                bias=bias[None],
-                scale=1.0,
-            )
-        else:
-            # The mask differs per window and the bias per head: fold windows into the head
-            # axis, (B, nW * heads, N, hd), so one (1, nW * heads, N, N) bias broadcasts over
-            # the batch instead of being materialised B times.
-            merged = (bias[None] + mask[:, None]).reshape(1, nW * nh, N, N)
-            out = attention(
-                q.reshape(B, nW * nh, N, hd),
-                k.reshape(B, nW * nh, N, hd),
-                v.reshape(B, nW * nh, N, hd),
-                bias=merged,
-                scale=1.0,
-            )
-        out = out.view(B * nW, nh, N, hd).transpose(1, 2).reshape(B * nW, N, C)
+        # One (1, heads, N, N) position bias for every window plus, where windows are shifted
+        # or padded, one (nW, 1, N, N) mask per window, applied periodically over the
+        # image-major windowed batch (window b reads mask[b % nW]); neither is materialised
+        # B * nW times by the fused kernel.
+        bias = [self.relative_bias(wh, ww)[None]]
+        mask = window_mask(H, W, wh, ww, sh, sw, x.device, bias[0].dtype)
+        if mask is not None:
+            bias.append(mask[:, None])
+        out = attention(
+            q.reshape(B * nW, nh, N, hd),
+            k.reshape(B * nW, nh, N, hd),
+            v.reshape(B * nW, nh, N, hd),
+            bias=bias,
+            scale=1.0,
+        )
+        out = out.transpose(1, 2).reshape(B * nW, N, C)
         x = window_reverse(self.proj(out), wh, ww, Hp, Wp)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
