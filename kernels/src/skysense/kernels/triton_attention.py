@@ -34,7 +34,8 @@ MAX_HEAD_DIM = 256
 
 @triton.jit
 def _dot(a, b, FP32: tl.constexpr, PREC: tl.constexpr):
-    # The interpreter computes bf16 dots wrongly: FP32 upcasts the operands there.
+    # Under the interpreter half-precision dots are wrong (bf16) or accumulate in fp16 through
+    # numpy: FP32 upcasts the operands there, which is what the GPU's fp32 accumulation computes.
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
@@ -485,7 +486,7 @@ def _flash_forward(q, k, v, specs, mask, scale):
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
-    return dispatch.interpreting() and dtype == torch.bfloat16
+    return dispatch.interpreting() and dtype in (torch.float16, torch.bfloat16)
 
 
 def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
@@ -543,6 +544,12 @@ def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
         if db is None:
             grads.append(None)
             continue
+        # A dim of size > 1 with stride 0 (an expanded view) aliases one element many times;
+        # the gradient autograd hands back through that view is summed over the aliases, so
+        # each alias gets its share of the reduced sum.
+        aliases = math.prod(v for v, g in zip(s.view.shape, s.grad_shape) if v != g)
+        if aliases > 1:
+            db = db / aliases
         g = db.to(s.tensor.dtype).expand(s.view.shape)
         grads.append(g.reshape(s.tensor.shape))
     return dq, dk, dv, grads

@@ -22,7 +22,8 @@ from skysense.kernels import distributed as sdist
 
 @triton.jit
 def _dot(a, b, FP32: tl.constexpr, PREC: tl.constexpr):
-    # The interpreter computes bf16 dots wrongly: FP32 upcasts the operands there.
+    # Under the interpreter half-precision dots are wrong (bf16) or accumulate in fp16 through
+    # numpy: FP32 upcasts the operands there, which is what the GPU's fp32 accumulation computes.
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
@@ -144,7 +145,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _fp32(dtype: torch.dtype) -> bool:
-    return dispatch.interpreting() and dtype == torch.bfloat16
+    return dispatch.interpreting() and dtype in (torch.float16, torch.bfloat16)
 
 
 def _pow2(x: int, lo: int = 16, hi: int = 64) -> int:
