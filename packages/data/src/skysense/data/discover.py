@@ -24,6 +24,7 @@ Files that cannot be used are reported, each with its reason; the others go on.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
 
 from skysense.data.dates import DateError
 from skysense.data.geo import WGS84, area, bounds_in, intersect
@@ -133,6 +135,12 @@ class Group:
     @property
     def files(self) -> list[Path]:
         return [f for acqs in self.acquisitions.values() for a in acqs for f in a.files]
+
+
+@functools.lru_cache(maxsize=4096)
+def _wgs84_bounds(crs_wkt: str, bounds: tuple) -> tuple:
+    # Files of one place share CRS and bounds: transform each footprint once.
+    return bounds_in(bounds, crs_wkt, WGS84)
 
 
 def _tokens(text: str) -> list[str]:
@@ -272,6 +280,46 @@ def _labels_of(folder: Path) -> list[str] | None:
     return None
 
 
+def _probe_env(path: Path, root: Path, cfg):
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        return _probe(path, root, cfg)
+
+
+def _probe(path: Path, root: Path, cfg) -> tuple[FileInfo | None, str]:
+    """(FileInfo, "") of one file, or (None, reason) when it cannot be used."""
+    p = path
+    rel = p.relative_to(root).as_posix()
+    try:
+        # Pixels are read (and truncation found) when the place is aligned; here the header
+        # is enough, which halves the cost of a folder of many small files.
+        ds = open_raster(p, check_pixels=False)
+    except BadInputError as e:
+        return None, e.reason
+    try:
+        with ds:
+            info = _classify(ds, p, rel, cfg)
+            info.crs = ds.crs
+            info.bounds = tuple(ds.bounds)
+            info.res = ds.res
+            info.wgs84 = _wgs84_bounds(ds.crs.to_wkt(), info.bounds)
+            try:
+                info.date = read_date(p, cfg.date_pattern, tags=ds.tags())
+            except DateError as e:
+                raise BadInputError(p, f"unparseable date: {e}") from None
+            if info.date is None and info.modality in ("s2", "s1") and info.kind != "mask":
+                raise BadInputError(
+                    p,
+                    "unparseable date: none in the file name, its folders, tags or sidecar "
+                    "files (set `date_pattern`)",
+                )
+            info.key = _group_key(p, root, cfg)
+    except BadInputError as e:
+        return None, e.reason
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+        return None, f"unreadable: {type(e).__name__}: {e}"
+    return info, ""
+
+
 def discover(src, cfg, bad: list) -> list[Group]:
     """The places (groups) under ``src``, in a deterministic order.
 
@@ -286,36 +334,18 @@ def discover(src, cfg, bad: list) -> list[Group]:
     root = src if src.is_dir() else src.parent
     infos: list[FileInfo] = []
     labels_by_key: dict[str, list[str]] = {}
-    for p in paths:
-        rel = p.relative_to(root).as_posix()
-        try:
-            ds = open_raster(p)
-        except BadInputError as e:
-            bad.append((str(p), e.reason))
-            continue
-        try:
-            with ds:
-                info = _classify(ds, p, rel, cfg)
-                info.crs = ds.crs
-                info.bounds = tuple(ds.bounds)
-                info.res = ds.res
-                info.wgs84 = bounds_in(info.bounds, ds.crs, WGS84)
-                try:
-                    info.date = read_date(p, cfg.date_pattern, tags=ds.tags())
-                except DateError as e:
-                    raise BadInputError(p, f"unparseable date: {e}") from None
-                if info.date is None and info.modality in ("s2", "s1") and info.kind != "mask":
-                    raise BadInputError(
-                        p,
-                        "unparseable date: none in the file name, its folders, tags or sidecar "
-                        "files (set `date_pattern`)",
-                    )
-                info.key = _group_key(p, root, cfg)
-        except BadInputError as e:
-            bad.append((str(p), e.reason))
-            continue
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-            bad.append((str(p), f"unreadable: {type(e).__name__}: {e}"))
+    if cfg.workers and cfg.workers > 0 and len(paths) > 64:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(cfg.workers) as ex:
+            probed = list(
+                ex.map(_probe_env, paths, [root] * len(paths), [cfg] * len(paths), chunksize=64)
+            )
+    else:
+        probed = [_probe(p, root, cfg) for p in paths]
+    for p, (info, reason) in zip(paths, probed):
+        if info is None:
+            bad.append((str(p), reason))
             continue
         lab = _labels_of(p.parent)
         if lab is not None and info.key not in labels_by_key:

@@ -663,8 +663,15 @@ def ingest(
     ``i`` is committed (progress hooks, tests). Returns an :class:`IngestReport`; bad files do
     not raise, they are in ``report.bad_files``.
     """
-    t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg or IngestConfig(), **overrides)
+    # One GDAL environment for the whole run (rasterio otherwise sets one up per call), and no
+    # directory listing on open: folders of per-band files hold many files.
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        return _ingest(src, dst, cfg, progress, on_shard)
+
+
+def _ingest(src, dst, cfg: IngestConfig, progress: bool, on_shard) -> IngestReport:
+    t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     mpath = dst / FILENAME
     if cfg.overwrite:
