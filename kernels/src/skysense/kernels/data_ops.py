@@ -156,7 +156,17 @@ def _check(x: np.ndarray, mean, std, layout, crop):
 
 
 def normalize_crop_flip(
-    src, mean, std, *, layout="TCHW", crop=None, hflip=False, vflip=False, rot90=0, nodata=None
+    src,
+    mean,
+    std,
+    *,
+    layout="TCHW",
+    crop=None,
+    hflip=False,
+    vflip=False,
+    rot90=0,
+    nodata=None,
+    num_threads=None,
 ):
     """Band stack -> normalised float32 with crop, flips, rotation and a nodata mask, one pass.
 
@@ -168,6 +178,9 @@ def normalize_crop_flip(
         hflip, vflip, rot90: applied after the crop in that order (rot90 = k quarter turns
             counter-clockwise, as ``np.rot90`` on (H, W)).
         nodata: pixel value marking missing data (compared as numpy compares it), or None.
+        num_threads: OpenMP threads of the cpp backend; None = one thread below ~2M output
+            values (a fork/join costs more than such a tile on a busy machine, e.g. inside
+            data-loader workers), else OpenMP's maximum (``OMP_NUM_THREADS``).
 
     Returns:
         (out, valid): float32 (T, C, h, w) with ``(x - mean) / std`` and 0 on invalid pixels,
@@ -224,6 +237,7 @@ def normalize_crop_flip(
         list(amap),
         has_nd,
         nd,
+        0 if num_threads is None else max(1, int(num_threads)),
     )
     dispatch.record(OP, "cpp")
     return out, valid
