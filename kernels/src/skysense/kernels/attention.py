@@ -104,13 +104,29 @@ def _expand_bias(b, index, B, H, Nq, Nk, check_only=False):
 
 
 def _merged_bias(q, k, biases, dtype):
+    """The sum of the biases as one tensor broadcastable to (B, H, Nq, Nk), materialised only
+    as far as the biases need (a single broadcastable bias is returned as a view)."""
+    if not biases:
+        return None
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    m = None
+    views = []
     for i, b in enumerate(biases):
-        e = _expand_bias(b, i, B, H, Nq, Nk).to(dtype)
-        m = e if m is None else m + e
-    return m
+        _expand_bias(b, i, B, H, Nq, Nk, check_only=True)
+        views.append(b[(None,) * (4 - b.dim())])
+    if len(views) == 1 and views[0].shape[0] in (1, B):
+        return views[0].to(dtype)
+    shape = [max(v.shape[d] for v in views) for d in range(4)]
+    if shape[0] != 1:
+        shape[0] = B
+    out = torch.zeros(shape, dtype=dtype, device=q.device)
+    for v in views:
+        bb = v.shape[0]
+        if bb in (1, shape[0]):
+            out += v
+        else:  # batch b reads bias[b % bb]: image-major blocks of bb
+            out.view(B // bb, bb, *shape[1:]).add_(v.unsqueeze(0))
+    return out
 
 
 def attention_reference(q, k, v, bias=None, key_padding_mask=None, scale=None):
