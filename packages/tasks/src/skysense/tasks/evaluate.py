@@ -1,7 +1,12 @@
-"""`skysense evaluate`: not implemented yet (issue #8)."""
+"""`skysense evaluate task=... [data=...] [weights=...]`: evaluate a fine-tuned model file on
+the held-out data of a task, writing metrics JSON and plots. See
+:mod:`skysense.tasks.downstream.run`."""
 
 from __future__ import annotations
 
 
 def main(cfg, command: str = "evaluate") -> int:
-    raise NotImplementedError(f"`skysense {command}` lands with issue #8")
+    from skysense.tasks.downstream.run import evaluate
+
+    evaluate(cfg)
+    return 0

@@ -1,7 +1,13 @@
-"""`skysense finetune`: not implemented yet (issue #8)."""
+"""`skysense finetune task=... [data=...] [checkpoint=...]`: fine-tune SkySense on a downstream
+task (classification, multi-label, segmentation, change detection, detection, multi-modal and
+time-series tasks), evaluate it on held-out data, and write the fine-tuned model, metrics JSON
+and plots. See :mod:`skysense.tasks.downstream.run`."""
 
 from __future__ import annotations
 
 
 def main(cfg, command: str = "finetune") -> int:
-    raise NotImplementedError(f"`skysense {command}` lands with issue #8")
+    from skysense.tasks.downstream.run import finetune
+
+    finetune(cfg)
+    return 0

@@ -1,7 +1,39 @@
-"""`skysense infer`: not implemented yet (issue #8)."""
+"""`skysense infer SRC DST checkpoint=MODEL [src2=...] [window=...]`: run a fine-tuned model over
+a scene of any size into a Cloud-Optimized GeoTIFF with the input's CRS, transform and nodata,
+window by window with bounded memory. See :mod:`skysense.tasks.downstream.infer`."""
 
 from __future__ import annotations
 
+import json
+
+from omegaconf import OmegaConf
+
 
 def main(cfg, command: str = "infer") -> int:
-    raise NotImplementedError(f"`skysense {command}` lands with issue #8")
+    from skysense.tasks.downstream.infer import run_inference
+
+    report = run_inference(
+        cfg.checkpoint,
+        cfg.src,
+        cfg.dst,
+        src2=cfg.get("src2"),
+        extra=OmegaConf.to_container(cfg.extra, resolve=True) if cfg.get("extra") else None,
+        window=cfg.get("window"),
+        overlap=cfg.get("overlap"),
+        batch_size=cfg.batch_size,
+        block=cfg.block,
+        output=cfg.output,
+        device="cuda"
+        if cfg.device == "auto" and _cuda()
+        else ("cpu" if cfg.device == "auto" else cfg.device),
+        overwrite=cfg.overwrite,
+        progress=cfg.progress,
+    )
+    print(json.dumps(report))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -184,7 +184,6 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict]:
     encoder = build_skysense(meta["preset"], **dict(meta.get("overrides") or {}))
     head = dict(meta.get("head") or {})
     if meta["kind"] == "detection":
-        head.pop("freeze_encoder", None)
         model = SkySenseFasterRCNN(encoder, meta["channels"], meta["n_classes"], **head)
     else:
         model = TaskModel(

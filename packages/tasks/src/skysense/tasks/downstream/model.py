@@ -88,6 +88,7 @@ class TaskModel(nn.Module):
         if kind not in KINDS or kind == "detection":
             raise ValueError(f"TaskModel kind must be one of {KINDS[:-1]}, not {kind!r}")
         self.kind, self.source, self.n_classes = kind, feat.check_source(source), n_classes
+        self.channels = list(channels)
         self.encoder = encoder
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
@@ -171,11 +172,7 @@ def build_task_model(
             raise ValueError(f"detection runs on the HR Swin stages (features: hr), not {source!r}")
         images = example_batch["hr"]
         channels = probe_channels(encoder, {"hr": images}, "hr")
-        freeze = head.pop("freeze_encoder", False)
-        model = SkySenseFasterRCNN(encoder, channels, n_classes, **head)
-        if freeze:
-            encoder.requires_grad_(False)
-        return model
+        return SkySenseFasterRCNN(encoder, channels, n_classes, **head)
     probe_batch = example_batch["t1"] if kind == "change" else example_batch
     channels = probe_channels(encoder, probe_batch, source)
     log.info("task %s on %s features: channels %s", kind, source, channels)

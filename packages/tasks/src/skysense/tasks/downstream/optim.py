@@ -2,13 +2,17 @@
 
 Layer-wise lr decay (BEiT, the paper's fine-tuning recipe: decay 0.9) scales the lr of an
 encoder parameter at depth ``i`` of ``L`` by ``decay ** (L + 1 - i)``: the head trains at the
-full lr, the patch embeddings at the smallest. Depth comes from the parameter's name: the
-numbered blocks of each encoder branch (``stages.2.blocks.1``, ``blocks.7``, ``layers.3``...)
-are counted in the order the modules were registered, which is their forward order; parameters
-before a branch's first block (patch embedding, position tables) get depth 0, parameters after
-its last (final norms, grid heads) the branch's last depth + 1. The per-modality branches run in
-parallel and share depths; branches that run after them (names with "fusion", "temporal",
-"geo") are placed after the deepest spatial branch.
+full lr, the patch embeddings at the smallest. Depth comes from the parameter's name, in the
+order the modules were registered (their forward order):
+
+- within a branch (the first name component: ``hr_encoder``, ``s2_encoder``, ``fusion``...),
+  each numbered block (an index after ``blocks`` / ``layers`` / ``stages``, e.g.
+  ``stages.2.blocks.1``, ``blocks.7``; a Swin stage's patch merging is ``stages.2``) is one
+  depth; parameters before the first block (patch embedding, position tables, tokens) are depth
+  0, those after the last (final norms) the last depth + 1;
+- the per-modality encoders run in parallel and share depths; grid-alignment branches (names
+  starting with "grid") come next, all at one depth; then the branches that run after them
+  (names with "fusion", "temporal", "geo"), in registration order.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 _INT = re.compile(r"^\d+$")
+_CONTAINERS = ("blocks", "layers", "layer", "stages", "block", "resblocks")
 _LATE = ("fusion", "temporal", "geo")
 # Never decayed: position / date tables, learned temperatures and tokens, norms and biases.
 _NO_DECAY = ("pos_embed", "position", "logit_scale", "dtpe", "ctpe", "token", "prototypes")
@@ -28,8 +33,12 @@ _NO_DECAY = ("pos_embed", "position", "logit_scale", "dtpe", "ctpe", "token", "p
 
 def _block_key(name: str) -> str | None:
     parts = name.split(".")
-    last = max((i for i, p in enumerate(parts[:-1]) if _INT.match(p)), default=None)
-    return None if last is None else ".".join(parts[: last + 1])
+    idx = [
+        i
+        for i, p in enumerate(parts[:-1])
+        if _INT.match(p) and i > 0 and parts[i - 1].lower() in _CONTAINERS
+    ]
+    return ".".join(parts[: idx[-1] + 1]) if idx else None
 
 
 def encoder_depths(encoder: nn.Module) -> tuple[dict[str, int], int]:
@@ -56,11 +65,13 @@ def encoder_depths(encoder: nn.Module) -> tuple[dict[str, int], int]:
             else:
                 local[n] = last + 1 if seen_block else 0
         branch_max[b] = max((local[n] for n in ns), default=0)
-    early = [b for b in branches if not any(t in b.lower() for t in _LATE)]
-    offset = max((branch_max[b] for b in early), default=0)
-    late = [b for b in branches if b not in early]
-    late_offset = {}
-    acc = offset
+    grid = [b for b in branches if b.lower().startswith("grid")]
+    late = [b for b in branches if b not in grid and any(t in b.lower() for t in _LATE)]
+    early = [b for b in branches if b not in grid and b not in late]
+    acc = max((branch_max[b] for b in early), default=0) + 1
+    late_offset = {b: acc for b in grid}
+    if grid:
+        acc += max(branch_max[b] for b in grid) + 1
     for b in late:  # registration order of the late branches is their order in the forward
         late_offset[b] = acc
         acc += branch_max[b] + 1

@@ -38,6 +38,7 @@ class SwinFPN(nn.Module):
             list(in_channels), out_channels, extra_blocks=LastLevelMaxPool()
         )
         self.out_channels = out_channels
+        self.fpn_in_channels = list(in_channels)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """x: (B, 3, H, W) float32, normalised -> OrderedDict of (B, out_channels, h_i, w_i)."""
@@ -65,6 +66,10 @@ class SkySenseFasterRCNN(nn.Module):
         representation: width of the box head's two fully connected layers.
         size_divisible: images are padded to a multiple of this (the encoder's input stride).
         detections_per_image, score_threshold: post-processing of the box head.
+        proposals_train, proposals_test: RPN proposals kept after NMS per image (torchvision's
+            defaults, 2000 / 1000, are sized for 800 px images; tiles here are 128-512 px).
+        rois_per_image: proposals sampled per image for the box head's loss.
+        freeze_encoder: the encoder runs without gradients, in eval mode (frozen backbone).
 
     ``forward(images, targets=None)``: ``images`` (B, 3, H, W) or a list of (3, H_i, W_i);
     ``targets`` a list of ``{"boxes": (M, 4) xyxy pixels, "labels": (M,) int64 in 0..K-1}``.
@@ -83,8 +88,15 @@ class SkySenseFasterRCNN(nn.Module):
         size_divisible: int = 32,
         detections_per_image: int = 100,
         score_threshold: float = 0.05,
+        proposals_train: int = 500,
+        proposals_test: int = 300,
+        rois_per_image: int = 128,
+        freeze_encoder: bool = False,
     ):
         super().__init__()
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            encoder.requires_grad_(False)
         if len(anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {anchor_sizes}")
         backbone = SwinFPN(encoder, in_channels, fpn_channels)
@@ -102,6 +114,11 @@ class SkySenseFasterRCNN(nn.Module):
             box_predictor=FastRCNNPredictor(representation, n_classes + 1),
             box_detections_per_img=detections_per_image,
             box_score_thresh=score_threshold,
+            rpn_pre_nms_top_n_train=2 * proposals_train,
+            rpn_post_nms_top_n_train=proposals_train,
+            rpn_pre_nms_top_n_test=2 * proposals_test,
+            rpn_post_nms_top_n_test=proposals_test,
+            box_batch_size_per_image=rois_per_image,
         )
         self.detector.transform = NativeScaleTransform(
             min_size=1,
@@ -114,6 +131,12 @@ class SkySenseFasterRCNN(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         return self.detector.backbone.encoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
 
     def forward(self, images, targets: list[dict] | None = None):
         if isinstance(images, Tensor):
