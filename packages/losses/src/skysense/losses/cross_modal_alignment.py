@@ -13,6 +13,7 @@ valid step) is left out of that pair.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 from skysense.kernels import info_nce
 from skysense.losses.distributed import all_reduce_, is_distributed
 from skysense.losses.features import MODALITIES, family_features
+
+log = logging.getLogger(__name__)
 
 
 def pooled_features(
@@ -57,6 +60,12 @@ class CrossModalAlignment(nn.Module):
         proj_dim: projection width (a choice: 256, the heads' bottleneck).
         temperature: InfoNCE temperature (0.1, the kernel's default).
         gather: gather negatives across processes (``info_nce(gather=True)``) when distributed.
+            Then each process's InfoNCE runs over its own rows as positives against every
+            process's rows as negatives; the mean over processes of the per-process losses is
+            the loss of the concatenated batch, and DDP's gradient averaging makes the gradients
+            that batch's (see ``skysense.kernels.info_nce``). The kernel needs the same number
+            of rows on every process: a (view, pair) whose row counts differ across processes
+            (samples lacking a modality) runs without gathering that step, with a warning.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class CrossModalAlignment(nn.Module):
         self.pairs = list(itertools.combinations(self.modalities, 2))
         self.temperature = temperature
         self.gather = gather
+        self._warned = False
         self.proj = nn.ModuleDict(
             {
                 m: nn.Linear(in_dim, proj_dim, bias=False) if proj_dim else nn.Identity()
@@ -131,34 +141,39 @@ class CrossModalAlignment(nn.Module):
             for i, (o, v) in enumerate(zip(outputs, views))
         ]
         names = [f"{a}-{b}" for a, b in self.pairs]
+        counts = torch.tensor(
+            [[float(pv[n][0].shape[0]) if n in pv else 0.0 for n in names] for pv in per_view]
+        )
         if gather:
-            # Gathering is collective: every process must run the same (view, pair) calls, so
-            # the union of what the processes have decides, and an empty local set still calls.
-            have = torch.tensor(
-                [[float(n in pv and pv[n][0].shape[0] > 0) for n in names] for pv in per_view]
-            )
-            all_reduce_(have, "max")
+            # Gathering is collective and needs the same number of rows on every process: one
+            # reduction of (max, -min) row counts decides, identically everywhere, which
+            # (view, pair) calls gather, which run locally, and which nobody runs.
+            device = next(t for t in outputs[0].values() if isinstance(t, torch.Tensor)).device
+            ext = torch.stack([counts, -counts]).to(device)
+            all_reduce_(ext, "max")
+            hi, lo = ext[0].cpu(), -ext[1].cpu()
         losses: dict[str, list[torch.Tensor]] = {}
         for v, pv in enumerate(per_view):
             for j, name in enumerate(names):
-                ma, mb = name.split("-")
-                if gather:
-                    if have[v, j] == 0:
-                        continue
-                    if name not in pv:
-                        raise NotImplementedError(
-                            f"CMA with gathered negatives: modality pair {name} is absent from "
-                            "this process's batch but present on another; batches must hold the "
-                            "same modalities on every process"
-                        )
-                elif name not in pv or pv[name][0].shape[0] == 0:
+                use_gather = gather and hi[v, j] > 0 and hi[v, j] == lo[v, j]
+                if not use_gather and counts[v, j] == 0:
                     continue
+                if gather and not use_gather and not self._warned:
+                    log.warning(
+                        "CMA %s: the processes hold different numbers of rows (%d to %d), "
+                        "so its negatives are not gathered this step",
+                        name,
+                        int(lo[v, j]),
+                        int(hi[v, j]),
+                    )
+                    self._warned = True
+                ma, mb = name.split("-")
                 fa, fb = pv[name]
                 loss = info_nce(
                     self.embed(fa, ma),
                     self.embed(fb, mb),
                     temperature=self.temperature,
-                    gather=gather,
+                    gather=use_gather,
                 )
                 losses.setdefault(name, []).append(loss)
         return {n: torch.stack(v).mean() for n, v in losses.items()}

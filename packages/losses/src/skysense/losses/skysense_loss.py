@@ -31,6 +31,7 @@ from torch import nn
 
 from skysense.losses.cross_modal_alignment import CrossModalAlignment
 from skysense.losses.dino_head import DINOHead
+from skysense.losses.distributed import is_distributed
 from skysense.losses.features import FAMILIES, MODALITIES, family_features
 from skysense.losses.gcpl import GeoContextPrototypeLearning
 from skysense.losses.mgcl import LEVELS, MultiGranularityContrastiveLoss
@@ -282,7 +283,9 @@ class SkySenseLoss(nn.Module):
                 affines,
                 self.heads[fam],
                 t_heads[fam],
-                {lvl: self.centering.get(f"{fam}/{lvl}") for lvl in LEVELS},
+                # Copies: the centres are updated in place below, before the backward, and the
+                # loss's backward may read the centre it was given.
+                {lvl: self.centering.get(f"{fam}/{lvl}").clone() for lvl in LEVELS},
                 tt,
             )
             for lvl, loss in losses.items():
@@ -320,6 +323,21 @@ class SkySenseLoss(nn.Module):
                 "SkySenseLoss: no term could be computed (no modality present, or no pair of "
                 "views shares a valid step)"
             )
+        if is_distributed():
+            # DDP expects a gradient for every parameter on every process; a head or projection
+            # whose modality is absent from this process's batch gets an exact zero instead of
+            # none (the average over processes is then the right one).
+            used = {f"heads.{k.split('/')[1]}." for k in terms if k.startswith("mgcl/")}
+            used |= {
+                f"cma.proj.{m}." for k in terms if k.startswith("cma/") for m in k[4:].split("-")
+            }
+            idle = [
+                p
+                for n, p in self.named_parameters()
+                if p.requires_grad and not any(n.startswith(u) for u in used)
+            ]
+            if idle:
+                total = total + 0.0 * sum(p.sum() for p in idle)
         terms["total"] = total
         return SkySenseLossOutput(
             total=total, terms={k: v.detach() for k, v in terms.items()}, teacher_temp=tt

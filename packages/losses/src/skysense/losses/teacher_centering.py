@@ -3,7 +3,11 @@ their batch mean and sharpened by a low temperature, warmed up linearly.
 
 The centre of a logit set is ``mean_n(teacher_x W_t^T) = (mean_n teacher_x) W_t^T``: linear, so
 the update never forms the (N, K) logits; it needs only the sum of the teacher's bottleneck
-features and their count, which is what crosses processes.
+features and their count, which is what crosses processes. The sums and counts of all twelve
+logit sets (four families x three levels) travel in ONE all-reduce, called on every step
+whatever the local batch holds, rather than one ``prototype_center_update(distributed=True)``
+per set: fewer collectives, and none skipped by a process whose batch lacks a modality (which
+would deadlock the others). The kernel's helper then applies the EMA to the global mean.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from skysense.kernels import prototype_center_update
 from skysense.losses.distributed import all_reduce_
 
 
@@ -89,6 +94,6 @@ class TeacherCentering(nn.Module):
             if count <= 0:
                 continue  # no process saw this logit set: its centre stays
             w = teacher_weight(name)
-            mean_x = (acc[i, :-1] / count).to(w.dtype)
-            batch_center = (w @ mean_x).to(self.center.dtype)
-            self.center[i].mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
+            # The batch mean is already global: the kernel's EMA runs on it as a one-row batch.
+            mean_x = (acc[i, :-1] / count).to(w.dtype)[None]
+            prototype_center_update(mean_x, self.center[i], w, self.momentum, distributed=False)

@@ -1,0 +1,171 @@
+"""The distributed paths on 2 gloo processes (CPU) against one process on the concatenated batch:
+CMA with gathered negatives (losses and gradients), the teacher-centre update, the GCPL
+prototype update; and a batch whose modalities differ between processes (no deadlock)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from losses_synth import make_batch
+
+from skysense.losses import SkySenseLoss
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
+
+WORLD, B = 2, 4
+KW = dict(n_prototypes=41, head_hidden_dim=24, head_bottleneck_dim=16, n_clusters=3)
+
+
+def full_batch():
+    students, teachers, views = make_batch(b=B, seed=21, requires_grad=False)
+    # Every sample has every modality (at least one valid step): equal CMA rows per process.
+    for o in students + teachers:
+        o["valid_hr"][:] = True
+        o["valid_s2"][:, 0] = True
+        o["valid_s1"][:, 0] = True
+    protos = torch.randn(5, 4, 10, generator=torch.Generator().manual_seed(22))
+    return students, teachers, views, protos
+
+
+def take(d, sl):
+    return {k: v[sl] for k, v in d.items()}
+
+
+def leaves(outs):
+    res = []
+    for o in outs:
+        o = dict(o)
+        for k in list(o):
+            if k.startswith("tokens_") or k == "fused":
+                o[k] = o[k].clone().requires_grad_(True)
+        res.append(o)
+    return res
+
+
+def compute(students, teachers, views, protos, drop_s1=False):
+    """Everything the test compares, on whatever batch this process holds."""
+    torch.manual_seed(0)
+    loss = SkySenseLoss(12, 10, **KW).train()
+    with torch.no_grad():  # a non-zero starting centre, the same everywhere
+        loss.centering.center.copy_(
+            torch.randn(loss.centering.center.shape, generator=torch.Generator().manual_seed(23))
+        )
+    if drop_s1:
+        drop = {"tokens_s1", "valid_s1", "s1_index"}
+        students = [{k: v for k, v in o.items() if k not in drop} for o in students]
+        teachers = [{k: v for k, v in o.items() if k not in drop} for o in teachers]
+        views = [{k: v for k, v in o.items() if k not in drop} for o in views]
+    s = leaves(students)
+    cma = loss.cma(s, views)
+    res = {f"cma/{k}": v.detach() for k, v in cma.items()}
+    if cma:
+        sum(cma.values()).backward()
+        for i, o in enumerate(s):
+            for k in ("tokens_hr", "tokens_s2", "tokens_s1"):
+                if k in o:
+                    res[f"grad/{i}/{k}"] = o[k].grad.clone()
+        for m, p in loss.cma.proj.items():
+            if p.weight.grad is not None:
+                res[f"grad/proj/{m}"] = p.weight.grad.clone()
+    loss.zero_grad(set_to_none=True)
+    out = loss(students, teachers, views)  # training mode: the centres move
+    res["centers"] = loss.centering.center.clone()
+    res["total_finite"] = torch.tensor(bool(torch.isfinite(out.total)))
+    out.total.backward()
+    # What DDP needs: a gradient for every parameter, on every process.
+    res["grads_everywhere"] = torch.tensor(all(p.grad is not None for p in loss.parameters()))
+    p = protos.clone()
+    fused = torch.cat([t["fused"] for t in teachers])
+    region = torch.cat([t["region"] for t in teachers])
+    loss.update_prototypes(p, fused, region, momentum=0.8)
+    res["prototypes"] = p
+    return res
+
+
+def _worker(rank, port, outdir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        students, teachers, views, protos = full_batch()
+        sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        local = (
+            [take(o, sl) for o in students],
+            [take(o, sl) for o in teachers],
+            [take(v, sl) for v in views],
+        )
+        res = {"even": compute(*local, protos)}
+        # Process 1's batch has no S1 at all: nothing may hang, and the centres still agree.
+        res["uneven"] = compute(*local, protos, drop_s1=rank == 1)
+        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=True)
+    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_cma_gathered_equals_one_process(ranks):
+    single = compute(*full_batch())
+    per = [r["even"] for r in ranks]
+    names = [k for k in single if k.startswith("cma/")]
+    assert sorted(names) == ["cma/hr-s1", "cma/hr-s2", "cma/s2-s1"]
+    for k in names:
+        # The mean over processes of their losses is the loss of the whole batch ...
+        torch.testing.assert_close((per[0][k] + per[1][k]) / 2, single[k], rtol=1e-5, atol=1e-6)
+        # ... which the local rows alone (without gathered negatives) would not give.
+        assert not torch.allclose(per[0][k], single[k], rtol=1e-3)
+    for m in ("hr", "s2", "s1"):
+        # DDP averages the replicated parameters' gradients over processes.
+        avg = (per[0][f"grad/proj/{m}"] + per[1][f"grad/proj/{m}"]) / 2
+        torch.testing.assert_close(avg, single[f"grad/proj/{m}"], rtol=1e-4, atol=1e-7)
+        for v in range(2):
+            key = f"grad/{v}/tokens_{m}"
+            # Each process's own rows: world x the whole batch's gradient (DDP divides).
+            got = torch.cat([per[0][key], per[1][key]]) / WORLD
+            torch.testing.assert_close(got, single[key], rtol=1e-4, atol=1e-7)
+
+
+def test_centres_and_prototypes_equal_one_process(ranks):
+    single = compute(*full_batch())
+    for r in ranks:
+        torch.testing.assert_close(r["even"]["centers"], single["centers"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            r["even"]["prototypes"], single["prototypes"], rtol=1e-5, atol=1e-6
+        )
+    assert not torch.allclose(single["prototypes"], full_batch()[3])  # the update did move them
+
+
+def test_modalities_differing_between_processes(ranks):
+    """Process 1 has no S1: the CMA pairs with S1 run locally on process 0 only, the centres
+    equal one process's on the whole batch with process 1's S1 steps all invalid."""
+    students, teachers, views, protos = full_batch()
+    for o in students + teachers:
+        o["valid_s1"] = o["valid_s1"].clone()
+        o["valid_s1"][B // WORLD :] = False
+    single = compute(students, teachers, views, protos)
+    u0, u1 = ranks[0]["uneven"], ranks[1]["uneven"]
+    assert "cma/s2-s1" in u0 and "cma/s2-s1" not in u1
+    assert bool(u0["total_finite"]) and bool(u1["total_finite"])
+    assert bool(u0["grads_everywhere"]) and bool(u1["grads_everywhere"])
+    # One process alone leaves the heads of absent modalities without gradient (AdamW skips them).
+    no_s1 = compute(*full_batch(), drop_s1=True)
+    assert not bool(no_s1["grads_everywhere"])
+    for r in (u0, u1):
+        torch.testing.assert_close(r["centers"], single["centers"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["prototypes"], single["prototypes"], rtol=1e-5, atol=1e-6)
