@@ -389,6 +389,7 @@ def _split_places(key: str, infos: list[FileInfo], bad: list, cfg) -> list[Group
     mods_of = [{f.modality for f in c if f.kind != "mask"} for c in cl]
     ref = next((m for m in MODALITY_ORDER if any(m in s for s in mods_of)), None)
     out = []
+    n_kept = sum(1 for mods in mods_of if ref in mods)
     for c, mods in zip(cl, mods_of):
         if ref is not None and ref not in mods:
             ref_files = sorted(f.rel for cc in cl for f in cc if f.modality == ref)[:3]
@@ -401,7 +402,7 @@ def _split_places(key: str, infos: list[FileInfo], bad: list, cfg) -> list[Group
                     )
                 )
             continue
-        name = key if len(cl) == 1 else f"{key}/{min(f.path.stem for f in c)}"
+        name = key if n_kept == 1 else f"{key}/{min(f.path.stem for f in c)}"
         acqs = _acquisitions(c, bad, cfg)
         if any(acqs.values()):
             out.append(Group(name=name, key=key, acquisitions=acqs))

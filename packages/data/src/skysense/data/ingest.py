@@ -43,7 +43,15 @@ from rasterio.warp import transform as warp_transform
 
 from skysense.data.dates import to_days
 from skysense.data.discover import MODALITY_ORDER, Acquisition, Group, discover
-from skysense.data.geo import WGS84, Grid, bounds_in, choose_crs, intersect, is_metric_projected
+from skysense.data.geo import (
+    WGS84,
+    Grid,
+    bounds_in,
+    choose_crs,
+    intersect,
+    is_metric_projected,
+    warp,
+)
 from skysense.data.io import BadInputError, open_raster, read_band
 from skysense.data.manifest import FILENAME, VERSION, ManifestWriter
 from skysense.data.sensors import SENSORS
@@ -308,8 +316,8 @@ def _read_acquisition(
     )
     clear = np.ones(shape, bool)
     for path, kind in acq.masks:
-        ds = src(path)
-        m = read_band(ds, 1, spec, grid, resampling="nearest")
+        # Class codes, not reflectances: no nodata value (SCL's 0 means "no data" below).
+        m = warp(src(path), 1, grid, resampling="nearest", src_nodata=None)
         if kind == "binary":
             clear &= ~(m > 0)
         elif kind == "scl":
@@ -476,7 +484,11 @@ def _align_place(group, plan, cfg, split, label, src, bad) -> GroupResult:
                     ) from None
                 valid_total[m][k] += int(has_data.sum())
                 stored = _to_store(m, data, has_data)
-                mask = has_data.astype(np.uint8) * HAS_DATA + clear.astype(np.uint8) * CLEAR
+                # "clear" says something only where there is data.
+                mask = (
+                    has_data.astype(np.uint8) * HAS_DATA
+                    + (clear & has_data).astype(np.uint8) * CLEAR
+                )
                 for r in block_rows:
                     rs = slice((r - b0) * ratio, (r - b0 + T) * ratio)
                     for c in cols:
@@ -734,7 +746,7 @@ def _ingest(src, dst, cfg: IngestConfig, progress: bool, on_shard) -> IngestRepo
             nonlocal n_shards, n_samples
             if not buffer:
                 return
-            k = max(1, round(len(buffer) / cfg.shard_size))
+            k = math.ceil(len(buffer) / cfg.shard_size)  # no shard above shard_size
             parts = np.array_split(np.arange(len(buffer)), k)
             shards, sample_rows, stats = [], [], []
             for part in parts:

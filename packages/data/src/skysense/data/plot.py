@@ -81,7 +81,9 @@ def plot_sample(sample_or_batch: dict, path, *, index: int = 0, max_steps: int =
         [2] + [min(max_steps, s[m].shape[0]) for _, s, _ in blocks for m in B.SERIES if m in s]
     )
     nrows = sum(len(r) for _, _, r in blocks)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(1.6 * ncols, 5.0), 1.7 * nrows), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     r = 0

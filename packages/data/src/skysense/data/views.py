@@ -5,9 +5,9 @@ crop (``crop x hr_ratio`` pixels), the same flips and quarter turns for every mo
 temporal subsampling to at most ``max_steps`` usable steps per series, date jitter, and
 photometric jitter for HR only. The two crops overlap by at least ``min_overlap`` of their area.
 
-Every random choice comes from ``numpy.random.default_rng([seed, epoch, sample_id])``: the same
-sample in the same epoch gets the same views whichever backend, process or resumed run draws
-them. :func:`view_affine` maps a view's normalised coordinates onto the tile's.
+Every random choice comes from generators seeded by ``(seed, epoch, sample_id)`` (one stream per
+kind of choice, see :func:`sample_rng`): the same sample in the same epoch gets the same views
+whichever backend, process or resumed run draws them. :func:`view_affine` maps a view's normalised coordinates onto the tile's.
 """
 
 from __future__ import annotations
@@ -91,9 +91,14 @@ class ViewParams:
     photometric: tuple[float, float, float]  # HR brightness, contrast, saturation factors
 
 
-def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """The generator of one sample's random choices in one epoch."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(sample_id)])
+STREAMS = ("crop", "flip", "time", "photometric")
+
+
+def sample_rng(seed: int, epoch: int, sample_id: int) -> dict[str, np.random.Generator]:
+    """Independent generators of one sample's random choices in one epoch, one per kind of
+    choice, so that changing one augmentation's settings leaves the others' draws as they were."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(sample_id)])
+    return {k: np.random.default_rng(c) for k, c in zip(STREAMS, ss.spawn(len(STREAMS)))}
 
 
 def _overlap_candidates(tile: int, size: int):
@@ -103,42 +108,45 @@ def _overlap_candidates(tile: int, size: int):
 
 
 def draw_views(
-    rng: np.random.Generator, tile: int, usable: dict, cfg: ViewConfig
+    rng: dict, tile: int, usable: dict, cfg: ViewConfig
 ) -> tuple[ViewParams, ViewParams]:
-    """Two views' parameters; ``usable[m]`` is a bool array over the sample's steps."""
+    """Two views' parameters; ``rng`` from :func:`sample_rng`, ``usable[m]`` a bool array over
+    the sample's steps."""
     size = tile if cfg.crop is None else min(cfg.crop, tile)
     n = tile - size + 1
-    t1, l1 = int(rng.integers(n)), int(rng.integers(n))
+    r = rng["crop"]
+    t1, l1 = int(r.integers(n)), int(r.integers(n))
     tops, lefts = _overlap_candidates(tile, size)
     overlap = (
         np.clip(size - np.abs(tops - t1), 0, None) * np.clip(size - np.abs(lefts - l1), 0, None)
     ) / float(size * size)
     ok = np.flatnonzero(overlap >= cfg.min_overlap - 1e-9)
-    j = int(ok[rng.integers(len(ok))])
+    j = int(ok[r.integers(len(ok))])
     corners = [(t1, l1), (int(tops[j]), int(lefts[j]))]
     views = []
     for top, left in corners:
-        hflip = bool(rng.random() < cfg.hflip)
-        vflip = bool(rng.random() < cfg.vflip)
-        rot = int(rng.integers(4)) if cfg.rot90 else 0
+        u = rng["flip"].random(3)
+        hflip, vflip = bool(u[0] < cfg.hflip), bool(u[1] < cfg.vflip)
+        rot = int(u[2] * 4) if cfg.rot90 else 0
         steps, jitter = {}, {}
         for m in sorted(usable):
             idx = np.flatnonzero(usable[m])
+            # Always the same draws, whatever the caps: a random key per step.
+            keys = rng["time"].random(len(idx))
             cap = cfg.max_steps.get(m)
             if cap is not None and len(idx) > cap:
-                idx = np.sort(rng.choice(idx, size=cap, replace=False))
+                idx = np.sort(idx[np.argsort(keys, kind="stable")[:cap]])
             steps[m] = idx.astype(np.int64)
             d = cfg.date_jitter_days
-            jitter[m] = (
-                rng.integers(-d, d + 1, size=len(idx)).astype(np.int64)
-                if d
-                else np.zeros(len(idx), np.int64)
+            u_j = rng["time"].random(len(usable[m]))[idx]
+            jitter[m] = np.floor(u_j * (2 * d + 1)).astype(np.int64) - d
+        u = rng["photometric"].random(4)
+        if u[0] < cfg.hr_jitter_p:
+            photo = (
+                float(1 - cfg.hr_brightness + 2 * cfg.hr_brightness * u[1]),
+                float(1 - cfg.hr_contrast + 2 * cfg.hr_contrast * u[2]),
+                float(1 - cfg.hr_saturation + 2 * cfg.hr_saturation * u[3]),
             )
-        if rng.random() < cfg.hr_jitter_p:
-            b = rng.uniform(1 - cfg.hr_brightness, 1 + cfg.hr_brightness)
-            c = rng.uniform(1 - cfg.hr_contrast, 1 + cfg.hr_contrast)
-            s = rng.uniform(1 - cfg.hr_saturation, 1 + cfg.hr_saturation)
-            photo = (float(b), float(c), float(s))
         else:
             photo = (1.0, 1.0, 1.0)
         views.append(ViewParams(top, left, size, hflip, vflip, rot, steps, jitter, photo))
