@@ -115,8 +115,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B * H on axis 0: axis 1 is capped at 65535 on CUDA
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,8 +211,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -319,8 +319,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B * H on axis 0: axis 1 is capped at 65535 on CUDA
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -470,7 +470,7 @@ def _flash_forward(q, k, v, specs, mask, scale):
     o = dispatch.new_output((B, H, Nq, D), q.dtype, q.device)
     lse = dispatch.new_output((B, H, Nq), torch.float32, q.device)
     bm, bn, warps, stages = _blocks(D, Nq, Nk, backward=False)
-    grid = (triton.cdiv(Nq, bm), B * H)
+    grid = (B * H, triton.cdiv(Nq, bm))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -519,7 +519,7 @@ def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
         FP32=_dot_fp32(q.dtype), PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     strides = [*q.stride(), *k.stride(), *v.stride(), *do.stride()]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H)](
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(Nk, bn))](
         q, k, v, do, lse, delta, dk, dv,
         *strides,
         *_bias_args(specs, q),
@@ -531,7 +531,7 @@ def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
         RED0_M=red[0], RED0_N=red[1], RED1_M=red[2], RED1_N=red[3],
         **common,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * H)](
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(Nq, bm))](
         q, k, v, do, lse, delta, dq,
         *strides,
         *_bias_args(specs, q),
