@@ -22,7 +22,7 @@ $(STAMP): $(DEPS)
 	@$(PIP) install -q -c constraints.txt setuptools wheel pybind11
 	@$(PIP) install -q -c constraints.txt --no-build-isolation --config-settings editable_mode=compat \
 	    -e ./kernels -e ./packages/encoders -e ./packages/losses -e "./packages/data[dali]" \
-	    -e "./packages/tasks[bench]" -e ".[dev]"
+	    -e "./packages/tasks[bench,onnx]" -e ".[dev]"
 	@touch $@
 	@echo "skysense: $(VENV) ready"
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+import rasterio.windows
 import torch
 from tqdm import tqdm
 
