@@ -43,7 +43,7 @@ from skysense.data.sensors import S2_MODEL_BANDS
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CRS = "EPSG:32631"
 TILE = 24  # Sentinel pixels (10 m)
 HR_RATIO = 8  # HR pixels per Sentinel pixel (1.25 m)
@@ -66,14 +66,16 @@ def _gauss(doy, centre, width):
 def phenology(cls: int, doy: np.ndarray, phase: float) -> np.ndarray:
     """Vegetation fraction (0-1) of a class over the year (``phase`` shifts it, days)."""
     d = np.asarray(doy, np.float32) - phase
+    # The four vegetated classes have about the same yearly mean (~0.4): what tells them apart
+    # is when and how fast they green up, not how green they are on average.
     if cls == 0:  # spring crop: green in April-May, harvested in June
-        return 0.12 + 0.78 * _gauss(d, 125, 28)
+        return 0.12 + 0.85 * _gauss(d, 125, 40)
     if cls == 1:  # summer crop (maize): sown late, green in July-August
-        return 0.12 + 0.78 * _gauss(d, 215, 28)
-    if cls == 2:  # deciduous forest: green from May to October, never bare
-        return 0.45 + 0.4 * _gauss(d, 190, 70)
-    if cls == 3:  # grassland: green most of the year, mown in June
-        return 0.45 + 0.3 * _gauss(d, 140, 60) - 0.2 * _gauss(d, 170, 8)
+        return 0.12 + 0.85 * _gauss(d, 215, 40)
+    if cls == 2:  # deciduous forest: a broad plateau from May to October
+        return 0.22 + 0.42 * _gauss(d, 195, 75)
+    if cls == 3:  # grassland: green early, mown in June, regrows
+        return 0.34 + 0.3 * _gauss(d, 130, 45) - 0.25 * _gauss(d, 165, 10)
     return 0.08 + 0.04 * _gauss(d, 180, 60)  # urban
 
 
@@ -169,9 +171,12 @@ def _write_place(root: Path, i: int, cls: int, rng) -> None:
     x0 = 380_000.0 + (i % 8) * 2_000.0
     y0 = 4_820_000.0 - (i // 8) * 2_000.0
     t10 = Affine(10.0, 0, x0, 0, -10.0, y0)
-    brightness = float(rng.uniform(0.75, 1.25))
-    offset = float(rng.normal(0, 80))
+    # Per-place nuisance: illumination / soil brightness, an additive offset, a shift of the
+    # season and the vigour of the vegetation, so that per-band means overlap between classes.
+    brightness = float(rng.uniform(0.65, 1.35))
+    offset = float(rng.normal(0, 150))
     phase = float(rng.uniform(-15, 15))
+    vigour = float(rng.uniform(0.7, 1.3))
     parcels, field = _layout(cls, rng)
     # 10 m structure = the HR layout averaged over 8 x 8 blocks, so the sensors agree.
     f10 = field.reshape(TILE, HR_RATIO, TILE, HR_RATIO).mean(axis=(1, 3))
@@ -184,7 +189,7 @@ def _write_place(root: Path, i: int, cls: int, rng) -> None:
     per_band = i % 8 == 0
     for date in _dates(rng, n2):
         doy = date.timetuple().tm_yday
-        v = phenology(cls, np.array([doy]), phase)[0]
+        v = min(1.0, vigour * phenology(cls, np.array([doy]), phase)[0])
         if cls in (0, 1):
             pid = np.rint(parcels.reshape(TILE, HR_RATIO, TILE, HR_RATIO)[:, 0, :, 0]).astype(int)
             vmap = np.clip(v * parcel_gain[pid] * (0.85 + 0.3 * f10), 0, 1)
@@ -248,17 +253,18 @@ def _write_place(root: Path, i: int, cls: int, rng) -> None:
     upad = np.pad(urban_frac, 2, mode="edge")
     n1 = int(rng.integers(3, 9))
     base = {
-        0: (-12.0, -19.5),
-        1: (-12.5, -20.0),
-        2: (-8.0, -13.5),
-        3: (-10.5, -17.5),
-        4: (-4.0, -11.5),
+        0: (-10.8, -17.5),
+        1: (-11.0, -17.8),
+        2: (-9.8, -16.3),
+        3: (-10.4, -17.2),
+        4: (-5.0, -12.5),
     }
     vv0, vh0 = base[cls]
-    off1 = rng.normal(0, 1.0, 2)
+    off1 = rng.normal(0, 1.5, 2)
     for date in _dates(rng, n1):
         doy = date.timetuple().tm_yday
-        v = phenology(cls, np.array([doy]), phase)[0]
+        v = min(1.0, vigour * phenology(cls, np.array([doy]), phase)[0])
+        # Crops: backscatter follows the canopy; forest: volume scattering, little seasonality.
         gain = (4.0, 6.0) if cls in (0, 1) else (1.5, 2.5)
         vv = vv0 + off1[0] + gain[0] * (v - 0.4) + 2.0 * (fpad - 0.5) + 6.0 * upad * (cls == 4)
         vh = vh0 + off1[1] + gain[1] * (v - 0.4) + 2.0 * (fpad - 0.5)
@@ -287,8 +293,8 @@ def _write_place(root: Path, i: int, cls: int, rng) -> None:
 
     # HR
     hr_date = _dates(rng, 1)[0]
-    veg_hr = phenology(cls, np.array([hr_date.timetuple().tm_yday]), phase)[0]
-    img = _hr_image(cls, rng, parcels, field, veg_hr, brightness)
+    veg_hr = min(1.0, vigour * phenology(cls, np.array([hr_date.timetuple().tm_yday]), phase)[0])
+    img = _hr_image(cls, rng, parcels, field, veg_hr, float(rng.uniform(0.7, 1.3)))
     write_geotiff(
         d / "hr" / f"aerial_rgb_{hr_date.strftime('%Y%m%d')}.tif",
         img,
