@@ -59,6 +59,10 @@ def _released(model) -> dict:
         if k == "fusion.dtpe.table":
             sd["ctpe"] = v[None].clone()
             continue
+        if k.endswith("downsample.reduction.weight"):
+            # the release gathers 2 x 2 patches channel-major (nn.Unfold): column c*4 + r*2 + col
+            out, four_c = v.shape
+            v = v.reshape(out, 4, four_c // 4).transpose(1, 2).reshape(out, four_c)
         for pat, rep in TO_RELEASED:
             new, n = re.subn(pat, rep, k)
             if n:

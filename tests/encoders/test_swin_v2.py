@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from encoders_reference import cpb_coord, window_attention_reference
 
+from skysense.encoders.checkpoint_filter import unfold_to_channels_last
 from skysense.encoders.swin_v2 import PatchMerging, SwinTransformerV2, SwinV2Block
 from skysense.encoders.window_attention import (
     WindowAttentionV2,
@@ -97,13 +98,30 @@ def test_partition_reverse_roundtrip_and_order():
     assert torch.equal(window_reverse(w, 2, 3, 4, 6), x)
 
 
-def test_patch_merging_matches_unfold_order():
+def test_patch_merging_with_released_weights_matches_unfold():
+    """The release gathers 2 x 2 patches with nn.Unfold (channel-major); its reduction weight,
+    permuted by the checkpoint filter, must give the same tokens through our gather."""
     pm = PatchMerging(5).double()
     _randomise(pm)
+    released = torch.randn(10, 20, dtype=torch.float64)
+    with torch.no_grad():
+        pm.reduction.weight.copy_(unfold_to_channels_last(released))
     x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
     cols = F.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2)  # (B, 4C, L)
-    ref = pm.norm(pm.reduction(cols.transpose(1, 2))).reshape(2, 3, 2, 10)
+    ref = pm.norm(cols.transpose(1, 2) @ released.T).reshape(2, 3, 2, 10)
     torch.testing.assert_close(pm(x), ref)
+
+
+def test_cached_tables_serve_inference_then_training():
+    window_mask.cache_clear()
+    attn = WindowAttentionV2(8, 2, (4, 4), shift=True, cpb_hidden=8)
+    x = torch.randn(1, 8, 8, 8)
+    with torch.inference_mode():
+        y0 = attn(x)  # builds and caches the mask and the tables
+    y = attn(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), y0)
+    assert window_mask(8, 8, 4, 4, 2, 2) is window_mask(8, 8, 4, 4, 2, 2)
 
 
 def test_block_is_post_norm_with_extra_norm():

@@ -16,7 +16,8 @@ What the mapping rests on (no released file was available to this project):
   ``layers.i.ln1/ln2``, ``attn.attn.in_proj_*`` / ``out_proj``, ``ffn.layers``, final ``ln1``);
   the fusion's ``porj_linear`` (sic), ``cls_token`` and mmseg layers; the grid heads
   ``head_s2`` / ``head_s1`` as ``decoder.0`` (Conv2d) + ``decoder.1`` (PixelShuffle); patch
-  merging's 4C order (``nn.Unfold``: channel-major), which :class:`PatchMerging` reproduces.
+  merging's 4C order (``nn.Unfold``: channel-major (c, row, col)), whose ``reduction``
+  columns are permuted here to this project's (row, col, c) order.
 - Inferred: that the CVPR release uses these same module names under the prefixes above
   (``backbone_gep`` for HR; SkySense++ calls it ``backbone_hr``, accepted too); that its
   grid heads are ``head_s2``/``head_s1`` like SkySense++'s; that ``ctpe`` is the DTPE of
@@ -104,6 +105,13 @@ def _rename(rest: str, kind: str) -> str | None:
     return None
 
 
+def unfold_to_channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """Patch-merging reduction (out, 4 C): columns in ``nn.Unfold`` order (c, row, col) ->
+    (row, col, c), the order of :class:`~skysense.encoders.swin_v2.PatchMerging`."""
+    out, four_c = weight.shape
+    return weight.reshape(out, four_c // 4, 4).transpose(1, 2).reshape(out, four_c)
+
+
 def map_released_keys(
     state_dict: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -122,13 +130,13 @@ def map_released_keys(
         if _DROP.search(key):
             dropped.append(key)
             continue
-        new = None
+        new, released = None, False
         for prefix, ours, kind in PREFIXES:
             if key.startswith(prefix):
                 rest = key[len(prefix) :]
                 renamed = _rename(rest, kind)
                 if renamed is not None:
-                    new = ours + renamed
+                    new, released = ours + renamed, True
                 elif kind == "fusion" and rest.startswith(_OUR_FUSION):
                     new = key  # already this project's name
                 break
@@ -137,6 +145,8 @@ def map_released_keys(
                 new = key
         if new is None:
             unmapped.append(key)
+        elif released and kind == "swin" and new.endswith("downsample.reduction.weight"):
+            mapped[new] = unfold_to_channels_last(value)
         else:
             mapped[new] = value
     return mapped, unmapped, dropped

@@ -7,6 +7,7 @@ image-major, so window ``w`` of image ``b`` is row ``b * nW + w`` of the windowe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,27 @@ from skysense.kernels import attention
 MASKED = -1.0e4
 # Upper bound of the learned logit scale (Swin V2: 1 / 0.01).
 MAX_LOGIT_SCALE = math.log(100.0)
+NORM_EPS = 1e-12  # as F.normalize
+
+
+def _cached(fn):
+    """Memoise a table builder in eager mode (the tables depend only on ints, device, dtype).
+
+    Compiled and exported code traces ``fn`` itself, so the tables become constants of the
+    graph and no fake tensor ever lands in the cache; eager calls build them once, outside
+    inference mode so that they can meet autograd later.
+    """
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        with torch.inference_mode(False):
+            return cached(*args)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
 
 
 def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
@@ -86,6 +108,17 @@ def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
     return dy * (2 * ww - 1) + dx
 
 
+@_cached
+def window_tables(
+    wh: int, ww: int, ref_h: int, ref_w: int, device=None, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`log_spaced_coords`, flattened :func:`relative_position_index`) of a window,
+    built once per (window, configured window, device, dtype) in eager mode."""
+    coords = log_spaced_coords(wh, ww, (ref_h, ref_w), device, dtype)
+    return coords, relative_position_index(wh, ww, device).reshape(-1)
+
+
+@_cached
 def window_mask(
     H: int, W: int, wh: int, ww: int, sh: int, sw: int, device=None, dtype=torch.float32
 ) -> torch.Tensor | None:
@@ -156,10 +189,10 @@ class WindowAttentionV2(nn.Module):
 
     def relative_bias(self, wh: int, ww: int) -> torch.Tensor:
         """(heads, N, N) position bias of a wh x ww window, in [0, 16]."""
-        dev = self.q_bias.device
-        coords = log_spaced_coords(wh, ww, self.window_size, dev, self.cpb_mlp[0].weight.dtype)
+        coords, idx = window_tables(
+            wh, ww, *self.window_size, self.q_bias.device, self.cpb_mlp[0].weight.dtype
+        )
         table = 16.0 * torch.sigmoid(self.cpb_mlp(coords))  # (M, heads)
-        idx = relative_position_index(wh, ww, dev).reshape(-1)
         return table[idx].view(wh * ww, wh * ww, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +210,11 @@ class WindowAttentionV2(nn.Module):
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(xw, self.qkv.weight, qkv_bias).view(B, nW, N, 3, nh, hd)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, heads, N, hd)
+        # Cosine attention: unit q and k, logits scaled per head. The scale rides on q's
+        # normaliser, so q is rescaled in one pass (F.normalize then * scale takes two).
         scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-        q = F.normalize(q, dim=-1) * scale
-        k = F.normalize(k, dim=-1)
+        q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+        k = F.normalize(k, dim=-1, eps=NORM_EPS)
 
         # One (1, heads, N, N) position bias for every window plus, where windows are shifted
         # or padded, one (nW, 1, N, N) mask per window, applied periodically over the
