@@ -206,3 +206,19 @@ def test_other_input_sizes_that_keep_the_grids_aligned(tiny):
     assert out["fused"].shape == (1, 64, 8, 6)
     assert out["tokens_s2"].shape == (1, 2, 256, 8, 6)
     assert out["hr_stages"][0].shape == (1, 32, 64, 48)
+
+
+def test_bfloat16_autocast_forward_backward():
+    torch.manual_seed(0)
+    m = build_skysense("tiny").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(make_batch(2, 3, 2))
+    outs = [
+        t
+        for k, v in out.items()
+        if k != "region" and not k.startswith("valid")
+        for t in (v if isinstance(v, tuple) else (v,))
+    ]
+    assert all(torch.isfinite(t.float()).all() for t in outs)
+    sum(t.float().square().mean() for t in outs).backward()
+    assert all(p.grad is not None for p in m.parameters())

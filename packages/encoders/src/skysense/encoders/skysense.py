@@ -88,6 +88,13 @@ class SkySense(nn.Module):
             cfg.geo_regions, cfg.geo_prototypes, cfg.fusion_dim, cfg.geo_lat_bands
         )
         self.set_checkpointing(cfg.checkpointing)
+        log.debug(
+            "SkySense '%s': %.2fM learned parameters, prototypes %s, fusion grid C_g=%d",
+            cfg.name,
+            sum(p.numel() for p in self.parameters()) / 1e6,
+            tuple(self.geo_context.prototypes.shape),
+            cfg.grid_dim,
+        )
 
     def set_checkpointing(self, enabled: bool = True) -> None:
         """Activation checkpointing of every block (Swin, ViTs, fusion) on or off."""

@@ -213,7 +213,7 @@ class WindowAttentionV2(nn.Module):
         # Cosine attention: unit q and k, logits scaled per head. The scale rides on q's
         # normaliser, so q is rescaled in one pass (F.normalize then * scale takes two).
         scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-        q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+        q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)).to(q.dtype)
         k = F.normalize(k, dim=-1, eps=NORM_EPS)
 
         # One (1, heads, N, N) position bias for every window plus, where windows are shifted
