@@ -1,0 +1,286 @@
+"""Label formats and downstream samples on files written here with a real GeoTIFF profile:
+box CSV / JSON, multi-label JSON, GeoTIFF label masks (aligned, on another grid, without
+georeferencing), class folders, crops that keep modalities aligned, collation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
+
+from skysense.tasks.downstream.datasets import boxes as B
+from skysense.tasks.downstream.datasets.bigearthnet import read_multilabel_json
+from skysense.tasks.downstream.datasets.class_folders import (
+    ClassFolderDataset,
+    find_class_folders,
+    split_items,
+)
+from skysense.tasks.downstream.datasets.common import IGNORE_INDEX, collate
+from skysense.tasks.downstream.datasets.dense import DenseCrops, DenseScene, class_weights
+from skysense.tasks.downstream.datasets.masks import read_label_mask
+
+pytestmark = pytest.mark.unit
+
+UTM = CRS.from_epsg(32633)
+T10 = Affine(10, 0, 500000, 0, -10, 5000000)
+
+
+def _write(path, arr, crs=UTM, transform=T10, nodata=None):
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[None]
+    kw = {"crs": crs, "transform": transform} if crs is not None else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        ds = rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            height=arr.shape[1],
+            width=arr.shape[2],
+            count=arr.shape[0],
+            dtype=arr.dtype,
+            nodata=nodata,
+            **kw,
+        )
+    with ds:
+        ds.write(arr)
+    return path
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def test_box_csv_and_json_formats(tmp_path):
+    csv = tmp_path / "b.csv"
+    csv.write_text(
+        "image_path,xmin,ymin,xmax,ymax,label\na/img.tif,1,2,11,12,Tree\nimg.tif,5,5,9,20,Car\n"
+        "other.tif,0,0,4,4,Tree\n"
+    )
+    t = B.read_boxes(csv)
+    assert sorted(t) == ["img.tif", "other.tif"]
+    np.testing.assert_array_equal(t["img.tif"].xyxy, [[1, 2, 11, 12], [5, 5, 9, 20]])
+    assert t["img.tif"].names == ["Tree", "Car"]
+    coco = {
+        "images": [{"id": 7, "file_name": "dir/img.tif"}],
+        "annotations": [{"image_id": 7, "bbox": [1, 2, 10, 10], "category_id": 3}],
+        "categories": [{"id": 3, "name": "Tree"}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    c = B.read_boxes(tmp_path / "c.json")
+    np.testing.assert_array_equal(c["img.tif"].xyxy, [[1, 2, 11, 12]])
+    recs = [
+        {"image_path": "img.tif", "xmin": 1, "ymin": 2, "xmax": 11, "ymax": 12, "label": "Tree"}
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    assert B.read_boxes(tmp_path / "r.json")["img.tif"].names == ["Tree"]
+
+
+def test_bad_box_files_are_named(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("image_path,xmin,ymin,xmax,label\nimg.tif,1,2,3,Tree\n")
+    with pytest.raises(ValueError, match=r"b.csv: missing columns \['ymax'\]"):
+        B.read_boxes(p)
+    p.write_text(
+        "image_path,xmin,ymin,xmax,ymax,label\nimg.tif,1,2,11,12,Tree\nimg.tif,9,2,3,12,Tree\n"
+    )
+    with pytest.raises(ValueError, match="record 1: box .* xmin < xmax"):
+        B.read_boxes(p)
+    p.write_text("image_path,xmin,ymin,xmax,ymax,label\nimg.tif,a,2,11,12,Tree\n")
+    with pytest.raises(ValueError, match="record 0: non-numeric"):
+        B.read_boxes(p)
+    (tmp_path / "x.json").write_text('{"images": [], "annotations": [{"image_id": 1}]}')
+    with pytest.raises(ValueError, match="unknown image_id"):
+        B.read_boxes(tmp_path / "x.json")
+
+
+def test_crop_boxes_keeps_visible_boxes_shifted():
+    boxes = torch.tensor([[10.0, 10, 20, 20], [28, 0, 40, 10], [50, 50, 60, 60]])
+    labels = torch.tensor([0, 1, 0])
+    b, lab = B.crop_boxes(boxes, labels, top=0, left=5, size=30, min_visible=0.5)
+    # box 0 fully inside (shifted by 5); box 1 has 7 of 12 columns inside (58 %); box 2 outside.
+    assert lab.tolist() == [0, 1]
+    assert b.tolist() == [[5, 10, 15, 20], [23, 0, 30, 10]]
+    b, lab = B.crop_boxes(boxes, labels, top=0, left=5, size=30, min_visible=0.6)
+    assert lab.tolist() == [0]
+
+
+def test_detection_crops_flip_boxes_with_the_image():
+    img = torch.zeros(3, 64, 64)
+    img[:, 8:16, 40:56] = 1.0  # an object where its box is
+    scene = B.DetectionScene(
+        "s",
+        img,
+        torch.tensor([[40.0, 8, 56, 16]]),
+        torch.tensor([0]),
+        np.zeros((64, 64, 3), np.uint8),
+        {},
+    )
+    ds = B.DetectionCrops([scene], crop=64, length=16, seed=1)
+    for i in range(16):
+        s = ds[i]
+        x0, y0, x1, y1 = s["boxes"][0].long().tolist()
+        # The box still frames the bright pixels after the flips.
+        assert s["hr"][0, y0:y1, x0:x1].min() == 1.0
+        assert s["hr"][0].sum() == s["hr"][0, y0:y1, x0:x1].sum()
+    assert torch.equal(ds[3]["hr"], ds[3]["hr"])  # reproducible per index
+
+
+# ------------------------------------------------------------------------ multi-label JSON
+
+
+def test_multilabel_json(tmp_path):
+    p = tmp_path / "x_labels_metadata.json"
+    p.write_text(
+        json.dumps({"labels": ["Coniferous forest", "Pastures"], "acquisition_date": "2017-06-13"})
+    )
+    assert read_multilabel_json(p) == ["Coniferous forest", "Pastures"]
+    p.write_text(json.dumps({"labels": "Pastures"}))
+    with pytest.raises(ValueError, match="list of class names"):
+        read_multilabel_json(p)
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable JSON"):
+        read_multilabel_json(p)
+
+
+# -------------------------------------------------------------------------- label masks
+
+
+def test_label_mask_on_the_image_grid(tmp_path):
+    raw = np.array([[0, 1, 2], [2, 9, 1]], np.uint8)
+    prof = {
+        "crs": UTM,
+        "transform": Affine(10, 0, 500000, 0, -10, 5000000),
+        "height": 2,
+        "width": 3,
+    }
+    _write(tmp_path / "m.tif", raw, nodata=0)
+    m = read_label_mask(tmp_path / "m.tif", prof, {1: 0, 2: 1})
+    assert m.tolist() == [[IGNORE_INDEX, 0, 1], [1, IGNORE_INDEX, 0]]  # 0 = nodata, 9 unmapped
+    assert read_label_mask(tmp_path / "m.tif", prof).tolist() == [[IGNORE_INDEX, 1, 2], [2, 9, 1]]
+
+
+def test_label_mask_on_another_grid_is_resampled_nearest(tmp_path):
+    # The mask at 5 m over the image's 10 m grid, shifted by one image pixel to the east.
+    raw = np.repeat(np.repeat(np.array([[1, 2], [3, 4]], np.uint8), 2, 0), 2, 1)
+    _write(tmp_path / "m.tif", raw, transform=Affine(5, 0, 500010, 0, -5, 5000000))
+    prof = {
+        "crs": UTM,
+        "transform": Affine(10, 0, 500000, 0, -10, 5000000),
+        "height": 2,
+        "width": 3,
+    }
+    m = read_label_mask(tmp_path / "m.tif", prof)
+    assert m.tolist() == [[IGNORE_INDEX, 1, 2], [IGNORE_INDEX, 3, 4]]
+    far = {**prof, "transform": Affine(10, 0, 600000, 0, -10, 5000000)}
+    with pytest.raises(ValueError, match="does not overlap"):
+        read_label_mask(tmp_path / "m.tif", far)
+
+
+def test_label_mask_without_georeference_must_match_the_shape(tmp_path):
+    _write(tmp_path / "cm.tif", np.ones((4, 5), np.uint8), crs=None)
+    prof = {"crs": UTM, "transform": Affine(10, 0, 0, 0, -10, 0), "height": 4, "width": 5}
+    assert read_label_mask(tmp_path / "cm.tif", prof, {1: 0}).sum() == 0
+    with pytest.raises(ValueError, match=r"cm.tif has no georeferencing and 4 x 5 .* 4 x 6"):
+        read_label_mask(tmp_path / "cm.tif", {**prof, "width": 6})
+    _write(tmp_path / "f.tif", np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match="dtype float32"):
+        read_label_mask(tmp_path / "f.tif", prof)
+
+
+# ------------------------------------------------------------------------ class folders
+
+
+def test_class_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, n in (("forest", 3), ("urban", 2)):
+        (tmp_path / c).mkdir()
+        for i in range(n):
+            _write(
+                tmp_path / c / f"{i}.tif",
+                rng.integers(0, 255, (3, 40, 48), dtype=np.uint8),
+                crs=None,
+            )
+    (tmp_path / "urban" / "notes.txt").write_text("not an image")
+    items, classes = find_class_folders(tmp_path)
+    assert classes == ["forest", "urban"] and [k for _, k in items] == [0, 0, 0, 1, 1]
+    train, val = split_items(items, 0.34, seed=0)
+    assert sorted(k for _, k in val) == [0, 1] and len(train) == 3
+    ds = ClassFolderDataset(items, size=32)
+    s = ds[4]
+    assert s["hr"].shape == (3, 32, 32) and s["label"].item() == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no image"):
+        find_class_folders(tmp_path)
+
+
+# --------------------------------------------------------------------- dense crops, collate
+
+
+def _scene(h=24, w=20, f=4):
+    ys, xs = np.mgrid[0:h, 0:w]
+    s2 = torch.from_numpy((ys * 100 + xs).astype(np.float32))[None, None].repeat(1, 10, 1, 1)
+    hr = torch.from_numpy(np.repeat(np.repeat(ys * 100 + xs, f, 0), f, 1).astype(np.float32))
+    mask = torch.from_numpy((xs > 12).astype(np.int64))
+    mask[0, 0] = IGNORE_INDEX
+    sample = {
+        "s2": s2,
+        "s2_doy": torch.tensor([100]),
+        "s2_valid": torch.tensor([True]),
+        "hr": hr[None].repeat(3, 1, 1),
+    }
+    return DenseScene("t", sample, mask)
+
+
+def test_dense_crops_keep_every_modality_on_the_same_ground():
+    ds = DenseCrops([_scene()], crop=8, length=20, seed=3, focus_class=1, focus=1.0)
+    for i in range(20):
+        s = ds[i]
+        assert s["s2"].shape == (1, 10, 8, 8) and s["hr"].shape == (3, 32, 32)
+        # HR pixel (4y + 1, 4x + 2) lies in S2 pixel (y, x): same value after flips and turns.
+        torch.testing.assert_close(s["hr"][0, 1::4, 2::4], s["s2"][0, 0])
+        assert (s["mask"] == 1).any()  # focus = 1: every crop holds the focus class
+    assert torch.equal(ds[7]["s2"], ds[7]["s2"])
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        DenseCrops([_scene()], crop=32, length=1)
+
+
+def test_class_weights_favour_the_rare_class():
+    w = class_weights([_scene()], 2)
+    assert w[1] > w[0] and np.mean(w) == pytest.approx(1.0)
+
+
+def test_collate_pads_series_and_keeps_boxes_as_lists():
+    a = {
+        "s2": torch.ones(2, 10, 4, 4),
+        "s2_doy": torch.tensor([5, 6]),
+        "s2_valid": torch.ones(2, dtype=torch.bool),
+        "label": torch.tensor(1),
+    }
+    b = {
+        "s2": torch.ones(3, 10, 4, 4),
+        "s2_doy": torch.tensor([5, 6, 7]),
+        "s2_valid": torch.ones(3, dtype=torch.bool),
+        "label": torch.tensor(0),
+    }
+    batch = collate([a, b])
+    assert batch["s2"].shape == (2, 3, 10, 4, 4)
+    assert batch["s2_valid"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch["s2_doy"][0, 2] == 0 and batch["s2"][0, 2].abs().sum() == 0
+    assert batch["label"].tolist() == [1, 0]
+    det = collate(
+        [
+            {"hr": torch.zeros(3, 8, 8), "boxes": torch.zeros(2, 4), "labels": torch.zeros(2)},
+            {"hr": torch.zeros(3, 8, 8), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0)},
+        ]
+    )
+    assert isinstance(det["boxes"], list) and det["boxes"][1].shape == (0, 4)
+    pair = collate([{"t1": a, "t2": a, "mask": torch.zeros(4, 4)}] * 2)
+    assert pair["t1"]["s2"].shape == (2, 2, 10, 4, 4) and pair["mask"].shape == (2, 4, 4)
