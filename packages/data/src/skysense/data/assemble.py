@@ -132,9 +132,15 @@ class BatchAssembler:
         shard = int(self.manifest.samples.shard[sid])
         off = int(self.manifest.samples.offset[sid])
         arrs = self.reader.arrays(shard)
-        usable = {m: np.asarray(arrs[f"{m}_step"][off]) == STEP_USABLE for m in self.series}
-        present = {m: np.asarray(arrs[f"{m}_step"][off]) > 0 for m in self.series}
-        days = {m: np.asarray(arrs[f"{m}_days"][off]) for m in self.series}
+        usable, present, days = {}, {}, {}
+        for m in self.series:
+            # Only the sample's own steps (a prefix of the shard's padded series): the random
+            # draws must not depend on how long the other series of its shard are.
+            step = np.asarray(arrs[f"{m}_step"][off])
+            n = int((step > 0).sum())
+            usable[m] = step[:n] == STEP_USABLE
+            present[m] = np.ones(n, bool)
+            days[m] = np.asarray(arrs[f"{m}_days"][off][:n])
         return shard, off, usable, present, days
 
     def plan(self, g: int) -> list[BatchPlan]:
@@ -188,8 +194,7 @@ class BatchAssembler:
         if "hr" in self.modalities:
             hd = np.zeros(n, np.int64)
             for i, s in enumerate(plan.samples):
-                arrs = self.reader.arrays(s.shard)
-                d, st = int(arrs["hr_days"][s.offset]), int(arrs["hr_step"][s.offset])
+                d, st = self.hr_day(s)
                 hd[i] = day_of_year(d) if (st > 0 and d != 0) else 0
             out[B.HR_DOY] = hd
         out[B.LATLON] = S.latlon[sids] if n else np.zeros((0, 2), np.float32)
@@ -209,6 +214,11 @@ class BatchAssembler:
                 else np.zeros((0, 2, 3), np.float32)
             )
         return out
+
+    def hr_day(self, s: SamplePlan) -> tuple[int, int]:
+        """(days since 1970 of the HR image, its step flag) of a sample."""
+        arrs = self.reader.arrays(s.shard)
+        return int(arrs["hr_days"][s.offset]), int(arrs["hr_step"][s.offset])
 
     def raw_series(self, s: SamplePlan, m: str, T: int):
         """(data (T, c, c, C) raw, mask (T, c, c) uint8) of a sample's chosen steps, cropped,

@@ -107,6 +107,18 @@ class Acquisition:
             m for m, _ in self.masks
         ]
 
+    @classmethod
+    def from_description(cls, modality: str, date, d: dict) -> Acquisition:
+        """The inverse of :meth:`describe` (the manifest's ``acquisitions.files``)."""
+        if "stack" in d:
+            acq = cls(modality, d["sensor"], date, stack=Path(d["stack"]), stack_bands=d["bands"])
+        else:
+            acq = cls(
+                modality, d["sensor"], date, bands={b: Path(p) for b, p in d["bands"].items()}
+            )
+        acq.masks = [(Path(p), k) for p, k in d.get("masks", [])]
+        return acq
+
     def describe(self) -> dict:
         d = {"sensor": self.sensor}
         if self.stack is not None:

@@ -266,26 +266,38 @@ def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
 # --------------------------------------------------------------------------------- alignment
 
 
-class _Sources:
-    """The open datasets of one place (opened once, closed together)."""
+class Sources:
+    """Open datasets, opened once and closed together (at most ``max_open``; the least recently
+    used is closed first)."""
 
-    def __init__(self):
+    def __init__(self, max_open: int | None = None):
         self.open: dict[Path, rasterio.io.DatasetReader] = {}
+        self.max_open = max_open
 
     def __call__(self, path: Path):
-        if path not in self.open:
+        path = Path(path)
+        if path in self.open:
+            self.open[path] = self.open.pop(path)  # most recently used last
+        else:
             self.open[path] = open_raster(path)
+            if self.max_open is not None and len(self.open) > self.max_open:
+                self.open.pop(next(iter(self.open))).close()
         return self.open[path]
 
     def close(self):
         for ds in self.open.values():
             ds.close()
+        self.open.clear()
 
 
-def _read_acquisition(
-    acq: Acquisition, grid: Grid, cfg: IngestConfig, src: _Sources
+def read_acquisition(
+    acq: Acquisition, grid: Grid, cfg: IngestConfig, src: Sources
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One acquisition on ``grid``: (model bands (C, H, W) float32 NaN=nodata, has_data, clear)."""
+    """One acquisition on ``grid``: (model bands (C, H, W) float32 NaN=nodata, has_data, clear).
+
+    ``has_data`` (H, W) bool: every band has a value (and the alpha band, if any, is set);
+    ``clear`` (H, W) bool: no cloud mask of the acquisition marks the pixel.
+    """
     spec = SENSORS[acq.sensor]
     resampling = cfg.hr_resampling if spec.modality == "hr" else cfg.resampling
     bands = []
@@ -328,7 +340,7 @@ def _read_acquisition(
     return data, has_data, clear
 
 
-def _to_store(modality: str, data: np.ndarray, has_data: np.ndarray) -> np.ndarray:
+def to_store(modality: str, data: np.ndarray, has_data: np.ndarray) -> np.ndarray:
     """(C, H, W) float32 -> the shard dtype, channels last, no-data pixels set to the fill."""
     if modality == "s1":
         out = np.where(has_data[None], data, np.nan).astype(np.float32)
@@ -364,7 +376,7 @@ def _blocks(rows: list[int], tile: int, row_pixels: int, budget: int):
     return out
 
 
-def _place_grid(group: Group, plan: Plan, cfg: IngestConfig, src: _Sources, bad: list):
+def _place_grid(group: Group, plan: Plan, cfg: IngestConfig, src: Sources, bad: list):
     """(grid, CRS) of a place, dropping sensors whose footprints miss the reference's."""
     ref = group.modalities[0]
     a0 = group.acquisitions[ref][0]
@@ -422,7 +434,7 @@ def align_place(
 ) -> GroupResult:
     """Warp, mask and tile one place; never raises for bad files (they go to ``bad``)."""
     bad: list[tuple[str, str]] = []
-    src = _Sources()
+    src = Sources()
     try:
         for _ in range(8):  # a file that fails while reading is dropped, then the place redone
             try:
@@ -475,7 +487,7 @@ def _align_place(group, plan, cfg, split, label, src, bad) -> GroupResult:
             bgrid = block.scaled(ratio) if ratio > 1 else block
             for k, acq in enumerate(group.acquisitions[m]):
                 try:
-                    data, has_data, clear = _read_acquisition(acq, bgrid, cfg, src)
+                    data, has_data, clear = read_acquisition(acq, bgrid, cfg, src)
                 except BadInputError as e:
                     raise _AcquisitionFailed(acq, e.path, e.reason) from None
                 except Exception as e:  # noqa: BLE001 - GDAL read errors of damaged files
@@ -483,7 +495,7 @@ def _align_place(group, plan, cfg, split, label, src, bad) -> GroupResult:
                         acq, acq.files[0], f"{type(e).__name__}: {e}"
                     ) from None
                 valid_total[m][k] += int(has_data.sum())
-                stored = _to_store(m, data, has_data)
+                stored = to_store(m, data, has_data)
                 # "clear" says something only where there is data.
                 mask = (
                     has_data.astype(np.uint8) * HAS_DATA
@@ -880,4 +892,14 @@ def _sample_row(sid: int, shard: int, offset: int, t: dict, modalities) -> dict:
     return row
 
 
-__all__ = ["IngestConfig", "IngestReport", "MODALITY_ORDER", "align_place", "ingest", "make_plan"]
+__all__ = [
+    "IngestConfig",
+    "IngestReport",
+    "MODALITY_ORDER",
+    "Sources",
+    "align_place",
+    "ingest",
+    "make_plan",
+    "read_acquisition",
+    "to_store",
+]
