@@ -118,7 +118,9 @@ class SkySense(nn.Module):
             tuples of (B, T, D_vit, hs / p, ws / p); ``tokens_hr`` (B, 1, C_g, h, w),
             ``tokens_s2``/``tokens_s1`` (B, T, C_g, h, w); ``valid_hr`` (B, 1),
             ``valid_s2``/``valid_s1`` (B, T) bool; ``fused`` (B, D_f, h, w); ``geo``
-            (B, 2 D_f, h, w); ``region`` (B,) int64 (-1 = unknown).
+            (B, 2 D_f, h, w); ``region`` (B,) int64 (-1 = unknown). Taps and tokens of
+            padded steps are computed like the others but carry no meaning: the fusion masks
+            them out, and consumers should read ``valid_*``.
         """
         B, h, w = check_batch(batch, self.cfg)
         out: dict = {}
