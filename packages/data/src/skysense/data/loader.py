@@ -48,6 +48,7 @@ class Loader:
         self.backend = backend
         self.num_workers = num_workers
         self.opts = opts
+        self._dali = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -60,9 +61,11 @@ class Loader:
         if self.backend == "dali":
             from skysense.data.dali_pipeline import DaliBatches
 
-            yield from DaliBatches(
-                self.assembler, num_threads=max(1, self.num_workers), **self.opts
-            )
+            if self._dali is None:  # one pipeline for every epoch (building one takes a while)
+                self._dali = DaliBatches(
+                    self.assembler, num_threads=max(1, self.num_workers), **self.opts
+                )
+            yield from self._dali
             return
         yield from _torch_batches(self.assembler, self.num_workers, **self.opts)
 
