@@ -435,3 +435,63 @@ def test_linear_sar_single_pol_and_hr_only(tmp_path):
     assert ShardReader(m).arrays(0)["hr"].shape[1:] == (128, 128, 3)
     lat, lon = m.samples.latlon.mean(0)
     assert abs(lat - 40.7) < 0.01 and abs(lon + 74.0) < 0.01
+
+
+def test_a_registered_sensor_is_ingested_and_normalised_with_its_statistics(tmp_path):
+    from skysense.data import build_loader
+    from skysense.data.sensors import SensorSpec, register_sensor
+
+    spec = SensorSpec(
+        name="test_bgrn",
+        modality="hr",
+        bands=("B", "G", "R", "N"),  # blue first, plus near infrared: not the RGB order
+        wavelengths_nm=(485, 545, 630, 820),
+        gsd=(0.5,) * 4,
+        dtype="uint8",
+        model_bands=("R", "G", "B"),
+        mean=(100.0, 110.0, 120.0),
+        std=(50.0, 55.0, 60.0),
+    )
+    register_sensor(spec)
+    try:
+        a = np.stack([np.full((64, 64), v, np.uint8) for v in (10, 20, 30, 40)])
+        t = Affine(0.5, 0, X0, 0, -0.5, Y0)
+        io.write_geotiff(tmp_path / "src" / "scene_bgrn.tif", a, crs=UTM, transform=t)
+        cfg = IngestConfig(hr_tile_size=32, sensors={"bgrn": "test_bgrn"})
+        rep = ingest(tmp_path / "src", tmp_path / "dst", cfg, progress=False)
+        assert rep.ok, rep.format()
+        m = Manifest(rep.manifest)
+        assert m.meta["normalization"]["hr"]["sensors"] == ["test_bgrn"]
+        hr = next(iter(build_loader(m, None, 1, "torch")))["hr"][0]
+        # R, G, B = bands 3, 2, 1 of the file, normalised with the sensor's own statistics
+        np.testing.assert_allclose(
+            hr[:, 0, 0].numpy(), [(30 - 100) / 50, (20 - 110) / 55, (10 - 120) / 60], rtol=1e-6
+        )
+        bad = SensorSpec(
+            "test_two_band_s2",
+            "s2",
+            ("B4", "B8"),
+            (665.0, 833.0),
+            (10.0, 10.0),
+            "uint16",
+            ("B4", "B8"),
+            (1.0, 1.0),
+            (1.0, 1.0),
+        )
+        register_sensor(bad)
+        io.write_geotiff(
+            tmp_path / "src2" / "x_20210101_two.tif",
+            np.ones((2, 24, 24), np.uint16),
+            crs=UTM,
+            transform=Affine(10, 0, X0, 0, -10, Y0),
+        )
+        with pytest.raises(ValueError, match="takes 10 of uint16"):
+            ingest(
+                tmp_path / "src2",
+                tmp_path / "dst2",
+                IngestConfig(tile_size=24, sensors={"two": "test_two_band_s2"}),
+                progress=False,
+            )
+    finally:
+        SENSORS.pop("test_bgrn", None)
+        SENSORS.pop("test_two_band_s2", None)

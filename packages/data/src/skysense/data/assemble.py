@@ -42,9 +42,15 @@ _SPEC = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
 
 def normalisation(manifest: Manifest, modality: str, mode: str = "spec"):
     """(mean, std) float32 (C,) of a modality: the sensor spec's ("spec", as the released
-    weights expect) or the data set's own band statistics ("data", from the manifest)."""
+    weights expect, recorded in the manifest at ingest) or the data set's own band statistics
+    ("data", from the manifest)."""
     spec = SENSORS[_SPEC[modality]]
     if mode == "spec":
+        # The statistics of the sensors the manifest was made from (recorded at ingest, so a
+        # sensor registered in that process needs no registration here).
+        rec = manifest.meta.get("normalization", {}).get(modality)
+        if rec is not None:
+            return np.asarray(rec["mean"], np.float32), np.asarray(rec["std"], np.float32)
         return np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     if mode != "data":
         raise ValueError(f"normalization must be 'spec' or 'data', got {mode!r}")

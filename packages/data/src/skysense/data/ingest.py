@@ -242,10 +242,47 @@ def _hr_ground_gsd(acq: Acquisition) -> float:
         return float((b[2] - b[0]) / ds.width)
 
 
+CHANNELS = {"hr": 3, "s2": 10, "s1": 2}
+STORE_DTYPES = {"hr": "uint8", "s2": "uint16", "s1": "float32"}
+
+
+def sensor_normalisation(groups: list[Group]) -> dict:
+    """{modality: {"sensors", "mean", "std"}}: the spec statistics the loaders normalise with.
+
+    Every sensor feeding a modality must fit the batch contract (its channel count and the
+    shards' dtype) and share one set of statistics (Sentinel-2 L1C and L2A do); raises
+    ValueError naming the sensors otherwise.
+    """
+    used: dict[str, set[str]] = {}
+    for g in groups:
+        for m, acqs in g.acquisitions.items():
+            used.setdefault(m, set()).update(a.sensor for a in acqs)
+    out = {}
+    for m, names in used.items():
+        specs = [SENSORS[n] for n in sorted(names)]
+        for spec in specs:
+            if len(spec.model_bands) != CHANNELS[m] or spec.dtype != STORE_DTYPES[m]:
+                raise ValueError(
+                    f"sensor {spec.name!r} feeds modality {m!r} with {len(spec.model_bands)} "
+                    f"model band(s) of {spec.dtype}; {m!r} takes {CHANNELS[m]} of "
+                    f"{STORE_DTYPES[m]}"
+                )
+        stats = {(tuple(s.mean), tuple(s.std)) for s in specs}
+        if len(stats) > 1:
+            raise ValueError(
+                f"sensors {sorted(names)} of modality {m!r} have different normalisation "
+                "statistics; ingest them into separate manifests"
+            )
+        mean, std = stats.pop()
+        out[m] = {"sensors": sorted(names), "mean": list(mean), "std": list(std)}
+    return out
+
+
 def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
     mods = tuple(m for m in ("hr", "s2", "s1") if any(g.acquisitions.get(m) for g in groups))
     if not mods:
         raise BadInputError("source", "no usable GeoTIFF found (see the bad files)")
+    sensor_normalisation(groups)  # fail early on sensors that do not fit the contract
     first_hr = next((g.acquisitions["hr"][0] for g in groups if g.acquisitions.get("hr")), None)
     if mods == ("hr",):
         gsd = cfg.hr_gsd or round(_hr_ground_gsd(first_hr), 3)
@@ -726,6 +763,7 @@ def _ingest(src, dst, cfg: IngestConfig, progress: bool, on_shard) -> IngestRepo
                 src, "no usable place found: " + "; ".join(f"{p}: {r}" for p, r in bad[:5])
             )
         plan = make_plan(groups, cfg)
+        normalisation = sensor_normalisation(groups)
         stored_plan = writer.get_meta("plan")
         if stored_plan is not None and stored_plan != dataclasses.asdict(plan) | {
             "modalities": list(plan.modalities)
@@ -808,6 +846,7 @@ def _ingest(src, dst, cfg: IngestConfig, progress: bool, on_shard) -> IngestRepo
         if writer.n_samples() == 0:
             raise BadInputError(src, "no tile with valid pixels in any place (see the bad files)")
         writer.finalise(
+            normalization=normalisation,
             modalities=list(plan.modalities),
             tile_size=plan.tile_size,
             gsd=plan.gsd,

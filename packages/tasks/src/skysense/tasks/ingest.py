@@ -69,8 +69,8 @@ def main(cfg, command: str = "ingest") -> int:
     except BadInputError as e:
         print(f"skysense {command}: {e}")
         return 1
-    except ValueError as e:  # settings that disagree with an interrupted ingest in dst
-        raise ConfigError("dst", str(e)) from None
+    except ValueError as e:  # settings that disagree with dst's ingest, unfit sensors
+        raise ConfigError("ingest", str(e)) from None
     print(report.format())
     if report.n_samples:
         for p in plot_previews(dst, plots):
