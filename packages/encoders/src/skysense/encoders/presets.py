@@ -1,17 +1,19 @@
 """Size presets of the one SkySense builder: tiny, small, base, large, huge (= the paper).
 
-A preset is a dict of :class:`~skysense.encoders.config.SkySenseConfig` fields; fields it
-does not set keep the dataclass defaults (the paper's values). ``build_skysense(preset,
-**overrides)`` applies overrides on top, validates, and builds.
+Each preset is written below as the fields in which it differs from the paper's model (the
+:class:`~skysense.encoders.config.SkySenseConfig` defaults); :data:`PRESETS` holds the complete,
+validated field dicts. ``build_skysense(preset, **overrides)`` applies overrides on top,
+validates, and builds.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from skysense.encoders.config import SkySenseConfig
 
-PRESETS: dict[str, dict[str, Any]] = {
+_DIFFERENCES: dict[str, dict[str, Any]] = {
     # Tests and CPU training (~2 M parameters). Geometry of the embedded sample: HR 128 px at
     # 1.25 m over S 16 px at 10 m (8 HR px per S px); window 4 so the stage grids 32/16/8/4
     # tile exactly; 4 x 4 ViT tokens, upscale 1 -> 4 x 4 fusion grid.
@@ -90,6 +92,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper: Swin V2-H (~654 M), two ViT-L (~302 M each), fusion with grid heads (~398 M),
     # 4096 x 100 prototypes; HR 2048 px, S 64 px, patch 4, upscale 4 -> 64 x 64 grid.
     "huge": dict(),
+}
+
+# preset name -> every SkySenseConfig field (validated at import).
+PRESETS: dict[str, dict[str, Any]] = {
+    name: asdict(SkySenseConfig.from_dict({**fields, "name": name}))
+    for name, fields in _DIFFERENCES.items()
 }
 
 
