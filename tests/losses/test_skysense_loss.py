@@ -190,6 +190,7 @@ def test_entropy_floor():
             ).items():
                 rows.setdefault(lvl, []).append(t)
         for lvl, r in rows.items():
+            assert out.rows[f"mgcl/{fam}/{lvl}"] == sum(x.shape[0] for x in r) > 0
             logits = loss.heads[fam].logits(torch.cat(r)).double() / 0.2
             p = torch.softmax(logits, -1)
             ent = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()

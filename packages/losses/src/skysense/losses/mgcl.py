@@ -213,6 +213,7 @@ class MultiGranularityContrastiveLoss(nn.Module):
         teacher_head: DINOHead,
         centers: Mapping[str, torch.Tensor],
         teacher_temp: float,
+        teacher_weight: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
         """MGCL of one family over every ordered pair of distinct views (student a, teacher b).
 
@@ -221,6 +222,8 @@ class MultiGranularityContrastiveLoss(nn.Module):
             affines: (B, 2, 3) ``view_affine`` of each view.
             head, teacher_head: the family's student head and its teacher (EMA) copy.
             centers: level -> (K,) teacher centre.
+            teacher_weight: (K, D) ``teacher_head.prototype_weight()`` when the caller already
+                has it (computed here otherwise).
         Returns:
             (level -> scalar loss, for the levels that have rows;
              level -> (sum of the teacher's normalised bottleneck rows (D,), row count), for the
@@ -248,7 +251,7 @@ class MultiGranularityContrastiveLoss(nn.Module):
         w_s = head.prototype_weight()
         with torch.no_grad():
             z_t = teacher_head(x_t).split([counts[lvl] for lvl in present])
-            w_t = teacher_head.prototype_weight()
+            w_t = teacher_head.prototype_weight() if teacher_weight is None else teacher_weight
         losses, stats = {}, {}
         for lvl, zs, zt in zip(present, z_s, z_t):
             losses[lvl] = prototype_cross_entropy(

@@ -50,11 +50,14 @@ class SkySenseLossOutput:
             s1, fused; level in pixel, object, image), "cma/<a>-<b>", "mgcl" and "cma"
             (unweighted sums), "total". Terms of modalities absent from the batch are absent.
         teacher_temp: the teacher temperature used.
+        rows: MGCL term name -> number of (student, teacher) rows it averaged over (the N of
+            its (N, K) logits, which the fused kernel never stores).
     """
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_temp: float = 0.0
+    rows: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -257,6 +260,16 @@ class SkySenseLoss(nn.Module):
         tt = float(teacher_temp) if teacher_temp is not None else self.teacher_temp_at(step)
         affines = [v["view_affine"] for v in views]
 
+        # Teacher prototype matrices (K, D) by family: computed once, used by the loss and by the
+        # centre update (the kernel keeps them for its backward anyway).
+        t_weights: dict[str, torch.Tensor] = {}
+
+        def teacher_weight(fam: str) -> torch.Tensor:
+            if fam not in t_weights:
+                with torch.no_grad():
+                    t_weights[fam] = t_heads[fam].prototype_weight().detach()
+            return t_weights[fam]
+
         terms: dict[str, torch.Tensor] = {}
         mgcl_total = None
         stats: dict[str, tuple[torch.Tensor, int]] = {}
@@ -287,6 +300,7 @@ class SkySenseLoss(nn.Module):
                 # loss's backward may read the centre it was given.
                 {lvl: self.centering.get(f"{fam}/{lvl}").clone() for lvl in LEVELS},
                 tt,
+                teacher_weight(fam),
             )
             for lvl, loss in losses.items():
                 terms[f"mgcl/{fam}/{lvl}"] = loss
@@ -300,16 +314,8 @@ class SkySenseLoss(nn.Module):
             cma_total = loss if cma_total is None else cma_total + loss
 
         if self.training:
-            cache: dict[str, torch.Tensor] = {}
-
-            def weight_of(name: str) -> torch.Tensor:
-                fam = name.split("/")[0]
-                if fam not in cache:
-                    cache[fam] = t_heads[fam].prototype_weight().detach()
-                return cache[fam]
-
             with torch.no_grad():
-                self.centering.update(stats, weight_of)
+                self.centering.update(stats, lambda name: teacher_weight(name.split("/")[0]))
             self.calls += 1
 
         total = None
@@ -340,7 +346,10 @@ class SkySenseLoss(nn.Module):
                 total = total + 0.0 * sum(p.sum() for p in idle)
         terms["total"] = total
         return SkySenseLossOutput(
-            total=total, terms={k: v.detach() for k, v in terms.items()}, teacher_temp=tt
+            total=total,
+            terms={k: v.detach() for k, v in terms.items()},
+            teacher_temp=tt,
+            rows={f"mgcl/{name}": int(n) for name, (_, n) in stats.items()},
         )
 
     @torch.no_grad()
