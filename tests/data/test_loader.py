@@ -193,3 +193,19 @@ def test_validate_batch_names_the_culprit(embedded_manifest):
     bad = dict(batch, latlon=batch["latlon"].double())
     with pytest.raises(BatchError, match="latlon"):
         validate_batch(bad)
+
+
+def test_resolve_manifest_from_the_data_configs(embedded_manifest):
+    from skysense.data import resolve_manifest
+    from skysense.tasks.cli import compose
+
+    cfg = compose("pretrain", [f"data.root={embedded_manifest.parent}"]).data
+    assert resolve_manifest(cfg) == embedded_manifest  # already built: returned as it is
+    loader = build_loader(
+        resolve_manifest(cfg), cfg.split, 4, "torch", views=True, view_config=cfg.views
+    )
+    assert loader.assembler.view_config.max_steps == {"s2": 20, "s1": 10}
+    cfg = compose("pretrain", ["data=shards", "data.manifest=/x/manifest.sqlite"]).data
+    assert str(resolve_manifest(cfg)) == "/x/manifest.sqlite"
+    with pytest.raises(ValueError, match="no `manifest`"):
+        resolve_manifest({"name": "shards"})

@@ -2,7 +2,8 @@
 
 Public entry points (imported lazily, so ``import skysense.data`` stays light):
 
-- :func:`build_loader` (``skysense.data.loader``): manifest -> iterable of batch dicts.
+- :func:`build_loader` (``skysense.data.loader``): manifest -> iterable of batch dicts;
+  :func:`resolve_manifest`: the manifest a ``conf/data/*.yaml`` config points at.
 - ``skysense.data.ingest.ingest``: GeoTIFF folder -> shards + SQLite manifest.
 - :func:`ensure_embedded` (``skysense.data.embedded``): the embedded sample data set.
 - :func:`plot_sample` (``skysense.data.plot``): a PNG of what the model gets.
@@ -16,6 +17,7 @@ import importlib
 
 _LAZY = {
     "build_loader": "skysense.data.loader",
+    "resolve_manifest": "skysense.data.loader",
     "ViewConfig": "skysense.data.views",
     "IngestConfig": "skysense.data.ingest",
     "Manifest": "skysense.data.manifest",

@@ -5,8 +5,8 @@ no decoding) together with the view's random parameters (drawn by the same seede
 torch backend, :meth:`BatchAssembler.plan`); the pipeline then, per sample and in ``num_threads``
 threads, applies the flips and quarter turns (as a transpose plus flips), casts, HR photometric
 jitter, normalisation, the no-data zeroing, the per-pixel validity and the channels-first
-layout. On a CUDA machine (``device="gpu"``) those operators run on the GPU after one host to
-device copy per input; here they run on the CPU.
+layout. With ``device="gpu"`` (a CUDA machine) those operators run on the GPU after one host
+to device copy per input (written, not yet run on a GPU); by default they run on the CPU.
 
 The arithmetic is written in the same order as the numpy path, so the two backends agree bit for
 bit on the CPU (the tests check it).
@@ -113,8 +113,11 @@ class DaliBatches:
     """Iterates the assembler's schedule, decoding each view batch in a DALI pipeline."""
 
     def __init__(self, assembler: BatchAssembler, num_threads: int = 1, device: str | None = None):
-        if device is None:
-            device = "gpu" if torch.cuda.is_available() else "cpu"
+        # CPU operators unless asked: the GPU placement has not run on a GPU yet (none here),
+        # and CPU batches are what the torch backend yields too.
+        device = device or "cpu"
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("DALI device='gpu' asked for but CUDA is not available")
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
         self.assembler = assembler

@@ -473,14 +473,16 @@ def align_place(
     bad: list[tuple[str, str]] = []
     src = Sources()
     try:
-        for _ in range(8):  # a file that fails while reading is dropped, then the place redone
+        # An acquisition whose file fails while being read is dropped and the place redone
+        # without it; every round removes one, so this ends.
+        while True:
             try:
                 return _align_place(group, plan, cfg, split, label, src, bad)
             except _AcquisitionFailed as e:
                 bad.append((str(e.path), f"unreadable or truncated: {e.reason}"))
                 for m, acqs in group.acquisitions.items():
                     group.acquisitions[m] = [a for a in acqs if a is not e.acq]
-        raise RuntimeError(f"place {group.name}: too many unreadable files")
+                src.close()
     finally:
         src.close()
 

@@ -148,7 +148,8 @@ def build_loader(
         normalization: "spec" (the sensors' statistics of the released weights) or "data" (the
             manifest's per-band statistics).
         pin_memory: torch backend: pin batches for faster host-to-GPU copies.
-        device: DALI backend: "cpu" or "gpu" operators (default: gpu where CUDA is available).
+        device: DALI backend: "cpu" (default) or "gpu" operators (the GPU placement is
+            written but has not been run on a GPU yet).
 
     Returns:
         a :class:`Loader`: iterate it for batch dicts (shapes in :mod:`skysense.data.batch`).
@@ -200,3 +201,24 @@ def build_loader(
         world_size,
     )
     return Loader(assembler, backend, num_workers, **opts)
+
+
+def resolve_manifest(data_cfg) -> Path:
+    """The manifest a ``conf/data/*.yaml`` config points at (a dict or an OmegaConf node).
+
+    ``name: embedded`` -> :func:`~skysense.data.embedded.ensure_embedded` (``root``,
+    ``n_samples``, ``seed``: made on first use); anything else -> its ``manifest`` field.
+    """
+    get = data_cfg.get if hasattr(data_cfg, "get") else lambda k, d=None: getattr(data_cfg, k, d)
+    if get("name") == "embedded":
+        from skysense.data.embedded import ensure_embedded
+
+        return ensure_embedded(
+            get("root"), n_samples=int(get("n_samples", 48)), seed=int(get("seed", 0))
+        )
+    manifest = get("manifest")
+    if not manifest:
+        raise ValueError(
+            "data config has no `manifest` (the DST/manifest.sqlite of `skysense ingest`)"
+        )
+    return Path(str(manifest))
