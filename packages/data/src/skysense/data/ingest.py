@@ -17,7 +17,12 @@
    (:mod:`skysense.data.manifest`) in one transaction each; per-band statistics at the end.
 
 Resumable: a rerun skips the places already committed and rewrites anything after them; a
-shard folder is renamed into place only when whole. Bad inputs (unreadable or truncated file,
+shard folder is renamed into place only when whole.
+
+Memory: warps run in full-width row blocks of at most ``block_pixels`` per band, but a place's
+tiles are kept until the place is committed (a place is the unit of resuming). That is tens of
+MB for a patch or a city (OSCD); a whole 110 km Sentinel-2 granule with a long series would not
+fit, so cut such scenes into smaller files first. Bad inputs (unreadable or truncated file,
 band count or dtype wrong for the sensor, no CRS, no overlap between sensors, place entirely
 nodata, unparseable date) are listed in the report and in the manifest's ``bad_files``; the
 good files finish.

@@ -44,12 +44,16 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 __all__ = [
     "BadInputError",
     "band_of_file",
+    "check_dtype",
     "find_band_files",
+    "is_raster",
     "open_raster",
     "parse_date",
+    "read_band",
     "read_band_folder",
     "read_date",
     "read_stack",
+    "scale_offset",
     "stack_band_names",
     "write_geotiff",
 ]
