@@ -162,7 +162,11 @@ def plot_detections(
 ) -> Path:
     """Each scene with its true boxes (green) and predictions scoring above the threshold
     (red, with the score)."""
-    fig, axes = plt.subplots(1, len(scenes), figsize=(5.5 * len(scenes), 5.5), squeeze=False)
+    h, w = scenes[0].rgb.shape[:2]
+    side = 9.0
+    fig, axes = plt.subplots(
+        1, len(scenes), figsize=(len(scenes) * max(4.0, side * w / h), side), squeeze=False
+    )
     for a, s, p in zip(axes[0], scenes, preds):
         a.imshow(s.rgb)
         for b in s.boxes.tolist():
@@ -217,6 +221,7 @@ def plot_multilabel(
     for i, j in zip(*np.nonzero(targets.T > 0.5)):
         a2.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     a2.set_yticks(y, [])
+    a2.set_xticks(range(probs.shape[0]))
     a2.set_xlabel("evaluation sample")
     a2.set_title("predicted probability (red boxes: true labels)", fontsize=9)
     fig.colorbar(im, ax=a2, fraction=0.04)

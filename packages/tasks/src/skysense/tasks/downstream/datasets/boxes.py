@@ -179,7 +179,8 @@ def load_detection_scene(
     h, w = arr.shape[1:]
     xyxy = np.clip(bx.xyxy, 0, [w, h, w, h]).astype(np.float32)
     x, _ = normalise(arr, spec.mean, spec.std)
-    rgb = np.nan_to_num(arr[:3].transpose(1, 2, 0)).clip(0, 255).astype(np.uint8)
+    # For display, a band's nodata (255 in NEON tiles: saturated pixels) shows as saturated.
+    rgb = np.nan_to_num(arr[:3].transpose(1, 2, 0), nan=255.0).clip(0, 255).astype(np.uint8)
     scene = DetectionScene(
         image.stem,
         x,

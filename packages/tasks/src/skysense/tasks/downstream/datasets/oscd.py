@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def _rgb(arr: np.ndarray, bands: Sequence[str]) -> np.ndarray:
-    """(C, H, W) digital numbers -> (H, W, 3) uint8 true colour, 2-98 % stretch."""
+    """(C, H, W) digital numbers -> (H, W, 3) uint8 true colour, 2-98 % stretch per band (top
+    of atmosphere blue is brighter than red: one stretch for all bands gives a blue cast)."""
     idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
     x = np.nan_to_num(arr[idx].transpose(1, 2, 0))
-    lo, hi = np.percentile(x, 2), np.percentile(x, 98)
+    lo, hi = np.percentile(x, 2, axis=(0, 1)), np.percentile(x, 98, axis=(0, 1))
     return (np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
