@@ -40,7 +40,7 @@ def _rgb(arr: np.ndarray, bands: Sequence[str]) -> np.ndarray:
     idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
     x = np.nan_to_num(arr[idx].transpose(1, 2, 0))
     lo, hi = np.percentile(x, 2, axis=(0, 1)), np.percentile(x, 98, axis=(0, 1))
-    return (np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return (np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
 def load_oscd_city(

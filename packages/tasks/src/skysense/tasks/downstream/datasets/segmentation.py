@@ -107,7 +107,7 @@ def _preview(a: np.ndarray, modality: str) -> np.ndarray:
         return np.nan_to_num(a[:3].transpose(1, 2, 0)).clip(0, 255).astype(np.uint8)
     x = np.nan_to_num(a[[2, 1, 0]].transpose(1, 2, 0))
     lo, hi = np.percentile(x, 2, axis=(0, 1)), np.percentile(x, 98, axis=(0, 1))
-    return (np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return (np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
 def load_scenes(descs: Sequence[Mapping], **kw) -> list[DenseScene]:
