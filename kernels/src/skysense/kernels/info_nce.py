@@ -32,7 +32,25 @@ from skysense.kernels import distributed as sdist
 
 OP = "info_nce"
 BACKENDS = ("triton", "chunked", "reference")
-_BLOCK_ELEMS = 1 << 22  # elements of one (block, N) slab: 16 MiB in fp32
+_BLOCK_ELEMS: int | None = None  # elements of one slab of logits; None = slab_elems()
+
+
+def slab_elems(total: int) -> int:
+    """Elements of one block of logits for a (rows x cols) = ``total`` problem: at most 1/32 of
+    the whole matrix (the peak stays far below the naive loss's several full matrices), but
+    4M-16M elements, where a block's matmuls run near full speed on the CPU."""
+    if _BLOCK_ELEMS is not None:
+        return _BLOCK_ELEMS
+    return min(1 << 24, max(1 << 22, total // 32))
+
+
+EXP_FLOOR = -80.0  # see prototype_loss.EXP_FLOOR: keeps exp off its slow path, changes nothing
+
+
+def _row_lse(s):
+    """logsumexp over dim 1 of a (rows, cols) block, destroying it."""
+    m = s.amax(dim=1, keepdim=True)
+    return s.sub_(m).clamp_(min=EXP_FLOOR).exp_().sum(dim=1).log_().add_(m[:, 0])
 
 
 def info_nce_reference(a, b, temperature=0.1, gather=False):
@@ -57,8 +75,9 @@ def info_nce_reference(a, b, temperature=0.1, gather=False):
 # --- the chunked (torch) engine --------------------------------------------------------------
 
 
-def _rows_per_block(n_cols: int) -> int:
-    return max(1, _BLOCK_ELEMS // max(1, n_cols))
+def _rows_per_block(n_cols: int, n_rows: int | None = None) -> int:
+    n_rows = n_cols if n_rows is None else n_rows
+    return max(1, slab_elems(n_rows * n_cols) // max(1, n_cols))
 
 
 class ChunkedEngine:
@@ -73,22 +92,23 @@ class ChunkedEngine:
         lse_r = torch.empty(n, dtype=a.dtype, device=a.device)
         cmax = torch.full((b.shape[0],), float("-inf"), dtype=a.dtype, device=a.device)
         csum = torch.zeros(b.shape[0], dtype=a.dtype, device=a.device)
-        step = _rows_per_block(b.shape[0])
+        step = _rows_per_block(b.shape[0], n)
         for i in range(0, n, step):
             s = (a[i : i + step] @ b.t()).mul_(inv_t)
-            lse_r[i : i + step] = torch.logsumexp(s, dim=1)
             new_max = torch.maximum(cmax, s.amax(dim=0))
-            csum.mul_(torch.exp(cmax - new_max)).add_(s.sub_(new_max).exp_().sum(dim=0))
+            col = torch.sub(s, new_max).clamp_(min=EXP_FLOOR).exp_().sum(dim=0)
+            csum.mul_(torch.exp(cmax - new_max)).add_(col)
             cmax = new_max
+            lse_r[i : i + step] = _row_lse(s)
         return lse_r, cmax + torch.log(csum)
 
     @staticmethod
     def lse_rows(x, y, inv_t):
         """Row log-sum-exp of x y^T * inv_t: (n,)."""
         out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-        step = _rows_per_block(y.shape[0])
+        step = _rows_per_block(y.shape[0], x.shape[0])
         for i in range(0, x.shape[0], step):
-            out[i : i + step] = torch.logsumexp((x[i : i + step] @ y.t()).mul_(inv_t), dim=1)
+            out[i : i + step] = _row_lse((x[i : i + step] @ y.t()).mul_(inv_t))
         return out
 
     @staticmethod
@@ -96,11 +116,11 @@ class ChunkedEngine:
         """(G a-side, G b-side) with G = exp(S - lse_r) + exp(S - lse_c): (G b, G^T a)."""
         da = torch.empty_like(a)
         db = torch.zeros_like(b)
-        step = _rows_per_block(b.shape[0])
+        step = _rows_per_block(b.shape[0], a.shape[0])
         for i in range(0, a.shape[0], step):
             s = (a[i : i + step] @ b.t()).mul_(inv_t)
-            g = torch.exp(s - lse_r[i : i + step, None])
-            g += s.sub_(lse_c[None, :]).exp_()
+            g = torch.sub(s, lse_r[i : i + step, None]).clamp_(min=EXP_FLOOR).exp_()
+            g += s.sub_(lse_c[None, :]).clamp_(min=EXP_FLOOR).exp_()
             da[i : i + step] = g @ b
             db.addmm_(g.t(), a[i : i + step])
         return da, db
@@ -110,14 +130,14 @@ class ChunkedEngine:
         """G y with G = [exp(S - lse_x_i)] + [exp(S - lse_y_j)], S = x y^T * inv_t; a term is
         left out where its lse is None."""
         dx = torch.empty_like(x)
-        step = _rows_per_block(y.shape[0])
+        step = _rows_per_block(y.shape[0], x.shape[0])
         for i in range(0, x.shape[0], step):
             s = (x[i : i + step] @ y.t()).mul_(inv_t)
             g = torch.zeros_like(s)
             if lse_x is not None:
-                g += torch.exp(s - lse_x[i : i + step, None])
+                g += torch.sub(s, lse_x[i : i + step, None]).clamp_(min=EXP_FLOOR).exp_()
             if lse_y is not None:
-                g += torch.exp(s - lse_y[None, :])
+                g += torch.sub(s, lse_y[None, :]).clamp_(min=EXP_FLOOR).exp_()
             dx[i : i + step] = g @ y
         return dx
 

@@ -22,7 +22,22 @@ from skysense.kernels import distributed as sdist
 
 OP = "prototype_cross_entropy"
 BACKENDS = ("triton", "chunked", "reference")
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS: int | None = None  # elements of one slab of logits; None = slab_elems()
+
+
+def slab_elems(total: int) -> int:
+    """Elements of one block of logits for a (rows x cols) = ``total`` problem: at most 1/32 of
+    the whole matrix (the peak stays far below the naive loss's several full matrices), but
+    4M-16M elements, where a block's matmuls run near full speed on the CPU."""
+    if _BLOCK_ELEMS is not None:
+        return _BLOCK_ELEMS
+    return min(1 << 24, max(1 << 22, total // 32))
+
+
+# exp(x) for x below this is < 2e-35 next to a row maximum of exp(0) = 1: flooring the argument
+# changes no sum or gradient at float64 precision, and keeps torch's exp off its slow path for
+# very negative inputs (5-10x slower on this CPU; the teacher's 1/0.04 makes them common).
+EXP_FLOOR = -80.0
 
 
 def prototype_cross_entropy_reference(
@@ -64,7 +79,7 @@ class ChunkedEngine:
         mt = torch.full((n,), float("-inf"), dtype=dt, device=dev)
         lt = torch.zeros(n, dtype=dt, device=dev)
         acc = torch.zeros(n, dtype=dt, device=dev)  # sum_k exp(t_k - mt) * s_k
-        step = max(1, _BLOCK_ELEMS // max(1, n))
+        step = max(1, slab_elems(n * k_total) // max(1, n))
         for k0 in range(0, k_total, step):
             s = (sx @ w[k0 : k0 + step].t()).mul_(inv_ts)
             t = tx @ tw[k0 : k0 + step].t()
@@ -72,13 +87,14 @@ class ChunkedEngine:
                 t -= center[k0 : k0 + step]
             t.mul_(inv_tt)
             new_ms = torch.maximum(ms, s.amax(1))
-            ls = ls * torch.exp(ms - new_ms) + torch.exp(s - new_ms[:, None]).sum(1)
+            e = torch.sub(s, new_ms[:, None]).clamp_(min=EXP_FLOOR).exp_()
+            ls = ls * torch.exp(ms - new_ms) + e.sum(1)
             ms = new_ms
             new_mt = torch.maximum(mt, t.amax(1))
             alpha = torch.exp(mt - new_mt)
-            e = t.sub_(new_mt[:, None]).exp_()
+            e = t.sub_(new_mt[:, None]).clamp_(min=EXP_FLOOR).exp_()
             lt = lt * alpha + e.sum(1)
-            acc = acc * alpha + (e * s).sum(1)
+            acc = acc * alpha + e.mul_(s).sum(1)
             mt = new_mt
         lse_s = ms + torch.log(ls)
         lse_t = mt + torch.log(lt)
@@ -90,15 +106,15 @@ class ChunkedEngine:
         n, k_total = sx.shape[0], w.shape[0]
         dsx = torch.zeros_like(sx)
         dw = torch.empty_like(w)
-        step = max(1, _BLOCK_ELEMS // max(1, n))
+        step = max(1, slab_elems(n * k_total) // max(1, n))
         for k0 in range(0, k_total, step):
             wk = w[k0 : k0 + step]
             s = (sx @ wk.t()).mul_(inv_ts)
             t = tx @ tw[k0 : k0 + step].t()
             if center is not None:
                 t -= center[k0 : k0 + step]
-            g = s.sub_(lse_s[:, None]).exp_()
-            g -= t.mul_(inv_tt).sub_(lse_t[:, None]).exp_()
+            g = s.sub_(lse_s[:, None]).clamp_(min=EXP_FLOOR).exp_()
+            g -= t.mul_(inv_tt).sub_(lse_t[:, None]).clamp_(min=EXP_FLOOR).exp_()
             dsx.addmm_(g, wk)
             dw[k0 : k0 + step] = g.t() @ sx
         return dsx, dw
