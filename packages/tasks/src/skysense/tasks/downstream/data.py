@@ -82,10 +82,22 @@ def build_oscd(cfg, length: int, seed: int) -> TaskData:
 
     root = _root(cfg)
     values = {int(k): int(v) for k, v in dict(cfg.label_values).items()}
-    train = [load_oscd_city(root, c, cfg.sensor, values) for c in cfg.train_cities]
+    train = (
+        [load_oscd_city(root, c, cfg.sensor, values) for c in cfg.train_cities] if length else []
+    )
     val = [load_oscd_city(root, c, cfg.sensor, values) for c in cfg.val_cities]
-    ds = DenseCrops(
-        train, cfg.crop, length, seed, focus_class=1, focus=cfg.change_focus, augment=cfg.augment
+    ds = (
+        DenseCrops(
+            train,
+            cfg.crop,
+            length,
+            seed,
+            focus_class=1,
+            focus=cfg.change_focus,
+            augment=cfg.augment,
+        )
+        if length
+        else None
     )
     return TaskData(
         ds,
@@ -93,7 +105,7 @@ def build_oscd(cfg, length: int, seed: int) -> TaskData:
         ["no change", "change"],
         ("change",),
         _sensor_inputs({"s2": cfg.sensor}, "s2"),
-        class_weights(train, 2),
+        class_weights(train, 2) if train else None,
         {"train": list(cfg.train_cities), "val": list(cfg.val_cities)},
     )
 
@@ -123,7 +135,11 @@ def build_bigearthnet(cfg, length: int, seed: int) -> TaskData:
         )
     train, val = samples[: -cfg.n_val], samples[-cfg.n_val :]
     names = [p["name"] for p in patches]
-    ds = MultiLabelPatches(train, length, crop=cfg.get("crop"), augment=cfg.augment, seed=seed)
+    ds = (
+        MultiLabelPatches(train, length, crop=cfg.get("crop"), augment=cfg.augment, seed=seed)
+        if length
+        else None
+    )
     sensors = {m: (S2_SENSOR if m == "s2" else S1_SENSOR) for m in mods}
     return TaskData(
         ds,
@@ -145,7 +161,11 @@ def build_boxes(cfg, length: int, seed: int) -> TaskData:
     w = scene.hr.shape[-1]
     cut = int(round(cfg.train_fraction * w))
     train, val = scene.columns(0, cut), scene.columns(cut, w)
-    ds = DetectionCrops([train], cfg.crop, length, seed, cfg.min_visible, cfg.augment)
+    ds = (
+        DetectionCrops([train], cfg.crop, length, seed, cfg.min_visible, cfg.augment)
+        if length
+        else None
+    )
     log.info(
         "detection: %d training boxes (columns < %d), %d held-out boxes",
         len(train.boxes),
@@ -179,7 +199,11 @@ def build_class_folders(cfg, length: int, seed: int) -> TaskData:
         train_items = items
     else:
         train_items, val_items = split_items(items, cfg.val_fraction, seed)
-    train = ClassFolderDataset(train_items, cfg.size, cfg.sensor, cfg.augment, seed, length)
+    train = (
+        ClassFolderDataset(train_items, cfg.size, cfg.sensor, cfg.augment, seed, length)
+        if length
+        else None
+    )
     val = ClassFolderDataset(val_items, cfg.size, cfg.sensor)
     return TaskData(
         train, val, classes, ("classification",), _sensor_inputs({"hr": cfg.sensor}, "hr")
@@ -198,12 +222,12 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
     )
     sensors = {**DEFAULT_SENSORS, **dict(cfg.get("sensors") or {})}
     kw = dict(reference=source, sensors=sensors, values=values, root=root)
-    train = load_scenes(list(cfg.train_scenes), **kw)
+    train = load_scenes(list(cfg.train_scenes), **kw) if length else []
     val = load_scenes(list(cfg.val_scenes), **kw)
     classes = list(cfg.classes)
-    mods = [m for m in ("hr", "s2", "s1") if any(m in s.sample for s in train)]
+    mods = [m for m in ("hr", "s2", "s1") if any(m in s.sample for s in train or val)]
     ref = source if source in mods else next(m for m in ("s2", "s1", "hr") if m in mods)
-    ds = DenseCrops(train, cfg.crop, length, seed, augment=cfg.augment)
+    ds = DenseCrops(train, cfg.crop, length, seed, augment=cfg.augment) if length else None
     return TaskData(
         ds, val, classes, ("segmentation",), _sensor_inputs({m: sensors[m] for m in mods}, ref)
     )
@@ -219,7 +243,7 @@ BUILDERS = {
 
 
 def build_task_data(data_cfg, length: int, seed: int, source: str | None = None) -> TaskData:
-    """The data of ``data_cfg`` with ``length`` training items."""
+    """The data of ``data_cfg`` with ``length`` training items (0: evaluation data only)."""
     name = data_cfg.get("name")
     if name in ("embedded", "shards"):
         from skysense.tasks.downstream.datasets.manifest import build_manifest_data

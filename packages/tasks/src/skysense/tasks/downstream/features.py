@@ -83,8 +83,9 @@ def pooled(out: Mapping, source: str, batch: Mapping) -> Tensor:
 
 def source_size(batch: Mapping, source: str) -> tuple[int, int]:
     """(H, W) of the input pixels a dense prediction on ``source`` is made for: the HR image for
-    "hr", the S2 / S1 tile otherwise (the first modality present for "fused" / "geo")."""
-    order = {"hr": ("hr",), "s2": ("s2",), "s1": ("s1",)}.get(source, ("hr", "s2", "s1"))
+    "hr", the S2 / S1 tile otherwise; for "fused" / "geo" the Sentinel grid (S2, else S1, else
+    HR), where the data sets put multi-modal masks."""
+    order = {"hr": ("hr",), "s2": ("s2",), "s1": ("s1",)}.get(source, ("s2", "s1", "hr"))
     for m in order:
         if m in batch:
             return tuple(batch[m].shape[-2:])

@@ -383,7 +383,7 @@ def evaluate(cfg: DictConfig) -> dict:
     device = pick_device(cfg.train.device)
     model.to(device)
     seed_everything(cfg.seed)
-    data = build_task_data(cfg.data, 1, cfg.seed, meta["source"])
+    data = build_task_data(cfg.data, 0, cfg.seed, meta["source"])
     if meta["kind"] not in data.kinds:
         raise ConfigError(
             "data",
