@@ -6,7 +6,9 @@ The timm twin is our ``SkySense`` with its three transformers swapped: the HR en
 the same per-stage output LayerNorms ours has), the S2/S1 ViTs and the fusion blocks are
 ``timm.models.vision_transformer.Block`` (same patch embedding, class token and position
 embedding around them). Grid heads, DTPE, geo-context and the batch plumbing are shared, so
-the ratio is about the transformers. Parameter counts are checked equal before timing.
+the ratio is about the transformers. Parameter counts are checked equal before timing. Ours
+computes only the extra token in the fusion's last block (the one output read); timm's Block
+has no such mode, so the twin computes the whole block and keeps the first token.
 Drop path is off in both (timm's and ours draw differently); ours is built with timm's
 position-bias MLP width (512) so the architectures match exactly.
 
@@ -131,6 +133,10 @@ class TimmFusionBlock(nn.Module):
 
     def forward(self, x, pad):
         return self.blk(x, attn_mask=~pad[:, None, None, :])
+
+    def forward_head(self, x, pad, n=1):
+        # timm's Block computes every token; the fusion reads the first.
+        return self.forward(x, pad)[:, :n]
 
 
 def build_pair(preset: str, hr_px: int, s_px: int):

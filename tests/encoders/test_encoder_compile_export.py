@@ -27,12 +27,14 @@ def _blocks(m):
         "swin_shifted_padded": (m.hr_encoder.stages[2].blocks[1], (torch.randn(2, 6, 10, 128),)),
         "vit": (m.s2_encoder.blocks[0], (torch.randn(6, 17, 64),)),
         "fusion_masked": (m.fusion.blocks[0], (torch.randn(32, 6, 64), kpm)),
+        "fusion_last": (m.fusion.blocks[-1].forward_head, (torch.randn(32, 6, 64), kpm)),
     }
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "name", ["swin", "swin_shifted", "swin_shifted_padded", "vit", "fusion_masked"]
+    "name",
+    ["swin", "swin_shifted", "swin_shifted_padded", "vit", "fusion_masked", "fusion_last"],
 )
 def test_no_graph_break_in_block_forward(model, name):
     block, args = _blocks(model)[name]

@@ -112,3 +112,16 @@ def test_vit_no_class_token_and_tap_validation():
     assert last is not taps[-1]  # block 2 is not tapped, but feeds the grid head
     with pytest.raises(ValueError, match="taps"):
         VisionTransformer(2, img_size=8, patch_size=4, dim=16, depth=3, num_heads=2, taps=(3,))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_block_head_equals_the_first_tokens_of_the_full_block(n):
+    blk = Block(16, 4).double().eval()
+    _randomise(blk)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    kpm = torch.rand(3, 7) < 0.4
+    kpm[:, 0] = False
+    torch.testing.assert_close(blk.forward_head(x, kpm, n), blk(x, kpm)[:, :n])
+    no_bias = Attention(8, 2, qkv_bias=False).double()
+    y = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(no_bias(y, num_queries=2), no_bias(y)[:, :2])

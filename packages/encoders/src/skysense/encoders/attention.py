@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from skysense.kernels import attention
@@ -35,14 +36,26 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        num_queries: int | None = None,
     ) -> torch.Tensor:
         """x: (B, N, dim) float; key_padding_mask: (B, N) bool, True where the token is padding
         (it is then ignored as a key; its own output is computed but meaningless).
-        Returns (B, N, dim)."""
+        ``num_queries``: only the first n tokens query (all N are keys), as when only their
+        output is wanted. Returns (B, N or n, dim)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        H, D = self.num_heads, self.head_dim
+        if num_queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            bq, bkv = (None, None) if b is None else (b[:C], b[C:])
+            q = F.linear(x[:, :num_queries], w[:C], bq)
+            q = q.reshape(B, num_queries, H, D).transpose(1, 2)
+            k, v = F.linear(x, w[C:], bkv).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         bias = None
         if key_padding_mask is not None and torch.compiler.is_compiling():
             # The kernel's handling of rows whose keys are all padding branches on the data,
@@ -52,4 +65,4 @@ class Attention(nn.Module):
             bias, key_padding_mask = padding_bias(key_padding_mask, q.dtype), None
         drop = self.attn_drop if self.training else 0.0
         out = attention(q, k, v, bias=bias, key_padding_mask=key_padding_mask, dropout_p=drop)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], C))

@@ -44,3 +44,13 @@ class Block(nn.Module):
         """x: (B, N, dim) float; key_padding_mask: (B, N) bool, True = padding. -> (B, N, dim)."""
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_head(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, n: int = 1
+    ) -> torch.Tensor:
+        """The block's output for the first ``n`` tokens only (they still attend to all):
+        x (B, N, dim) -> (B, n, dim), equal to ``forward(x)[:, :n]`` at a fraction of the cost.
+        The fusion's last block needs only its extra token."""
+        h = self.norm1(x)
+        x = x[:, :n] + self.drop_path(self.attn(h, key_padding_mask, num_queries=n))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -21,7 +21,8 @@ class TemporalFusion(nn.Module):
     steps are masked out as keys; the extra token never is, so a location whose series is all
     padding still gets F_fus. DTPE row (doy - 1) is added to a token before the projection;
     the projection being linear, that is computed as proj(x) + W DTPE(doy), which never
-    materialises the C_g-wide sum (2816 wide at paper size).
+    materialises the C_g-wide sum (2816 wide at paper size). The last block computes only the
+    extra token's output, the only one read.
 
     Args:
         in_dim: token width C_g (Swin's last stage width, 2816).
@@ -98,8 +99,10 @@ class TemporalFusion(nn.Module):
         n = z.shape[3]
         z = z.reshape(B * h * w, n, self.dim)
         pad = torch.cat(pads, dim=1)[:, None, :].expand(B, h * w, n).reshape(B * h * w, n)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             z = run_block(blk, z, pad, enabled=self.checkpointing)
+        # F_fus is the extra token's output: the last block computes only that token.
+        z = run_block(self.blocks[-1].forward_head, z, pad, enabled=self.checkpointing)
         out = z[:, 0]
         if self.norm is not None:
             out = self.norm(out)
