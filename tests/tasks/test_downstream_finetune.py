@@ -220,3 +220,25 @@ def test_task_and_data_must_fit(tmp_path):
         finetune(cfg)
     assert OmegaConf.select(_cfg(["task=change_detection"]), "data.name") == "oscd"
     assert OmegaConf.select(_cfg(["task=detection"]), "data.name") == "boxes"
+
+
+@pytest.mark.slow
+def test_timeseries_classification_on_the_embedded_sample(tmp_path):
+    """Crop / land-cover classes from S2 series of different lengths (padded steps masked),
+    read from the data package's manifest, on the fused features."""
+    cfg = _cfg(
+        [
+            "task=timeseries_classification",
+            f"data.root={tmp_path / 'embedded'}",
+            "data.n_samples=12",
+            "data.backend=torch",
+            f"run_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            "train.batch_size=4",
+        ]
+    )
+    summary = finetune(cfg)
+    assert summary["features"] == "fused" and summary["data_info"]["modalities"] == ["s2"]
+    r = summary["runs"]["random"]
+    assert np.array(r["metrics"]["confusion_matrix"]).sum() == summary["data_info"]["val"]
+    assert len(summary["classes"]) >= 4

@@ -277,3 +277,38 @@ def test_finetuned_file_round_trip(tmp_path, standin_builder):
     _pretrain_ckpt(tmp_path / "p.pt", enc)
     with pytest.raises(ValueError, match="fine-tune it first"):
         ckpt.load_finetuned(tmp_path / "p.pt")
+
+
+def test_detection_model_trains_and_predicts_in_caller_labels():
+    enc = StandInSkySense()
+    images = torch.randn(2, 3, 64, 64)
+    model = build_task_model(enc, "detection", "hr", 2, {"hr": images}, fpn_channels=16)
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4, 20, 24], [30, 30, 50, 44]]),
+            "labels": torch.tensor([0, 1]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    total.backward()
+    assert model.detector.backbone.fpn.inner_blocks[0][0].weight.grad is not None
+    assert enc.hr.patch_embed.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and all(o["labels"].min() >= 0 for o in out if len(o["labels"]))
+    with pytest.raises(ValueError, match=r"labels must be in 0..1"):
+        model.train()(images, [{"boxes": targets[0]["boxes"], "labels": torch.tensor([0, 2])}] * 2)
+
+
+def test_grid_alignment_lies_between_the_encoders_and_the_fusion():
+    depth, _ = optim.encoder_depths(StandInSkySense())
+    grid = {v for k, v in depth.items() if k.startswith("grid")}
+    assert len(grid) == 1
+    g = grid.pop()
+    assert max(v for k, v in depth.items() if k.startswith(("hr.", "s2.", "s1."))) < g
+    assert g < min(v for k, v in depth.items() if k.startswith("fusion."))
