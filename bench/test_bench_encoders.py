@@ -230,6 +230,17 @@ def _fusion(model, batch, cfg):
 
 PARTS = {"encoder": _whole, "swin": _swin, "vit": _vit, "fusion": _fusion}
 
+# What profiling found where ours can trail (reported only when it does).
+SLOWER_BECAUSE = {
+    "swin": (
+        "on the CPU, kernels.attention hands a bias that requires grad (Swin's position "
+        "bias) to torch's SDPA math fallback, which scales q and k by 1.0 and runs a safe "
+        "softmax (aten::all, where) that timm's explicit matmul-softmax path skips: about "
+        "2-3 % of the Swin's time; with that path made explicit the Swin block is on par or "
+        "faster (request filed with the kernels area)"
+    ),
+}
+
 
 @pytest.mark.parametrize("size", SIZES["quick" if QUICK else "full"], ids=lambda s: s[0])
 def test_forward_backward_throughput_vs_timm(report, size):
@@ -237,7 +248,7 @@ def test_forward_backward_throughput_vs_timm(report, size):
     ours, twin, n_params = build_pair(preset, hr_px, s_px)
     batch = make_batch(B, T2, T1, hr_px, s_px)
     # Medians of interleaved rounds; tiny is cheap, so more rounds tame a busy machine's noise.
-    repeat = 5 if QUICK else (9 if preset == "tiny" else 3)
+    repeat = 5 if QUICK else (9 if preset == "tiny" else 5)
     for part in parts:
         make = PARTS[part]
         args = (batch, ours.cfg) if part == "fusion" else (batch,)
@@ -250,6 +261,7 @@ def test_forward_backward_throughput_vs_timm(report, size):
             baseline=B / t["timm"],
             baseline_name="same architecture from timm blocks",
             ratio=t["timm"] / t["ours"],
+            note=SLOWER_BECAUSE.get(part, "") if t["timm"] < t["ours"] else "",
             params={
                 "preset": preset,
                 "batch": B,
