@@ -132,7 +132,12 @@ def test_triton_bf16(triton_cpu):
 
 
 @pytest.mark.parametrize(
-    "backend", ["sdpa", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+    "backend",
+    [
+        pytest.param("sdpa", marks=pytest.mark.unit),
+        pytest.param("reference", marks=pytest.mark.unit),
+        pytest.param("triton", marks=pytest.mark.triton),
+    ],
 )
 def test_all_masked_rows_give_zeros_and_finite_grads(request, backend):
     if backend == "triton":
