@@ -8,11 +8,15 @@ that cannot take the inputs raises instead of silently falling back.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
+logger = logging.getLogger(__name__)
+
 _state = threading.local()
 _last: dict[str, str] = {}
+_seen: set[tuple[str, str]] = set()
 
 
 def _forced() -> dict[str, str]:
@@ -47,7 +51,13 @@ def force_backend(op: str, backend: str):
 
 
 def record(op: str, backend: str) -> None:
+    """Note that ``backend`` served ``op`` (logged at INFO the first time, DEBUG after)."""
     _last[op] = backend
+    if (op, backend) not in _seen:
+        _seen.add((op, backend))
+        logger.info("%s: backend %s", op, backend)
+    else:
+        logger.debug("%s: backend %s", op, backend)
 
 
 def last_backend(op: str) -> str | None:
