@@ -75,6 +75,8 @@ def test_misaligned_geometry_is_a_clear_error():
         build_skysense("tiny", fusion_layers=3)
     with pytest.raises(ValueError, match="unknown SkySense preset 'giant'"):
         build_skysense("giant")
+    with pytest.raises(ValueError, match="fusion_depth must be at least 1"):
+        preset_config("tiny", fusion_depth=0)
     with pytest.raises(ValueError, match="dtpe_mode"):
         preset_config("tiny", dtpe_mode="hr")
 

@@ -107,6 +107,11 @@ class SkySenseConfig:
         where = f"SkySense config '{self.name}'"
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             raise ValueError(f"{where}: modalities must be a non-empty subset of {MODALITIES}")
+        for name in ("vit_depth", "fusion_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}: {name} must be at least 1")
+        if not self.swin_depths or min(self.swin_depths) < 1:
+            raise ValueError(f"{where}: swin_depths must be positive, got {self.swin_depths}")
         if len(self.swin_depths) != len(self.swin_num_heads):
             raise ValueError(f"{where}: swin_depths and swin_num_heads differ in length")
         for i, h in enumerate(self.swin_num_heads):
