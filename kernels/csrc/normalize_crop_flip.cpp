@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -59,7 +60,9 @@ void run(const S* src, const float* mean, const float* stdv, bool has_nodata, S 
           const S v = px[c * g.sC];
           if (has_nodata && v == nodata) good = false;
           const float f = static_cast<float>(v);
-          if (!std::isfinite(f)) good = false;
+          if constexpr (std::is_floating_point_v<S>) {  // integer bands are always finite
+            if (!std::isfinite(f)) good = false;
+          }
           tmp[c * g.w + j] = f;
         }
         ok[j] = good;
