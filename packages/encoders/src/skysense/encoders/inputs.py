@@ -52,7 +52,8 @@ def check_batch(batch: Mapping, cfg: SkySenseConfig) -> tuple[int, int, int]:
         hr = batch["hr"]
         C = cfg.hr_in_chans
         if not isinstance(hr, torch.Tensor) or hr.dim() != 4 or hr.shape[1] != C:
-            raise ValueError(f"hr: expected (B, {C}, H, W) float (bands R, G, B); got {_shape(hr)}")
+            bands = " (bands R, G, B)" if C == 3 else ""
+            raise ValueError(f"hr: expected (B, {C}, H, W) float{bands}; got {_shape(hr)}")
         if not hr.is_floating_point():
             raise ValueError(f"hr: expected a float tensor; got {hr.dtype}")
         H, W = hr.shape[2:]
