@@ -74,11 +74,11 @@ def oscd_run(shared_data, tmp_path_factory, pretrain_checkpoint):
             f"run_dir={run_dir}",
             f"checkpoint={pretrain_checkpoint}",
             "compare_random_init=true",
-            "train.max_steps=30",
-            "train.batch_size=8",
+            "train.max_steps=24",
+            "train.batch_size=6",
             "optim.warmup_steps=3",
             "task.eval.window=96",
-            "task.eval.overlap=16",
+            "task.eval.overlap=0",
         ]
     )
     return run_dir, finetune(cfg)

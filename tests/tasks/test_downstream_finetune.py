@@ -86,7 +86,7 @@ def test_hr_segmentation_from_geotiff_masks(tmp_path):
             "data.crop=64",
             "data.classes=[background,square]",
             "data.label_values={1: 0, 2: 1}",
-            "train.max_steps=15",
+            "train.max_steps=12",
             "train.batch_size=4",
             "optim.lr=2e-3",
             "task.eval.window=64",

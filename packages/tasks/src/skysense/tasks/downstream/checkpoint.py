@@ -171,7 +171,7 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild and load a model written by :func:`save_finetuned`. Returns (model in eval mode,
     meta)."""
     from skysense.encoders import build_skysense
-    from skysense.tasks.downstream.heads import SkySenseFasterRCNN
+    from skysense.tasks.downstream.heads.detection import SkySenseFasterRCNN
     from skysense.tasks.downstream.model import TaskModel
 
     obj = torch_load(path)

@@ -33,7 +33,6 @@ from skysense.tasks.downstream.heads import (
     ClassificationHead,
     FCNHead,
     SimplePyramid,
-    SkySenseFasterRCNN,
     UperNetHead,
 )
 
@@ -168,6 +167,8 @@ def build_task_model(
     ``representation``, ``size_divisible``, ``freeze_encoder``.
     """
     if kind == "detection":
+        from skysense.tasks.downstream.heads.detection import SkySenseFasterRCNN
+
         if source != "hr":
             raise ValueError(f"detection runs on the HR Swin stages (features: hr), not {source!r}")
         images = example_batch["hr"]
