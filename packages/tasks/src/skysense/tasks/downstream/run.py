@@ -97,6 +97,21 @@ def head_options(task, kind: str) -> dict:
     return out
 
 
+def scaled_lr(o, batch_size: int) -> float:
+    """``optim.lr`` scaled to the batch by ``optim.lr_scaling`` (none, linear, sqrt) against
+    ``optim.ref_batch``. Fine-tuning keeps the weight decay constant (``weight_decay_end`` is a
+    pre-training schedule and is not used here)."""
+    mode = o.get("lr_scaling", "none")
+    ratio = batch_size / float(o.get("ref_batch", batch_size) or batch_size)
+    if mode == "none":
+        return float(o.lr)
+    if mode == "linear":
+        return float(o.lr) * ratio
+    if mode == "sqrt":
+        return float(o.lr) * ratio**0.5
+    raise ConfigError("optim.lr_scaling", f"none, linear or sqrt, not {mode!r}")
+
+
 def _check_task(cfg) -> None:
     task = cfg.task
     if task.get("kind") not in KINDS:
@@ -251,9 +266,10 @@ def finetune(cfg: DictConfig) -> dict:
         model = build_task_model(encoder, kind, source, len(data.classes), example, **dict(head))
         model.to(device)
         o = cfg.optim
+        lr = scaled_lr(o, tr.batch_size)
         layer_decay = 1.0 if head["freeze_encoder"] else o.layer_decay
-        groups = param_groups(model, o.lr, o.weight_decay, layer_decay)
-        optimizer = build_optimizer(groups, o.lr, tuple(o.betas))
+        groups = param_groups(model, lr, o.weight_decay, layer_decay)
+        optimizer = build_optimizer(groups, lr, tuple(o.betas))
         if data.train_batches is not None:
             loader = data.train_batches(tr.batch_size)
         else:
@@ -275,7 +291,7 @@ def finetune(cfg: DictConfig) -> dict:
             loader,
             optimizer,
             tr.max_steps,
-            o.lr,
+            lr,
             o.min_lr,
             o.warmup_steps,
             o.grad_clip,
