@@ -6,7 +6,9 @@ from __future__ import annotations
 
 
 def main(cfg, command: str = "evaluate") -> int:
+    from skysense.tasks.downstream.errors import as_config_errors
     from skysense.tasks.downstream.run import evaluate
 
-    evaluate(cfg)
+    with as_config_errors("evaluate"):
+        evaluate(cfg)
     return 0

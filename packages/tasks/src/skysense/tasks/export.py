@@ -11,6 +11,15 @@ from omegaconf import OmegaConf
 
 
 def main(cfg, command: str = "export") -> int:
+    from skysense.tasks.downstream.errors import as_config_errors
+
+    with as_config_errors("export"):
+        report = _export(cfg)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _export(cfg) -> dict:
     import torch
 
     from skysense.tasks.downstream.checkpoint import (
@@ -57,7 +66,7 @@ def main(cfg, command: str = "export") -> int:
             encoder, h.kind, source, h.n_classes, example, head_channels=h.channels
         )
         meta = {"kind": h.kind, "inputs": inputs, "eval": {"window": size}}
-    report = export_model(
+    return export_model(
         model,
         meta,
         Path(str(cfg.out)),
@@ -69,8 +78,6 @@ def main(cfg, command: str = "export") -> int:
         cfg.rtol,
         cfg.seed,
     )
-    print(json.dumps(report, indent=1))
-    return 0
 
 
 def _as_batch(kind, names, args) -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 
 def main(cfg, command: str = "finetune") -> int:
+    from skysense.tasks.downstream.errors import as_config_errors
     from skysense.tasks.downstream.run import finetune
 
-    finetune(cfg)
+    with as_config_errors("finetune"):
+        finetune(cfg)
     return 0

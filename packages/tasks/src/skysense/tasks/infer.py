@@ -10,9 +10,17 @@ from omegaconf import OmegaConf
 
 
 def main(cfg, command: str = "infer") -> int:
+    from skysense.tasks.downstream.errors import as_config_errors
     from skysense.tasks.downstream.infer import run_inference
 
-    report = run_inference(
+    with as_config_errors("infer"):
+        report = _run(cfg, run_inference)
+    print(json.dumps(report))
+    return 0
+
+
+def _run(cfg, run_inference):
+    return run_inference(
         cfg.checkpoint,
         cfg.src,
         cfg.dst,
@@ -29,8 +37,6 @@ def main(cfg, command: str = "infer") -> int:
         overwrite=cfg.overwrite,
         progress=cfg.progress,
     )
-    print(json.dumps(report))
-    return 0
 
 
 def _cuda() -> bool:
