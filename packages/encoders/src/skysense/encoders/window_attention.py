@@ -25,14 +25,18 @@ MAX_LOGIT_SCALE = math.log(100.0)
 NORM_EPS = 1e-12  # as F.normalize
 
 
-def _cached(fn):
+def _cached(maxsize: int):
     """Memoise a table builder in eager mode (the tables depend only on ints, device, dtype).
 
-    Compiled and exported code traces ``fn`` itself, so the tables become constants of the
-    graph and no fake tensor ever lands in the cache; eager calls build them once, outside
+    Compiled and exported code traces the builder itself, so the tables become constants of
+    the graph and no fake tensor ever lands in the cache; eager calls build them once, outside
     inference mode so that they can meet autograd later.
     """
-    cached = functools.lru_cache(maxsize=256)(fn)
+    return functools.partial(_memoise, maxsize=maxsize)
+
+
+def _memoise(fn, maxsize: int):
+    cached = functools.lru_cache(maxsize=maxsize)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -108,7 +112,7 @@ def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
     return dy * (2 * ww - 1) + dx
 
 
-@_cached
+@_cached(maxsize=64)
 def window_tables(
     wh: int, ww: int, ref_h: int, ref_w: int, device=None, dtype=torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +122,8 @@ def window_tables(
     return coords, relative_position_index(wh, ww, device).reshape(-1)
 
 
-@_cached
+# A mask is nW x N x N floats (67 MB for a 2048 px tile's first stage): keep a few sizes.
+@_cached(maxsize=16)
 def window_mask(
     H: int, W: int, wh: int, ww: int, sh: int, sw: int, device=None, dtype=torch.float32
 ) -> torch.Tensor | None:
