@@ -326,3 +326,37 @@ def test_an_interrupted_run_leaves_no_complete_looking_file(tmp_path, sig):
         assert "interrupted" in err
     else:
         assert all(n.startswith(".pred.tif.partial") for n in left), left
+
+
+@pytest.mark.unit
+def test_detection_infer_writes_boxes_in_the_scene_crs(tmp_path, standin):
+    src = _scene(tmp_path / "scene.tif", 100, 150, nodata_box=False)
+    torch.manual_seed(0)
+    enc = StandInSkySense()
+    model = build_task_model(
+        enc, "detection", "hr", 1, {"hr": torch.randn(1, 3, 64, 64)}, fpn_channels=8
+    )
+    meta = {
+        "preset": "tiny",
+        "overrides": {},
+        "kind": "detection",
+        "source": "hr",
+        "n_classes": 1,
+        "channels": [8, 16, 24, 32],
+        "head": {"fpn_channels": 8, "score_threshold": 0.0},
+        "classes": ["tree"],
+        "inputs": _sensor_inputs({"hr": "hr_rgb"}, "hr"),
+        "eval": {"window": 64, "overlap": 16},
+    }
+    save_finetuned(tmp_path / "d.pt", model, meta)
+    with pytest.raises(ValueError, match="geojson"):
+        run_inference(tmp_path / "d.pt", src, tmp_path / "d.tif", progress=False)
+    rep = run_inference(tmp_path / "d.pt", src, tmp_path / "d.geojson", progress=False)
+    doc = json.loads((tmp_path / "d.geojson").read_text())
+    assert doc["crs"]["properties"]["name"] == "EPSG:32631" and rep["windows"] == 2 * 3
+    with rasterio.open(src) as ds:
+        left, bottom, right, top = ds.bounds
+    for f in doc["features"]:
+        xs, ys = zip(*f["geometry"]["coordinates"][0])
+        assert left <= min(xs) and max(xs) <= right and bottom <= min(ys) and max(ys) <= top
+        assert f["properties"]["label"] == "tree"

@@ -13,11 +13,13 @@ an interrupted run removes on its way out).
 The output has the reference input's CRS, transform and size (for Sentinel-2 band folders, the
 grid of the 10 m bands). Pixels where the input has no data stay nodata: class maps are uint8
 with nodata 255, probability maps float32 with nodata NaN. Change detection takes two dates
-(``src`` and ``src2``) on the same grid.
+(``src`` and ``src2``) on the same grid. Detection models write their boxes as GeoJSON polygons
+in the scene's CRS instead (:func:`run_detection`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -55,6 +57,129 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_detection(
+    model,
+    meta: Mapping,
+    src,
+    dst,
+    window: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    score_threshold: float = 0.3,
+    nms_iou: float = 0.5,
+) -> dict:
+    """Boxes of a detection model over a whole HR scene, as GeoJSON polygons in the scene's CRS.
+
+    Windows overlap so that an object cut by one window's edge lies whole in a neighbour (set
+    the overlap above the largest object's size): boxes touching an inner window edge are
+    dropped, the others (shifted to scene pixels) go through one class-wise non-maximum
+    suppression. Memory holds a batch of windows and the boxes. Written to a temporary name and
+    renamed when complete.
+    """
+    from torchvision.ops import batched_nms
+
+    inputs = meta["inputs"]
+    ev = meta.get("eval") or {}
+    window = int(window or ev.get("window") or 256)
+    overlap = int(overlap if overlap is not None else ev.get("overlap", window // 4))
+    dst = Path(dst)
+    if dst.suffix.lower() not in (".geojson", ".json"):
+        raise ValueError(
+            f"a detection model writes boxes: give DST a .geojson name, not {dst.name}"
+        )
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists (overwrite=true to replace it)")
+    dev = torch.device(device)
+    model.to(dev).eval()
+    boxes, scores, labels = [], [], []
+    with ExitStack() as stack:
+        stack.enter_context(terminate_as_interrupt())
+        reader = stack.enter_context(
+            SceneReader(src, inputs["sensors"]["hr"], inputs["hr"]["bands"])
+        )
+        grid = reader.grid
+        wg = WindowGrid(grid.height, grid.width, window, overlap)
+        wins = [(t, left) for t in wg.tops for left in wg.lefts]
+        for i in tqdm(
+            range(0, len(wins), batch_size), desc="infer", unit="batch", disable=not progress
+        ):
+            chunk = wins[i : i + batch_size]
+            imgs = []
+            for t, left in chunk:
+                x, _ = normalise(
+                    reader.read(grid.window(t, left, window, window)),
+                    inputs["hr"]["mean"],
+                    inputs["hr"]["std"],
+                )
+                imgs.append(x.to(dev))
+            with torch.no_grad():
+                outs = model(imgs)
+            for (t, left), o in zip(chunk, outs):
+                wb = o["boxes"].cpu()
+                # A box touching an inner window edge is an object cut by that edge: the
+                # neighbouring window, which overlaps this one, sees it whole.
+                cut = (
+                    ((wb[:, 0] <= 1) & (left > 0))
+                    | ((wb[:, 1] <= 1) & (t > 0))
+                    | ((wb[:, 2] >= window - 1) & (left + window < grid.width))
+                    | ((wb[:, 3] >= window - 1) & (t + window < grid.height))
+                )
+                keep = (o["scores"].cpu() >= score_threshold) & ~cut
+                b = wb[keep] + torch.tensor([left, t, left, t], dtype=torch.float32)
+                b[:, [0, 2]] = b[:, [0, 2]].clamp(0, grid.width)
+                b[:, [1, 3]] = b[:, [1, 3]].clamp(0, grid.height)
+                boxes.append(b)
+                scores.append(o["scores"][keep].cpu())
+                labels.append(o["labels"][keep].cpu())
+    b, sc, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_nms(b, sc, lab, nms_iou) if len(b) else torch.zeros(0, dtype=torch.int64)
+    classes = meta["classes"]
+    feats = []
+    for j in keep.tolist():
+        x0, y0, x1, y1 = b[j].tolist()
+        ring = [
+            grid.transform @ (x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))
+        ]
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
+                "properties": {
+                    "label": classes[int(lab[j])],
+                    "score": round(float(sc[j]), 4),
+                    "pixel_box": [x0, y0, x1, y1],
+                },
+            }
+        )
+    crs = grid.crs.to_string()
+    doc = {
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": crs}},
+        "features": feats,
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log.info("wrote %s: %d boxes from %d windows", dst, len(feats), len(wins))
+    return {
+        "dst": str(dst),
+        "height": grid.height,
+        "width": grid.width,
+        "crs": crs,
+        "windows": len(wins),
+        "boxes": len(feats),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 @contextmanager
@@ -129,8 +254,8 @@ def run_inference(
     model, meta = load_finetuned(weights)
     kind, inputs = meta["kind"], meta["inputs"]
     if kind == "detection":
-        raise NotImplementedError(
-            "skysense infer writes raster maps; detection models (boxes) are not supported yet"
+        return run_detection(
+            model, meta, src, dst, window, overlap, batch_size, device, overwrite, progress
         )
     if output not in ("classes", "probabilities"):
         raise ValueError(f"output must be 'classes' or 'probabilities', not {output!r}")
