@@ -125,3 +125,10 @@ def test_block_head_equals_the_first_tokens_of_the_full_block(n):
     no_bias = Attention(8, 2, qkv_bias=False).double()
     y = torch.randn(2, 5, 8, dtype=torch.float64)
     torch.testing.assert_close(no_bias(y, num_queries=2), no_bias(y)[:, :2])
+
+
+def test_vit_patch_matmul_equals_the_convolution():
+    vit = VisionTransformer(10, img_size=16, patch_size=4, dim=24, depth=1, num_heads=2, taps=(0,))
+    x = torch.randn(3, 10, 16, 20)
+    conv = vit.patch_embed(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(vit._embed_patches(x, 4, 5), conv, rtol=1e-5, atol=1e-5)
