@@ -23,6 +23,16 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
+    (several times slower with 2); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def standin(monkeypatch):
     monkeypatch.setattr(skysense.encoders, "build_skysense", build_standin, raising=False)
 

@@ -21,6 +21,16 @@ from skysense.tasks.downstream.model import TaskModel, build_task_model
 pytestmark = pytest.mark.unit
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
+    (several times slower with 2); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _upernet_reference(head: UperNetHead, feats):
     """UperNet written out step by step with the head's own modules, float64."""
 

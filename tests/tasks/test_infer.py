@@ -36,6 +36,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
+    (several times slower with 2); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------- windows, blending
 
 
@@ -260,6 +270,7 @@ def test_peak_memory_does_not_grow_with_the_scene(tmp_path):
                 "block=512",
                 "progress=false",
                 "batch_size=4",
+                "threads=1",
             ],
             capture_output=True,
             text=True,
@@ -295,6 +306,7 @@ def test_an_interrupted_run_leaves_no_complete_looking_file(tmp_path, sig):
             "block=256",
             "progress=false",
             "batch_size=2",
+            "threads=1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

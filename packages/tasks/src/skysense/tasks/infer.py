@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 def main(cfg, command: str = "infer") -> int:
     from skysense.tasks.downstream.errors import as_config_errors
     from skysense.tasks.downstream.infer import run_inference
+    from skysense.tasks.downstream.run import set_threads
 
+    set_threads(cfg.get("threads"))
     with as_config_errors("infer"):
         report = _run(cfg, run_inference)
     print(json.dumps(report))

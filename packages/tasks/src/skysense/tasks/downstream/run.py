@@ -62,6 +62,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(n) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is set (see train.threads in finetune.yaml)."""
+    if n:
+        torch.set_num_threads(int(n))
+        log.info("torch CPU threads: %d", int(n))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,6 +219,7 @@ def finetune(cfg: DictConfig) -> dict:
     kind = cfg.task.kind
     tr = cfg.train
     device = pick_device(tr.device)
+    set_threads(tr.get("threads"))
     run_dir = Path(str(cfg.run_dir))
     seed_everything(cfg.seed)
     data = build_task_data(
@@ -397,6 +405,7 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     model, meta = load_finetuned(weights)
     device = pick_device(cfg.train.device)
+    set_threads(cfg.train.get("threads"))
     model.to(device)
     seed_everything(cfg.seed)
     data = build_task_data(cfg.data, 0, cfg.seed, meta["source"])
