@@ -18,10 +18,14 @@ INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
 def as_config_errors(what: str):
     """Turn :data:`INPUT_ERRORS` into :class:`ConfigError` (`skysense` prints it, exit code 2);
     the traceback stays in the debug log."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         yield
     except ConfigError:
         raise
+    except MissingMandatoryValue as e:
+        raise ConfigError(str(e.full_key), "required (???): set it, e.g. on the command line") from e
     except INPUT_ERRORS as e:
         log.debug("%s failed", what, exc_info=True)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
