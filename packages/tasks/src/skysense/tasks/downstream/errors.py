@@ -25,7 +25,9 @@ def as_config_errors(what: str):
     except ConfigError:
         raise
     except MissingMandatoryValue as e:
-        raise ConfigError(str(e.full_key), "required (???): set it, e.g. on the command line") from e
+        raise ConfigError(
+            str(e.full_key), "required (???): set it, e.g. on the command line"
+        ) from e
     except INPUT_ERRORS as e:
         log.debug("%s failed", what, exc_info=True)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
