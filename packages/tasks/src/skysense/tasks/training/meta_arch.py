@@ -25,10 +25,18 @@ class Student(nn.Module):
         self.encoder = encoder
         self.loss = loss
 
-    def forward(self, views: list[dict], teacher_outs: list[dict], teacher_heads: nn.Module):
+    def forward(
+        self,
+        views: list[dict],
+        teacher_outs: list[dict],
+        teacher_heads: nn.Module,
+        step: int | None = None,
+    ):
+        """The loss of the student on ``views`` against the teacher's outputs; ``step`` (the
+        optimizer step) drives the teacher-temperature warm-up."""
         outs = [self.encoder(v) for v in views]
         return self.loss(
-            student=outs, teacher=teacher_outs, views=views, teacher_heads=teacher_heads
+            student=outs, teacher=teacher_outs, views=views, teacher_heads=teacher_heads, step=step
         )
 
 
