@@ -135,6 +135,7 @@ def test_triton_bf16(triton_cpu):
     "backend",
     [
         pytest.param("sdpa", marks=pytest.mark.unit),
+        pytest.param("matmul", marks=pytest.mark.unit),
         pytest.param("reference", marks=pytest.mark.unit),
         pytest.param("triton", marks=pytest.mark.triton),
     ],
@@ -151,10 +152,28 @@ def test_all_masked_rows_give_zeros_and_finite_grads(request, backend):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
 @pytest.mark.parametrize("bias_kind", [None, "swin", "full", "rows_cols"])
-def test_sdpa_matches_reference(bias_kind):
+def test_sdpa_and_matmul_match_reference(backend, bias_kind):
     q, k, v, biases, mask = _inputs(4, 2, 23, 23, 44, torch.float32, bias_kind, True)
-    _check(q, k, v, biases, mask, "sdpa")
+    _check(q, k, v, biases, mask, backend)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matmul_low_precision_matches_reference(dtype):
+    q, k, v, biases, mask = _inputs(4, 2, 49, 49, 32, dtype, "swin", True)
+    _check(q, k, v, biases, mask, "matmul", tol=(3e-2, 3e-2) if dtype == torch.float16 else None)
+
+
+@pytest.mark.unit
+def test_matmul_periodic_biases_of_two_periods():
+    # Leading dims 2 and 4 of B = 8: added one after the other, each periodically.
+    q, k, v = (torch.randn(8, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    biases = [torch.randn(2, 1, 9, 9, dtype=torch.float64), torch.randn(4, 2, 9, 9).double()]
+    with force_backend("attention", "matmul"):
+        got = attention(q, k, v, biases)
+    torch.testing.assert_close(got, attention_reference(q, k, v, biases))
 
 
 @pytest.mark.unit
@@ -162,6 +181,48 @@ def test_cpu_dispatch_picks_sdpa_and_reports_it():
     q = torch.randn(2, 2, 5, 8)
     attention(q, q, q)
     assert last_backend("attention") == "sdpa"
+
+
+@pytest.mark.unit
+def test_cpu_dispatch_picks_matmul_where_a_bias_requires_grad():
+    q = torch.randn(4, 2, 5, 8)
+    rel = torch.randn(1, 2, 5, 5, requires_grad=True)
+    attention(q, q, q, [rel, torch.zeros(2, 1, 5, 5)])
+    assert last_backend("attention") == "matmul"
+    with torch.no_grad():
+        attention(q, q, q, rel)
+    assert last_backend("attention") == "sdpa"
+    attention(q, q, q, rel.detach())
+    assert last_backend("attention") == "sdpa"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
+def test_cpu_backends_trace_as_one_graph(backend):
+    # No graph break under torch.compile: neither the dispatch's logging nor the handling of
+    # rows whose keys are all padding (no data-dependent branch).
+    import torch._dynamo
+
+    q = torch.randn(4, 2, 7, 8)
+    rel = torch.randn(1, 2, 7, 7, requires_grad=True)
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[1] = True
+    mask[2, :3] = True
+
+    def f(q, rel, mask):
+        with force_backend("attention", backend):
+            return attention(q, q, q, [rel, torch.zeros(2, 1, 7, 7)], mask)
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(q, rel, mask)
+    assert explain.graph_break_count == 0, [str(r.reason) for r in explain.break_reasons]
+    assert explain.graph_count == 1
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager", fullgraph=True)(q, rel, mask)
+    torch.testing.assert_close(
+        got, attention_reference(q, q, q, [rel, torch.zeros(2, 1, 7, 7)], mask)
+    )
+    assert torch.count_nonzero(got[1]) == 0
 
 
 @pytest.mark.unit

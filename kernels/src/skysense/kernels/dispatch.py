@@ -51,8 +51,17 @@ def force_backend(op: str, backend: str):
 
 
 def record(op: str, backend: str) -> None:
-    """Note that ``backend`` served ``op`` (logged at INFO the first time, DEBUG after)."""
+    """Note that ``backend`` served ``op`` (logged at INFO the first time, DEBUG after).
+
+    Under ``torch.compile`` / ``torch.export`` (``torch.compiler.is_compiling()``) only the name
+    is kept: a logging call there would break the graph, and the code being traced runs once
+    anyway.
+    """
+    import torch
+
     _last[op] = backend
+    if torch.compiler.is_compiling():
+        return
     if (op, backend) not in _seen:
         _seen.add((op, backend))
         logger.info("%s: backend %s", op, backend)
