@@ -3,8 +3,6 @@ torch.export of the tiny encoder (the exported program gives the eager outputs).
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torch._dynamo
@@ -40,35 +38,12 @@ def _blocks(m):
 )
 def test_no_graph_break_in_block_forward(model, name):
     block, args = _blocks(model)[name]
-    # Logging aside (kernels' dispatch logs each call), the whole block traces as one graph.
-    quiet = {logging.Logger.info, logging.Logger.debug, logging.Logger.warning}
-    with torch._dynamo.config.patch(ignore_logger_methods=quiet):
-        torch._dynamo.reset()
-        strict = torch._dynamo.explain(block)(*args)
-    assert strict.graph_break_count == 0, [str(r.reason) for r in strict.break_reasons]
-    assert strict.graph_count == 1
-
+    # The whole block, the kernels' attention and its dispatch (logging included) traces as
+    # one graph.
     torch._dynamo.reset()
     explain = torch._dynamo.explain(block)(*args)
-    ours = [r for r in explain.break_reasons if not _inside_kernels(r)]
-    assert not ours, [str(r.reason) for r in ours]
-    if explain.break_reasons:
-        # Every break left is inside skysense.kernels (another distribution): report it as
-        # such, so that the test passes again by itself once the kernels are break-free.
-        where = sorted(
-            {
-                f"{f.filename.split('/skysense/')[-1]}:{f.lineno}"
-                for r in explain.break_reasons
-                for f in r.user_stack[-1:]
-            }
-        )
-        pytest.xfail(f"graph breaks inside skysense.kernels only, at {where}")
+    assert explain.graph_break_count == 0, [str(r.reason) for r in explain.break_reasons]
     assert explain.graph_count == 1
-
-
-def _inside_kernels(reason) -> bool:
-    stack = reason.user_stack
-    return bool(stack) and "/skysense/kernels/" in stack[-1].filename
 
 
 @pytest.mark.slow

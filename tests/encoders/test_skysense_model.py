@@ -59,6 +59,25 @@ def test_outputs_for_every_modality_subset(tiny, mods):
     assert out["region"][0] >= 0 and (out["geo"][0, Df:] != 0).any()
 
 
+@pytest.mark.parametrize("mods", [("hr",), ("hr", "s2", "s1")], ids=["hr", "hr+s2+s1"])
+def test_fuse_false_skips_fusion_and_geo_context(tiny, mods, monkeypatch):
+    batch = make_batch(2, 3, 2, modalities=mods)
+    with torch.no_grad():
+        full = tiny(batch)
+
+        def refuse(*a, **k):
+            raise AssertionError("fusion or geo-context ran with fuse=False")
+
+        monkeypatch.setattr(tiny.fusion, "forward", refuse)
+        monkeypatch.setattr(tiny.geo_context, "forward", refuse)
+        monkeypatch.setattr(tiny.geo_context, "region", refuse)
+        spatial = tiny(batch, fuse=False)
+    assert set(spatial) == set(full) - {"fused", "geo", "region"}
+    for k, v in spatial.items():
+        for a, b in zip(v, full[k]) if isinstance(v, tuple) else [(v, full[k])]:
+            torch.testing.assert_close(a, b, msg=k)
+
+
 def _pad_steps(batch, m, where, n=2, g=None):
     """Insert n padded steps (garbage pixels, doy 0, invalid) before index ``where``."""
     g = g or torch.Generator().manual_seed(7)

@@ -9,12 +9,6 @@ from torch import nn
 from skysense.kernels import attention
 
 
-def padding_bias(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N) bool, True = padding -> (B, 1, 1, N) additive bias: 0 on keys, -inf on padding."""
-    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
-
-
 class Attention(nn.Module):
     """Self-attention over tokens: qkv projection, ``kernels.attention``, output projection.
 
@@ -56,13 +50,6 @@ class Attention(nn.Module):
             q = F.linear(x[:, :num_queries], w[:C], bq)
             q = q.reshape(B, num_queries, H, D).transpose(1, 2)
             k, v = F.linear(x, w[C:], bkv).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
-        if key_padding_mask is not None and torch.compiler.is_compiling():
-            # The kernel's handling of rows whose keys are all padding branches on the data,
-            # which breaks the graph (and torch.export). Our callers never pass such rows (the
-            # fusion's extra token is never padding), so the same mask as an additive bias is
-            # exact and branch-free. Eager runs keep the kernel's key_padding_mask path.
-            bias, key_padding_mask = padding_bias(key_padding_mask, q.dtype), None
         drop = self.attn_drop if self.training else 0.0
-        out = attention(q, k, v, bias=bias, key_padding_mask=key_padding_mask, dropout_p=drop)
+        out = attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=drop)
         return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], C))

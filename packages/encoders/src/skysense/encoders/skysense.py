@@ -102,7 +102,7 @@ class SkySense(nn.Module):
             if enc is not None:
                 enc.set_checkpointing(enabled)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict:
+    def forward(self, batch: Mapping[str, torch.Tensor], fuse: bool = True) -> dict:
         """Encode a batch (docs/contracts.md, "Batch") into the encoder output dict.
 
         Args:
@@ -111,6 +111,10 @@ class SkySense(nn.Module):
                 (B, T) int64 day of year (0 = unknown/padded); ``s2_valid``/``s1_valid``
                 (B, T) bool (absent = every step valid); ``latlon`` (B, 2) float (NaN =
                 unknown). H / 32 must equal hs / patch * upscale (the fusion grid h x w).
+            fuse: False stops after the spatial encoders and the grid alignment: the
+                temporal fusion and the geo-context do not run, and ``fused``, ``geo`` and
+                ``region`` are absent (for consumers of ``hr_stages`` or the taps only; under
+                DDP their parameters then get no gradient).
 
         Returns:
             dict (keys of absent modalities absent; views may be non-contiguous):
@@ -162,6 +166,8 @@ class SkySense(nn.Module):
             d = batch.get(f"{m}_doy")
             doys.append(d if (dtpe_all or m == "s2") else None)
 
+        if not fuse:
+            return out
         fused = self.fusion(tokens, valid, doys)  # (B, h, w, D_f)
         region = self.geo_context.region(batch.get("latlon"), B, fused.device)
         flat = fused.reshape(B, h * w, -1)
