@@ -68,11 +68,13 @@ def test_tiny_segmentation_head_round_trip(tmp_path):
     model = build_task_model(
         enc, "segmentation", "hr", 4, {"hr": torch.randn(1, 3, 64, 64)}, head_channels=16
     )
-    # ONNX is off here: the exporter's decomposition refuses the Swin window attention's
-    # reshape today (see the report); the classification test covers the ONNX path.
-    rep = E.export_model(model, meta, tmp_path, onnx=False)
+    # ONNX through the Swin V2 window attention (the classification test covers the ViT).
+    rep = E.export_model(model, meta, tmp_path, onnx=HAVE_ONNX)
     assert rep["torch_export_ok"] and rep["torch_export_check"]["shape"] == [1, 4, 64, 64]
     assert rep["torch_export_check"]["max_abs"] <= 1e-4
+    if HAVE_ONNX:
+        assert rep["onnx_ok"], rep
+        assert rep["onnx_check"]["max_abs"] < 1e-4
 
 
 @pytest.mark.unit
