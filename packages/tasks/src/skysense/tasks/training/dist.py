@@ -97,21 +97,47 @@ def wrap(module: nn.Module, strategy: str, info: DistInfo, find_unused: bool = T
         )
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         # Shard every transformer block on its own, then the rest at the root.
         for m in module.modules():
             if m is not module and type(m).__name__.endswith(("Block", "Layer")):
                 fully_shard(m, mesh=mesh)
+                # FSDP gathers the parameters around ``forward`` only: other entry points
+                # (the fusion's last block runs ``forward_head``) would see the shards.
+                for name in forward_methods(m):
+                    register_fsdp_forward_method(m, name)
         fully_shard(module, mesh=mesh)
         return module
     raise ValueError(f"trainer.strategy: unknown '{strategy}' (ddp or fsdp)")
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP module (FSDP keeps the root's after forward; the
+    teacher, which never runs backward, must be resharded before its EMA reads the shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
+def forward_methods(module: nn.Module) -> list[str]:
+    """Names of ``module``'s extra forward entry points (``forward_<something>`` methods)."""
+    return sorted(
+        n
+        for n in dir(type(module))
+        if n.startswith("forward_") and callable(getattr(type(module), n, None))
+    )
+
+
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each key's value averaged over the processes (one all-gather of the small dict; a key
+    that a process lacks, such as the loss term of a modality absent from its batch, counts as
+    0 there, as it does in the averaged gradient). A copy of ``values`` when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: float(v) for k, v in values.items()})
+    keys = dict.fromkeys(k for g in gathered for k in g)  # in order of first appearance
+    return {k: sum(g.get(k, 0.0) for g in gathered) / len(gathered) for k in keys}

@@ -81,7 +81,20 @@ def _load_state(student, teacher, optimizer, state):
     module = student.module if hasattr(student, "module") else student
     set_model_state_dict(module, state["student_module"], options=opts)
     set_model_state_dict(teacher, state["teacher_module"], options=opts)
-    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=opts)
+    # Parameters that never had a gradient (the Swin norms that feed only the downstream
+    # pyramids) have no AdamW state: the checkpoint has no entry for them, as it should.
+    set_optimizer_state_dict(
+        module,
+        optimizer,
+        state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+    # Loading first initialises every parameter's state (a zero-gradient step at lr 0): drop
+    # it again for those, so that the optimizer is exactly the one that was saved.
+    saved = set(state["optimizer"].get("state", {}))
+    for name, p in module.named_parameters():
+        if name not in saved and p in optimizer.state:
+            del optimizer.state[p]
 
 
 def scaled_lr(ocfg, batch_size: int) -> float:
@@ -118,10 +131,14 @@ class Trainer:
         self.wrapped = self.student
 
     def distribute(self) -> None:
-        """Wrap for DDP/FSDP and compile, after any checkpoint was loaded."""
+        """Wrap for DDP/FSDP and compile, before any checkpoint is loaded (loading goes through
+        the distributed state-dict API, which shards a full checkpoint as the wrapping says)."""
         self.wrapped = D.wrap(self.student, self.tcfg.strategy, self.info)
         if self.tcfg.strategy == "fsdp" and self.info.distributed:
             D.wrap(self.teacher, "fsdp", self.info)
+            # fully_shard replaces every parameter with a sharded one: an optimizer built on
+            # the old tensors would step on copies the model no longer reads.
+            self.optimizer = build_optimizer(self.student, self.ocfg)
         if self.tcfg.compile:
             self.student.encoder.compile()
             self.teacher.encoder.compile()
@@ -155,7 +172,7 @@ class Trainer:
             if not torch.isfinite(total.detach()):
                 bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
                 raise NonFiniteLoss(
-                    f"step {step + 1}: loss is {float(total)}; terms that went bad: "
+                    f"step {step + 1}: loss is {float(total.detach())}; terms that went bad: "
                     f"{bad or ['total']} (nothing was saved for this step)"
                 )
             (total / accum).backward()
@@ -165,6 +182,7 @@ class Trainer:
             fused += [(o["fused"].float(), o["region"]) for o in teacher_outs if "fused" in o]
         gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.ocfg.grad_clip)
         self.optimizer.step()
+        D.reshard(self.teacher)  # FSDP: the EMA works on the shards
         ema_update(self.teacher, self.student, momentum)
         self.update_prototypes(fused)
         return {
@@ -198,9 +216,13 @@ def train(cfg: DictConfig, run) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     encoder = run.build_encoder()
     trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+    trainer.distribute()
+    # Then one random stream per process: stochastic depth and the pixel-pair draws of one
+    # process must not repeat those of another (a resume restores each process's own stream).
+    torch.manual_seed(cfg.seed + info.rank)
 
     start_step, data_position, history = 0, 0, []
     if cfg.resume:
@@ -214,7 +236,6 @@ def train(cfg: DictConfig, run) -> dict:
             history = state.get("history", [])
             ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
             log.info("resumed from %s at step %d", path, start_step)
-    trainer.distribute()
 
     per_rank = tcfg.batch_size // info.world_size
     it = iter(run.build_loader(start_batch=data_position, batch_size=per_rank))
@@ -227,26 +248,28 @@ def train(cfg: DictConfig, run) -> dict:
     bar = run.progress(total=tcfg.max_steps, initial=start_step, disable=not info.is_main)
     samples_done, t_start = 0, time.perf_counter()
     last_path = ckpt.latest(ckpt_dir)
-    loss_value = float("nan")
+    loss_value = history[-1]["loss"] if history else float("nan")
     for step in range(start_step, tcfg.max_steps):
         views = to_device(next(it), info.device)
         data_position += 1
         rec = trainer.step(views, step)
         samples_done += tcfg.batch_size
-        loss_value = float(D.all_reduce_mean(torch.tensor(rec["loss"])))
+        # The loss and terms of the global batch: each process's, averaged over processes.
+        mean = D.mean_over_processes({"loss": rec["loss"], **rec["terms"]})
+        loss_value = mean.pop("loss")
         sps = samples_done / max(time.perf_counter() - t_start, 1e-9)
         history.append(
             {
                 "step": step + 1,
                 "loss": loss_value,
                 "lr": rec["lr"],
-                "terms": rec["terms"],
+                "terms": mean,
                 "samples_per_s": sps,
             }
         )
         if writer is not None and (step + 1) % tcfg.log_every == 0:
             writer.add_scalar("loss/total", loss_value, step + 1)
-            for k, v in rec["terms"].items():
+            for k, v in mean.items():
                 writer.add_scalar(f"loss/{k}", v, step + 1)
             for k in ("lr", "wd", "momentum", "grad_norm"):
                 writer.add_scalar(f"optim/{k}", rec[k], step + 1)

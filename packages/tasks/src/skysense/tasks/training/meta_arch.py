@@ -41,7 +41,9 @@ class Student(nn.Module):
 
 
 class Teacher(nn.Module):
-    """EMA copy of the student's encoder and heads (parameters frozen)."""
+    """EMA copy of the student's encoder and heads (parameters frozen), always in eval mode:
+    no stochastic depth nor dropout on the teacher side (DINO's teacher has none), so its
+    targets are a deterministic function of its weights and the views."""
 
     def __init__(self, student: Student):
         super().__init__()
@@ -49,6 +51,11 @@ class Teacher(nn.Module):
         self.heads = copy.deepcopy(student.loss.heads)
         for p in self.parameters():
             p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Stays in eval mode whatever ``mode`` says."""
+        return super().train(False)
 
     @torch.no_grad()
     def forward(self, views: list[dict]) -> list[dict]:
