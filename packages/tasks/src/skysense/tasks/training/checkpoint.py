@@ -5,16 +5,20 @@ written to a temporary name in the same folder, flushed to disk, then renamed (a
 and only then is ``latest`` (a one-line text file naming it) replaced the same way. Readers trust
 ``latest`` and never see a partial file.
 
-Contents (a dict): ``student``, ``teacher`` (SkySense state_dicts), ``student_heads``,
-``teacher_heads``, ``loss`` (centres), ``optimizer``, ``step`` (optimizer steps done),
-``data_position`` (global batches consumed), ``rng`` (python, numpy, torch, cuda), ``config``
-(the composed config as a plain dict), ``history`` (logged losses so far).
+Contents (a dict of tensors and plain values: it loads with ``torch.load(weights_only=True)``):
+``student``, ``teacher`` (the SkySense encoders' state_dicts, what downstream tasks read),
+``student_module``, ``teacher_module`` (the whole towers: encoder, projection heads, CMA
+projections, teacher centres), ``optimizer``, ``step`` (optimizer steps done),
+``data_position`` (global batches consumed), ``rng`` (one entry per process: python, numpy,
+torch, cuda), ``config`` (the composed config as a plain dict), ``history`` (logged losses so
+far), ``loss_terms`` (the term names).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -57,9 +61,19 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def rng_state() -> dict:
+    """The RNG states of this process as tensors and plain Python values only, so that a
+    checkpoint loads with ``torch.load(weights_only=True)``."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global state)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (the global state is what we restore)
+        "python": {"version": int(version), "state": torch.tensor(mt), "gauss": gauss},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, np.uint32).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -68,8 +82,16 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    """Restore what :func:`rng_state` returned (also the older pickled-object form)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
+    random.setstate(py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        keys = npy["keys"].numpy().astype(np.uint32)
+        npy = (npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -107,5 +129,11 @@ def latest(ckpt_dir: Path) -> Path | None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save`."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Load a checkpoint written by :func:`save` (tensors and plain values only:
+    ``weights_only=True``; a checkpoint of an older version that pickled objects, from this run's
+    own folder, is unpickled in full)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("%s holds pickled objects (an older checkpoint): loading it in full", path)
+        return torch.load(path, map_location=map_location, weights_only=False)
