@@ -6,7 +6,10 @@
     torchrun --nproc_per_node 2 -m skysense.tasks.cli pretrain trainer.strategy=fsdp
 
 The config is validated before any work (unknown preset, batch not divisible by processes and
-accumulation steps, missing data) with a message naming the field.
+accumulation steps, missing data, unknown lr scaling, data backend, view or loss fields, a device
+that is not there) with a message naming the field (exit status 2). A loss that goes NaN or
+infinite stops the run with a message naming the step and the terms (exit status 1); the
+checkpoints written before it stay as they were.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.strategy", f"'{t.strategy}' is not one of ddp, fsdp")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError("trainer.precision", f"'{t.precision}' is not one of auto, fp32, bf16")
+    _validate_device(str(t.device))
     if cfg.data.name == "shards":
         manifest = cfg.data.get("manifest")
         if manifest in (None, "???") or OmegaConf.is_missing(cfg.data, "manifest"):
@@ -63,12 +67,58 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("data.manifest", f"{manifest} does not exist")
     elif cfg.data.name != "embedded":
         raise ConfigError("data.name", f"unknown data source '{cfg.data.name}'")
+    if cfg.data.get("backend", "auto") not in ("auto", "dali", "torch"):
+        raise ConfigError("data.backend", f"'{cfg.data.backend}' is not one of auto, dali, torch")
+    _validate_views(cfg.data.get("views"))
+    _validate_loss(cfg.loss)
     if cfg.optim.get("lr_scaling", "none") not in ("none", "linear", "sqrt"):
         raise ConfigError(
             "optim.lr_scaling", f"'{cfg.optim.lr_scaling}' is not one of none, linear, sqrt"
         )
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
+
+
+def _validate_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError("trainer.device", f"'{name}' is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", f"'{name}' asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("trainer.device", f"'{name}': only auto, cpu and cuda[:N] are supported")
+
+
+def _validate_views(views) -> None:
+    from skysense.data.views import ViewConfig
+
+    try:
+        ViewConfig.from_dict(OmegaConf.to_container(views, resolve=True) if views else None)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("data.views", str(e)) from None
+
+
+def _validate_loss(loss) -> None:
+    import inspect
+
+    from skysense.losses import SkySenseLoss
+
+    known = set(inspect.signature(SkySenseLoss.__init__).parameters) - {
+        "self",
+        "grid_dim",
+        "fusion_dim",
+    }
+    unknown = sorted(set(loss) - known)
+    if unknown:
+        raise ConfigError(
+            f"loss.{unknown[0]}",
+            f"not a field of the loss (SkySenseLoss takes: {', '.join(sorted(known))})",
+        )
 
 
 @dataclass
@@ -179,7 +229,7 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
         argv = [a for a in sys.argv[2:] if not a.startswith("trainer.nproc=")]
         return D.launch(cfg.trainer.nproc, command, argv + [f"trainer.nproc={cfg.trainer.nproc}"])
 
-    from skysense.tasks.training.loop import scaled_lr, train
+    from skysense.tasks.training.loop import NonFiniteLoss, scaled_lr, train
 
     info = D.init(cfg.trainer.device)
     try:
@@ -204,7 +254,12 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
             cfg.optim.get("lr_scaling", "none"),
             cfg.optim.lr,
         )
-        summary = train(cfg, Run(cfg, info, manifest))
+        try:
+            summary = train(cfg, Run(cfg, info, manifest))
+        except NonFiniteLoss as e:
+            log.error("%s", e)
+            print(f"skysense {command}: {e}", file=sys.stderr, flush=True)
+            return 1
         if info.is_main:
             print(summary_line(summary), flush=True)
     finally:
