@@ -76,6 +76,19 @@ def peak_rss(fn: Callable[[], object]) -> int:
     return max(0, peak - before)
 
 
+def compare_peak(fns: dict[str, Callable[[], object]], rounds: int = 1) -> dict[str, int]:
+    """Median :func:`peak_rss` of several callables over interleaved rounds (A B A B ...).
+
+    At small sizes the first measured call can carry the allocator's one-off growth (measured
+    here: a loss's fused path 10.5 MiB on its first call, 4.3 MiB on every later one), which
+    one round charges to whichever runs first; more rounds take it out."""
+    peaks: dict[str, list[int]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            peaks[k].append(peak_rss(f))
+    return {k: int(statistics.median(v)) for k, v in peaks.items()}
+
+
 def peak_cuda(fn: Callable[[], object]) -> int:
     """Bytes of CUDA memory allocated at the peak of ``fn()`` beyond what was held before."""
     import torch
@@ -86,3 +99,117 @@ def peak_cuda(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+MIB = 1 << 20
+# The resolution of ``peak_rss`` here: page-granular, and the allocator keeps blocks under its
+# mmap threshold (1 MiB, set by the memory benchmarks) in the heap.
+MEM_FLOOR = MIB
+
+
+def mem_ratio(baseline: int, ours: int, floor: int = MEM_FLOOR) -> float:
+    """``baseline / ours`` peak bytes (> 1: ours smaller), each counted as at least ``floor``.
+
+    Below the floor a peak is noise (0 bytes measured one run, a few pages the next), and a
+    ratio of two such numbers swings by orders of magnitude; with the floor, two peaks both under
+    it give 1.0 and a tiny ours against a real baseline gives baseline / floor.
+    """
+    return max(baseline, floor) / max(ours, floor)
+
+
+def mem_note(baseline: int, ours: int, note: str = "", floor: int = MEM_FLOOR) -> str:
+    """``note``, plus a word on resolution where both peaks are within 4x of ``floor``: there a
+    ratio says little (quick-mode sizes), and one below 1 is that noise."""
+    if max(baseline, ours) >= 4 * floor:
+        return note
+    res = (
+        f"both peaks under {4 * floor / MIB:.0f} MiB, near the {floor / MIB:.0f} MiB resolution "
+        "of the resident-peak measurement (small sizes): the ratio is noise there"
+    )
+    return f"{note}; {res}" if note else res
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention
+    ops (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, absent from
+    torch's table) with the formulas torch uses for the CUDA ones: the matmuls of every
+    ``scaled_dot_product_attention`` count on either device. Only matmul-like ops (mm, addmm,
+    bmm, convolution, attention) count, as in every MFU figure; elementwise work counts none."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    custom = {}
+    for name, fn in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flops),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None:
+            custom[op] = fn
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one call of ``fn()`` (see :func:`flop_counter`): total and per aten op."""
+    with flop_counter() as fc:
+        fn()
+    by_op = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    return int(fc.get_total_flops()), by_op
+
+
+# Backends under which the counter sees the model's math once: torch SDPA for attention (counted
+# by formula on either device, where a Triton kernel is invisible to the counter), the
+# materialising references for the fused losses (whose block-wise backends recompute the logits
+# in the backward: hardware FLOPs, not model FLOPs).
+MODEL_FLOP_BACKENDS = {
+    "attention": "sdpa",
+    "info_nce": "reference",
+    "prototype_cross_entropy": "reference",
+}
+
+
+def count_model_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """:func:`count_flops` of ``fn()`` with skysense.kernels forced to
+    :data:`MODEL_FLOP_BACKENDS`: the model FLOPs of MFU, whichever kernels the timed calls use."""
+    import contextlib
+
+    from skysense.kernels import force_backend
+
+    with contextlib.ExitStack() as stack:
+        for op, backend in MODEL_FLOP_BACKENDS.items():
+            stack.enter_context(force_backend(op, backend))
+        return count_flops(fn)
+
+
+def matmul(n: int, dtype=None, device: str = "cpu", reps: int = 1):
+    """``(fn, flops)``: ``fn()`` runs ``reps`` square ``n x n`` products (``torch.mm`` into a
+    preallocated output) of ``dtype`` (default float32) on ``device``; ``flops`` = 2 n^3 reps.
+    Timed beside a model, it gives the matmul FLOP/s this machine reaches in the same run, the
+    denominator of MFU."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype or torch.float32)
+    c = torch.empty_like(a)
+
+    def fn():
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+
+    return fn, 2 * n**3 * reps

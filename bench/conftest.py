@@ -6,6 +6,8 @@ measured in the same run. ``kind`` says what a figure is: "ratio" figures are gu
 committed reference; "scaling" and "info" figures are reported and plotted only.
 At the end of the session the figures go to $SKYSENSE_BENCH_OUT (default
 bench/results/raw-<mode>.json), which `skysense bench` turns into the JSON and Markdown report.
+$SKYSENSE_BENCH_THREADS (set by `skysense bench threads=N`) fixes torch's CPU threads for the
+whole session; the raw file records the threads the figures were measured with.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class Figure:
     kind: str = "ratio"
     params: dict = field(default_factory=dict)
     note: str = ""
+
+
+def pytest_configure(config):
+    threads = os.environ.get("SKYSENSE_BENCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 class Report:
@@ -78,10 +88,28 @@ def report():
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"mode": MODE, "figures": [asdict(f) for f in r.figures]}, indent=1))
+    import torch
+
+    raw = {
+        "mode": MODE,
+        "torch_threads": torch.get_num_threads(),
+        "figures": [asdict(f) for f in r.figures],
+    }
+    tmp.write_text(json.dumps(raw, indent=1))
     tmp.replace(out)
 
 
 @pytest.fixture(scope="session")
 def bench_mode():
     return MODE
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    """The embedded sample's manifest (skysense.data.ensure_embedded), made once per session:
+    6 places in quick mode, 48 (the pre-training default) in full mode. $SKYSENSE_BENCH_DATA
+    keeps it between runs."""
+    from skysense.data.embedded import ensure_embedded
+
+    root = os.environ.get("SKYSENSE_BENCH_DATA") or tmp_path_factory.mktemp("embedded")
+    return ensure_embedded(Path(root), n_samples=6 if MODE == "quick" else 48)

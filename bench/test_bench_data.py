@@ -28,7 +28,6 @@ from benchlib import QUICK, compare
 
 from skysense.data.assemble import BatchAssembler
 from skysense.data.discover import Acquisition
-from skysense.data.embedded import ensure_embedded
 from skysense.data.geo import Grid
 from skysense.data.ingest import IngestConfig, Sources, ingest, read_acquisition, to_store
 from skysense.data.loader import Loader, build_loader, dali_available
@@ -163,12 +162,6 @@ def _measure(report, name, loaders: dict, n_samples: int, params: dict, note="")
             ratio=t["geotiff"] / t[key], params={**params, "backend": key},
             note=note or "acceptance: ratio >= 5 (batch contents checked equal first)",
         )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    root = os.environ.get("SKYSENSE_BENCH_DATA") or tmp_path_factory.mktemp("embedded")
-    return ensure_embedded(Path(root), n_samples=6 if QUICK else 48)
 
 
 def test_loader_vs_geotiff_plain(report, embedded):

@@ -9,8 +9,8 @@
 - sinkhorn_knopp: scaling vectors against the reference's in-place matrix normalisation.
 - normalize_crop_flip: the C++ one-pass kernel against the numpy sequence it replaces.
 
-Timings come from ``compare`` (interleaved rounds, medians), memory from ``peak_rss`` (rise of
-the resident high-water mark during one call). ``SKYSENSE_BENCH_MODE=quick`` runs tiny sizes.
+Timings come from ``compare`` (interleaved rounds, medians), memory from ``compare_peak`` (rise
+of the resident high-water mark during one call, median of interleaved rounds). ``SKYSENSE_BENCH_MODE=quick`` runs tiny sizes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from benchlib import QUICK, compare, peak_rss
+from benchlib import QUICK, compare, compare_peak, mem_note, mem_ratio
 
 from skysense.kernels import (
     attention,
@@ -41,6 +41,9 @@ from skysense.kernels.losses import (
 
 GROUP = "kernels"
 MIB = 1024 * 1024
+# Interleaved peak-memory rounds (median): at quick sizes a first call's allocator growth is as
+# big as the figure; at full sizes one round each is exact enough (and the naive ones are slow).
+MEM_ROUNDS = 3 if QUICK else 1
 
 
 def _fixed_mmap_threshold() -> None:
@@ -121,8 +124,9 @@ def test_info_nce_fused_vs_naive(report):
     naive = _fwd_bwd(lambda: info_nce_reference(a, b, 0.1), a, b)
     fused()
     backend = last_backend("info_nce")
-    mem_fused, mem_naive = peak_rss(fused), peak_rss(naive)
-    t = compare({"fused": fused, "naive": naive}, repeat=3, warmup=1)
+    mem = compare_peak({"fused": fused, "naive": naive}, rounds=MEM_ROUNDS)
+    mem_fused, mem_naive = mem["fused"], mem["naive"]
+    t = compare({"fused": fused, "naive": naive}, repeat=3, warmup=0)  # the peaks warmed up
     params = {"N": n, "d": d, "backend": backend}
     report.add(
         GROUP, "info_nce_fwd_bwd_time", t["fused"], "s",
@@ -134,8 +138,8 @@ def test_info_nce_fused_vs_naive(report):
     report.add(
         GROUP, "info_nce_fwd_bwd_peak_mem", mem_fused / MIB, "MiB",
         baseline=mem_naive / MIB, baseline_name="naive (N x N logits, cross_entropy)",
-        ratio=mem_naive / max(mem_fused, 1), params=params,
-        note="acceptance: ratio >= 8 (peak <= 1/8 of naive)",
+        ratio=mem_ratio(mem_naive, mem_fused), params=params,
+        note=mem_note(mem_naive, mem_fused, "acceptance: ratio >= 8 (peak <= 1/8 of naive)"),
     )  # fmt: skip
 
 
@@ -149,8 +153,9 @@ def test_prototype_cross_entropy_fused_vs_naive(report):
     naive = _fwd_bwd(lambda: prototype_cross_entropy_reference(sx, tx, w, None, center), sx, w)
     fused()
     backend = last_backend("prototype_cross_entropy")
-    mem_fused, mem_naive = peak_rss(fused), peak_rss(naive)
-    t = compare({"fused": fused, "naive": naive}, repeat=3, warmup=1)
+    mem = compare_peak({"fused": fused, "naive": naive}, rounds=MEM_ROUNDS)
+    mem_fused, mem_naive = mem["fused"], mem["naive"]
+    t = compare({"fused": fused, "naive": naive}, repeat=3, warmup=0)  # the peaks warmed up
     params = {"N": n, "d": d, "K": k, "backend": backend}
     report.add(
         GROUP, "prototype_ce_fwd_bwd_time", t["fused"], "s",
@@ -162,7 +167,8 @@ def test_prototype_cross_entropy_fused_vs_naive(report):
     report.add(
         GROUP, "prototype_ce_fwd_bwd_peak_mem", mem_fused / MIB, "MiB",
         baseline=mem_naive / MIB, baseline_name="naive ((N, K) logits, softmax, log_softmax)",
-        ratio=mem_naive / max(mem_fused, 1), params=params,
+        ratio=mem_ratio(mem_naive, mem_fused), params=params,
+        note=mem_note(mem_naive, mem_fused),
     )  # fmt: skip
 
 
@@ -173,7 +179,8 @@ def test_sinkhorn_vs_reference(report):
     ref = lambda: sinkhorn_knopp_reference(scores, 3, 0.05)  # noqa: E731
     ours()
     backend = last_backend("sinkhorn_knopp")
-    mem_ours, mem_ref = peak_rss(ours), peak_rss(ref)
+    mem = compare_peak({"ours": ours, "ref": ref}, rounds=MEM_ROUNDS)
+    mem_ours, mem_ref = mem["ours"], mem["ref"]
     t = compare({"ours": ours, "ref": ref}, repeat=3 if QUICK else 5)
     params = {"N": n, "K": k, "iters": 3, "backend": backend}
     report.add(
@@ -184,7 +191,8 @@ def test_sinkhorn_vs_reference(report):
     report.add(
         GROUP, "sinkhorn_peak_mem", mem_ours / MIB, "MiB", baseline=mem_ref / MIB,
         baseline_name="reference (float64 in-place normalisation)",
-        ratio=mem_ref / max(mem_ours, 1), params=params,
+        ratio=mem_ratio(mem_ref, mem_ours), params=params,
+        note=mem_note(mem_ref, mem_ours),
     )  # fmt: skip
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +70,125 @@ def test_markdown_and_plot(tmp_path):
     png = bench.plot_scaling(figures, tmp_path / "s.png")
     assert png.exists() and png.stat().st_size > 1000
     json.dumps(report)  # serialisable as written
+
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+def _benchlib():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import benchlib
+
+    return benchlib
+
+
+def test_mem_ratio_floors_peaks_below_the_resolution():
+    bl = _benchlib()
+    mib = bl.MIB
+    assert bl.mem_ratio(0, 0) == 1.0  # both below the floor: no information, no verdict
+    assert bl.mem_ratio(16 * mib, 0) == 16.0  # not 16 MiB / 1 byte
+    assert bl.mem_ratio(8 * mib, 2 * mib) == 4.0
+    assert bl.mem_note(2 * mib, 3 * mib, "x").startswith("x; both peaks under 4 MiB")
+    assert bl.mem_note(64 * mib, 3 * mib, "x") == "x"
+
+
+def test_flop_counter_counts_cpu_flash_attention():
+    import torch
+    import torch.nn.functional as F
+
+    bl = _benchlib()
+    b, h, n, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    flops, by_op = bl.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    fwd = 2 * (2 * b * h * n * n * d)  # q k^T and p v
+    assert flops >= fwd + 2 * fwd, by_op  # the backward does twice the forward's matmuls
+    fn, mm_flops = bl.matmul(64, reps=3)
+    assert mm_flops == 2 * 64**3 * 3
+    assert bl.count_flops(fn)[0] == mm_flops
+
+
+FAKE_SUITE = """
+import os
+from benchlib import QUICK
+
+
+def test_figures(report):
+    r = float(os.environ["FAKE_RATIO"])
+    report.add("g", "fast", 1.0, "s", baseline=r, baseline_name="naive", ratio=r,
+               params={"quick": QUICK})
+    for n in (1, 2, 4):
+        report.add("g", "time vs n", 0.1 * n, "s", kind="scaling", params={"sweep": "n", "n": n})
+"""
+
+
+def _fake_bench(tmp_path) -> Path:
+    d = tmp_path / "bench"
+    d.mkdir()
+    shutil.copy(BENCH / "conftest.py", d)
+    shutil.copy(BENCH / "benchlib.py", d)
+    (d / "test_fake.py").write_text(FAKE_SUITE)
+    return d
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_reference_then_regression(tmp_path, monkeypatch, capsys):
+    """The whole command on a two-figure suite: a reference run, an ok run, a regression run
+    (exit 1, named), then a bad threads setting (a one-line config error)."""
+    from skysense.tasks.cli import compose
+    from skysense.tasks.errors import ConfigError
+
+    d = _fake_bench(tmp_path)
+    out = tmp_path / "results"
+
+    def run(ratio, *overrides):
+        monkeypatch.setenv("FAKE_RATIO", str(ratio))
+        cfg = compose(
+            "bench", ["mode=quick", f"bench_dir={d}", f"out_dir={out}", "threads=1", *overrides]
+        )
+        return bench.main(cfg)
+
+    assert run(2.0, "update_reference=true") == 0
+    ref = json.loads((out / "reference-quick.json").read_text())
+    assert ref["ratios"] == {"g/fast[quick=True]": 2.0}
+    assert run(1.5) == 0  # within the quick tolerance (0.6) of 2.0
+    report = json.loads((out / "report-quick.json").read_text())
+    assert report["machine"]["torch_threads"] == 1  # the suite's threads, not this process's
+    assert [c["verdict"] for c in report["comparison"]] == ["ok"]
+    md = (out / "report-quick.md").read_text()
+    assert "| time vs n | sweep=n, n=2 | 0.2 s |" in md and "![scaling](scaling-quick.png)" in md
+    assert (out / "scaling-quick.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert run(0.5) == 1  # 0.5 < 2.0 x (1 - 0.6): a regression
+    assert "REGRESSION: g/fast[quick=True]" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="threads"):
+        run(2.0, "threads=0")
+
+
+@pytest.mark.slow
+def test_gpu_pretrain_check_dry_run(tmp_path):
+    """bench/gpu/check_pretrain.py's CPU path: the tiny preset through Trainer.step with
+    activation checkpointing, model FLOPs with the recompute left out, the table; with Hydra and
+    OmegaConf hidden, as on the GPU image (fp32: the CPU's bf16 is slow). In its own process: the
+    script puts a stand-in omegaconf module in sys.modules."""
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu-pretrain.txt"
+    args = ["--dry-run", "--precision", "fp32", "--without-omegaconf", "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "gpu" / "check_pretrain.py"), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd="/",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert "config yaml" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[6:8] == ["on", "ok"], row
+    model, recomputed, mfu = float(cells[10]), float(cells[11]), float(cells[13])
+    assert model > 0 and 0 < recomputed < model and 0 < mfu < 1, row

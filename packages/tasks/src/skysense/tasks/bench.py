@@ -10,6 +10,7 @@ measured in the same run (bench/conftest.py ``report``). This command runs it, t
 and compares each guarded ratio with the committed reference: a ratio below
 ``reference * (1 - tolerance)`` is a regression, and so is a ratio below 1.0 (ours slower or
 bigger than the baseline) that carries no explanation; either makes the command exit 1.
+``threads`` fixes torch's CPU threads of the whole suite (1 by default: see conf/bench.yaml).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def find_bench_dir(start: Path | None = None) -> Path:
     raise ConfigError("bench_dir", f"no bench/conftest.py in {here} or above; set bench_dir=PATH")
 
 
-def machine() -> dict:
-    """CPU, cores, memory, accelerator and versions: what a figure was measured on."""
+def machine(torch_threads: int | None = None) -> dict:
+    """CPU, cores, memory, accelerator and versions: what a figure was measured on
+    (``torch_threads``: the suite's, where known; else this process's)."""
     import numpy
     import torch
 
@@ -84,7 +86,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch_threads or torch.get_num_threads(),
         "memory_gib": mem,
         "device": dev,
         "platform": platform.platform(),
@@ -221,6 +223,9 @@ def plot_scaling(figures: list[dict], path: Path) -> Path | None:
         ax.set_ylabel(units.get((g, name), ""))
         if max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-9) > 20:
             ax.set_xscale("log", base=2)
+        ys = [p[1] for p in pts]
+        if min(ys) > 0 and max(ys) / min(ys) > 20:  # e.g. attention's N^2: log-log shows it
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -245,6 +250,11 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     raw.unlink(missing_ok=True)
 
     env = dict(os.environ, SKYSENSE_BENCH_MODE=mode, SKYSENSE_BENCH_OUT=str(raw))
+    threads = cfg.get("threads")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ConfigError("threads", f"must be a positive integer or null, got {threads!r}")
+        env.update(SKYSENSE_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [
         sys.executable,
         "-m",
@@ -263,7 +273,8 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
             f"skysense bench: the suite wrote no figures ({raw}); pytest exit {rc}", file=sys.stderr
         )
         return 1
-    figures = json.loads(raw.read_text())["figures"]
+    raw_data = json.loads(raw.read_text())
+    figures = raw_data["figures"]
     reference = json.loads(ref_path.read_text())["ratios"] if ref_path.exists() else {}
     if not reference and not cfg.update_reference:
         log.warning(
@@ -273,7 +284,7 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     report = {
         "mode": mode,
         "tolerance": tolerance,
-        "machine": machine(),
+        "machine": machine(raw_data.get("torch_threads")),
         "figures": figures,
         "comparison": comparison,
         "pytest_exit": rc,
