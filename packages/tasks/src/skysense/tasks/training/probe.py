@@ -4,6 +4,11 @@ Features of a frozen encoder (spatially pooled ``geo`` / ``fused`` and per-modal
 concatenated) are standardised, then a multinomial logistic regression is fit on the train
 split (full-batch L-BFGS, L2) and scored on the val split. The same probe on a randomly
 initialised encoder is the baseline a pre-trained encoder must beat.
+
+A small labelled set (fewer than ``cv_below`` samples in train + val, such as the embedded
+sample's 40 + 8) makes one val split too coarse to compare two encoders (8 samples: steps of
+12.5 %): there the score is the mean accuracy of repeated stratified k-fold cross-validation over
+train + val instead, every sample predicted once per repeat by a probe that did not see it.
 """
 
 from __future__ import annotations
@@ -83,8 +88,41 @@ def fit_score(
         return (lin(xv).argmax(1) == y_val).double().mean().item()
 
 
-def linear_probe(encoder: nn.Module, train_batches, val_batches, device) -> float:
-    """Val accuracy of a linear probe on ``encoder``'s frozen, pooled features."""
+def stratified_folds(y: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
+    """``k`` disjoint index sets covering ``y``, each class spread evenly over them."""
+    g = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty(len(y), dtype=torch.long)
+    offset = 0
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        fold_of[idx] = (torch.arange(len(idx)) + offset) % k
+        offset += len(idx)  # the next class starts where this one stopped: balanced fold sizes
+    return [torch.nonzero(fold_of == f).flatten() for f in range(k)]
+
+
+def cross_val_score(x: torch.Tensor, y: torch.Tensor, k: int = 4, repeats: int = 3) -> float:
+    """Mean accuracy over ``repeats`` stratified ``k``-fold cross-validations (fixed seeds, so
+    two encoders are scored on the same folds)."""
+    correct, total = 0.0, 0
+    for r in range(repeats):
+        for test in stratified_folds(y, k, seed=r):
+            train = torch.ones(len(y), dtype=torch.bool)
+            train[test] = False
+            acc = fit_score(x[train], y[train], x[test], y[test])
+            correct += acc * len(test)
+            total += len(test)
+    return correct / total
+
+
+def linear_probe(
+    encoder: nn.Module, train_batches, val_batches, device, cv_below: int = 256
+) -> float:
+    """Accuracy of a linear probe on ``encoder``'s frozen, pooled features: fit on the train
+    batches and scored on the val batches, or, when train + val hold fewer than ``cv_below``
+    samples, cross-validated over both (see the module docstring)."""
     xt, yt = extract(encoder, train_batches, device)
     xv, yv = extract(encoder, val_batches, device)
+    if len(yt) + len(yv) < cv_below:
+        return cross_val_score(torch.cat([xt, xv]), torch.cat([yt, yv]))
     return fit_score(xt, yt, xv, yv)
