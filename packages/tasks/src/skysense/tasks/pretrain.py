@@ -231,6 +231,11 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
 
     from skysense.tasks.training.loop import NonFiniteLoss, scaled_lr, train
 
+    threads = cfg.trainer.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     info = D.init(cfg.trainer.device)
     try:
         if info.is_main:
