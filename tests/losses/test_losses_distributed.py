@@ -87,6 +87,56 @@ def compute(students, teachers, views, protos, drop_s1=False):
     return res
 
 
+def mgcl_run(students, teachers, views, drop_s1=False, micro=1):
+    """MGCL alone (CMA weighted 0), training mode, on whatever batch this process holds, in
+    ``micro`` micro-batches under ``SkySenseLoss.accumulation`` (one plain call for 1): the
+    terms (summed over micro-batches / micro, as the trainer logs them), rows, the gradients
+    of the heads and of the student tokens, the centres after the step."""
+    torch.manual_seed(0)
+    loss = SkySenseLoss(12, 10, cma=0.0, **KW).train()
+    with torch.no_grad():
+        loss.centering.center.copy_(
+            torch.randn(loss.centering.center.shape, generator=torch.Generator().manual_seed(23))
+        )
+    if drop_s1:
+        drop = {"tokens_s1", "valid_s1", "s1_index"}
+        students = [{k: v for k, v in o.items() if k not in drop} for o in students]
+        teachers = [{k: v for k, v in o.items() if k not in drop} for o in teachers]
+        views = [{k: v for k, v in o.items() if k not in drop} for o in views]
+    s = leaves(students)
+    terms, rows = {}, {}
+    if micro == 1:
+        out = loss(s, teachers, views)
+        out.total.backward()
+        terms, rows = dict(out.terms), dict(out.rows)
+    else:
+        b = views[0]["view_affine"].shape[0]
+        cuts = [slice(i * b // micro, (i + 1) * b // micro) for i in range(micro)]
+        parts = [
+            ([take(o, c) for o in s], [take(o, c) for o in teachers], [take(v, c) for v in views])
+            for c in cuts
+        ]
+        with loss.accumulation([p[1] for p in parts], [p[2] for p in parts]):
+            for ps, pt, pv in parts:
+                out = loss(ps, pt, pv)
+                (out.total / micro).backward()
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + v / micro
+                for k, n in out.rows.items():
+                    rows[k] = rows.get(k, 0) + n
+    res = {f"term/{k}": v for k, v in terms.items() if k.startswith("mgcl")}
+    res.update({f"rows/{k}": torch.tensor(n) for k, n in rows.items()})
+    for n, p in loss.heads.named_parameters():
+        res[f"grad/heads.{n}"] = p.grad.clone()
+    for i, o in enumerate(s):
+        for k in ("tokens_hr", "tokens_s2", "tokens_s1", "fused"):
+            if k in o:
+                res[f"grad/{i}/{k}"] = o[k].grad.clone()
+    res["centers"] = loss.centering.center.clone()
+    res["calls"] = loss.calls.clone()
+    return res
+
+
 def _worker(rank, port, outdir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -102,6 +152,10 @@ def _worker(rank, port, outdir):
         res = {"even": compute(*local, protos)}
         # Process 1's batch has no S1 at all: nothing may hang, and the centres still agree.
         res["uneven"] = compute(*local, protos, drop_s1=rank == 1)
+        # MGCL: the processes hold different numbers of rows (pixel pairs, matched steps).
+        res["mgcl"] = mgcl_run(*local)
+        res["mgcl_no_s1"] = mgcl_run(*local, drop_s1=rank == 1)
+        res["mgcl_accum"] = mgcl_run(*local, micro=2)
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -169,3 +223,71 @@ def test_modalities_differing_between_processes(ranks):
     for r in (u0, u1):
         torch.testing.assert_close(r["centers"], single["centers"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["prototypes"], single["prototypes"], rtol=1e-5, atol=1e-6)
+
+
+def assert_mgcl_matches(per, single):
+    """Per-process MGCL results against one process's on the whole batch: the terms and the
+    heads' gradients averaged over processes (as the logs and DDP/FSDP average them), the
+    tokens' gradients (each process's rows, world x the whole batch's: DDP divides), the
+    centres."""
+    terms = {k for r in per for k in r if k.startswith("term/")}
+    assert terms == {k for k in single if k.startswith("term/")}
+
+    def check(got, want, k, rtol):
+        # Float32 sums in another order: the absolute slack scales with the tensor.
+        atol = rtol * float(want.abs().max()) + 1e-9
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+    for k in sorted(terms):
+        # A term absent from a process's batch counts 0 there (as in the logs and gradients).
+        check(sum(r.get(k, torch.tensor(0.0)) for r in per) / WORLD, single[k], k, 1e-5)
+    for k in [k for k in single if k.startswith("grad/heads.")]:
+        check(sum(r[k] for r in per) / WORLD, single[k], k, 1e-5)
+    for k in [k for k in single if k.startswith("grad/") and not k.startswith("grad/heads.")]:
+        # A process without the modality: the whole batch's rows of its half get no gradient.
+        half = single[k].shape[0] // WORLD
+        got = torch.cat([r.get(k, torch.zeros_like(single[k][:half])) for r in per]) / WORLD
+        check(got, single[k], k, 1e-5)
+    for r in per:
+        torch.testing.assert_close(r["centers"], single["centers"], rtol=1e-5, atol=1e-6)
+
+
+def test_mgcl_with_unequal_rows_equals_one_process(ranks):
+    """MGCL's levels are means over rows, and the two processes hold different numbers of
+    rows: each process's term is scaled by n_local * world / n_global, so that the average
+    over processes (DDP/FSDP's, the logs') is the whole batch's mean, terms and gradients."""
+    students, teachers, views, _ = full_batch()
+    single = mgcl_run(students, teachers, views)
+    per = [r["mgcl"] for r in ranks]
+    unequal = [k for k in single if k.startswith("rows/") and int(per[0][k]) != int(per[1][k])]
+    # The test has teeth: pixel and image rows of the series differ between the processes.
+    assert {f"rows/mgcl/{m}/{lvl}" for m in ("s2", "s1") for lvl in ("pixel", "image")} <= set(
+        unequal
+    ), unequal
+    for k in unequal:
+        assert int(per[0][k]) + int(per[1][k]) == int(single[k])
+    assert_mgcl_matches(per, single)
+
+
+def test_mgcl_with_a_modality_on_one_process_equals_one_process(ranks):
+    """Process 1 has no S1: its S1 terms are absent (0 in the average), process 0's S1 terms
+    carry the world factor, and the average is the whole batch's (S1 invalid on process 1's
+    half)."""
+    students, teachers, views, _ = full_batch()
+    for o in students + teachers:
+        o["valid_s1"] = o["valid_s1"].clone()
+        o["valid_s1"][B // WORLD :] = False
+    single = mgcl_run(students, teachers, views)
+    per = [r["mgcl_no_s1"] for r in ranks]
+    assert "term/mgcl/s1/pixel" in per[0] and "term/mgcl/s1/pixel" not in per[1]
+    assert_mgcl_matches(per, single)
+
+
+def test_mgcl_accumulated_over_processes_equals_one_process(ranks):
+    """Two processes, two micro-batches each under ``SkySenseLoss.accumulation``: the terms,
+    gradients and centres (updated once) of one call on the whole batch."""
+    students, teachers, views, _ = full_batch()
+    single = mgcl_run(students, teachers, views)
+    per = [r["mgcl_accum"] for r in ranks]
+    assert_mgcl_matches(per, single)
+    assert all(int(r["calls"]) == 1 for r in per)

@@ -184,6 +184,21 @@ def test_cluster_assignments_against_naive():
         cluster_assignments(x, torch.zeros(3, 9, dtype=torch.bool), 3)
 
 
+def test_cluster_assignments_under_bf16_autocast():
+    """The trainer's bf16 autocast (the CUDA default) used to crash the index put of the
+    assignments; the clustering runs in float32 whatever autocast says."""
+    x = torch.randn(2, 16, 8)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 5:9] = False
+    ref = cluster_assignments(x, mask, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cluster_assignments(x, mask, 4)
+        got_bf16 = cluster_assignments(x.bfloat16(), mask, 4)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16.float(), ref, rtol=0, atol=0.05)
+
+
 def test_object_centres_follow_the_ground():
     """Two well separated objects in the tile: the teacher's clusters split them, so each
     student centre pools one object's pixels only."""

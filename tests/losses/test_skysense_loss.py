@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from losses_synth import make_batch
 
@@ -237,11 +238,13 @@ def test_config_group_lists_every_field():
     params = inspect.signature(SkySenseLoss.__init__).parameters
     fields = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
     assert set(cfg) == fields
-    assert cfg["n_prototypes"] == 4096 and "mgcl" in cfg and "cma" in cfg
+    # The head sizes follow the model preset (model.heads).
+    assert cfg["n_prototypes"] == "${model.heads.n_prototypes}" and "mgcl" in cfg and "cma" in cfg
     text = CONF.read_text()
     for f in fields:  # each field is commented (a comment line somewhere above it)
         assert f"\n{f}:" in text
-    loss = SkySenseLoss.from_config({**cfg, "n_prototypes": 32, "head_hidden_dim": 16}, 12, 10)
+    sizes = {"n_prototypes": 32, "head_hidden_dim": 16, "head_bottleneck_dim": 8}
+    loss = SkySenseLoss.from_config({**cfg, **sizes}, 12, 10)
     assert loss.heads["s2"].n_prototypes == 32 and loss.heads["fused"].in_dim == 10
     with pytest.raises(ValueError, match="unknown field.*'mgcl_weight'"):
         SkySenseLoss.from_config({"mgcl_weight": 1.0}, 12, 10)
@@ -279,3 +282,55 @@ def test_bad_inputs_are_named():
     del t["tokens_hr"], t["valid_hr"]
     with pytest.raises(ValueError, match="teacher output lacks the hr"):
         loss(students, [t, teachers[1]], views)
+
+
+def test_bf16_autocast_forward_and_backward():
+    """The trainer runs the loss under bf16 autocast (the CUDA default): the whole loss,
+    training mode (centre update) and backward, and the GCPL update, on bf16 encoder outputs,
+    run and stay close to float32 on the same values."""
+    students, teachers, views = make_batch(b=4, seed=19, requires_grad=False)
+
+    def outputs(outs, dtype, grad):
+        res = []
+        for o in outs:
+            o = dict(o)
+            for k in o:
+                if k.startswith("tokens_") or k == "fused":
+                    o[k] = o[k].to(torch.bfloat16).to(dtype).requires_grad_(grad)
+            res.append(o)
+        return res
+
+    def step(dtype, sampling):
+        torch.manual_seed(0)
+        loss = SkySenseLoss(12, 10, pixel_sampling=sampling, **KW).train()
+        t_heads = copy.deepcopy(loss.heads)
+        s, t = outputs(students, dtype, True), outputs(teachers, dtype, False)
+        protos = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = loss(s, t, views, t_heads, step=0)
+            fused = torch.cat([o["fused"] for o in t])
+            loss.update_prototypes(protos, fused, torch.cat([o["region"] for o in t]))
+        out.total.backward()  # outside autocast, as the trainer does
+        grads = {(i, k): v.grad for i, o in enumerate(s) for k, v in o.items() if v.requires_grad}
+        return out, loss, grads, protos
+
+    for sampling in ("nearest", "bilinear"):
+        out, loss, grads, protos = step(torch.bfloat16, sampling)
+        ref, ref_loss, ref_grads, ref_protos = step(torch.float32, sampling)
+        assert out.terms.keys() == ref.terms.keys() and len(out.terms) == 18
+        for k, v in out.terms.items():
+            assert v.dtype == torch.float32 and torch.isfinite(v), k
+            torch.testing.assert_close(v, ref.terms[k], rtol=5e-3, atol=0, msg=k)
+        assert len(grads) == 8
+        for key, g in grads.items():
+            assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), key
+            cos = F.cosine_similarity(g.double().flatten(), ref_grads[key].double().flatten(), 0)
+            assert cos > 0.999, (key, float(cos))
+        for p in loss.parameters():
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert loss.centering.center.dtype == torch.float32
+        torch.testing.assert_close(
+            loss.centering.center, ref_loss.centering.center, rtol=0, atol=1e-3
+        )
+        assert protos.dtype == torch.float32
+        torch.testing.assert_close(protos, ref_protos, rtol=0, atol=1e-3)

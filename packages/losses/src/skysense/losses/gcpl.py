@@ -63,7 +63,13 @@ class GeoContextPrototypeLearning(nn.Module):
             momentum: overrides the module's m for this call.
         Returns:
             {"regions": regions updated, "locations": locations used} (global counts).
+
+        Computed in the prototypes' precision also under autocast.
         """
+        with torch.autocast(prototypes.device.type, enabled=False):
+            return self._update(prototypes, fused, region, momentum)
+
+    def _update(self, prototypes, fused, region, momentum):
         m = self.momentum if momentum is None else float(momentum)
         if prototypes.ndim != 3:
             raise ValueError(

@@ -23,6 +23,8 @@ from torch import nn
 from skysense.kernels import prototype_cross_entropy
 from skysense.losses.correspondence import (
     SAMPLING_MODES,
+    PixelCorrespondence,
+    StepMatch,
     match_steps,
     pixel_correspondence,
     sample_cells,
@@ -79,6 +81,15 @@ def cluster_assignments(
         (M, P, n_clusters) assignments in x.dtype; each valid pixel's row sums to 1, invalid
         pixels' rows are 0.
     """
+    # Float32 throughout, also under autocast: the Sinkhorn exponent is 1 / epsilon (20) times
+    # a cosine, which bfloat16's 8 bits would round to a different assignment.
+    with torch.autocast(x.device.type, enabled=False):
+        return _cluster_assignments(x, mask, n_clusters, n_rounds, sinkhorn_iters, epsilon).to(
+            x.dtype
+        )
+
+
+def _cluster_assignments(x, mask, n_clusters, n_rounds, sinkhorn_iters, epsilon):
     m, p, _ = x.shape
     xn = F.normalize(x.float(), dim=-1)
     n_valid = mask.sum(dim=1)
@@ -98,7 +109,18 @@ def cluster_assignments(
         )
         if r < n_rounds - 1:
             centres = F.normalize(torch.bmm(assign.transpose(1, 2), xn), dim=-1)
-    return assign.to(x.dtype)
+    return assign
+
+
+def _geometry(
+    a: FamilyFeatures, b: FamilyFeatures, affine_a: torch.Tensor, affine_b: torch.Tensor
+) -> tuple[StepMatch, PixelCorrespondence]:
+    """The matched steps of views a and b, and where view a's cells fall in view b."""
+    match = match_steps(a.index, a.valid, b.index, b.valid)
+    corr = pixel_correspondence(
+        affine_a, affine_b, tuple(a.tokens.shape[-2:]), tuple(b.tokens.shape[-2:])
+    )
+    return match, corr
 
 
 class MultiGranularityContrastiveLoss(nn.Module):
@@ -166,9 +188,7 @@ class MultiGranularityContrastiveLoss(nn.Module):
                 "differ in batch size or width"
             )
         c = s_tok.shape[2]
-        size_a, size_b = tuple(s_tok.shape[-2:]), tuple(t_tok.shape[-2:])
-        match = match_steps(student.index, student.valid, teacher.index, teacher.valid)
-        corr = pixel_correspondence(affine_s, affine_t, size_a, size_b)
+        match, corr = _geometry(student, teacher, affine_s, affine_t)
         s_img = s_tok[match.sample, match.step_a].flatten(2)  # (M, C, P_a)
         t_img = t_tok[match.sample, match.step_b]  # (M, C, h_b, w_b)
         t_pix = sample_cells(t_img, corr, match.sample, self.pixel_sampling)  # (M, C, P_a)
@@ -203,6 +223,39 @@ class MultiGranularityContrastiveLoss(nn.Module):
 
         out["image"] = (s_img.mean(dim=2), t_img.flatten(2).mean(dim=2))
         return out
+
+    @torch.no_grad()
+    def row_counts(
+        self, feats: Sequence[FamilyFeatures | None], affines: Sequence[torch.Tensor]
+    ) -> dict[str, int]:
+        """The number of (student, teacher) rows each level of :meth:`forward` will average
+        over, from one side's features alone (the student's and the teacher's views have the
+        same steps, validity and grids): no head, no clustering, no random draw.
+
+        Args:
+            feats: the family in each view (None where absent), e.g. the teacher's.
+            affines: (B, 2, 3) ``view_affine`` of each view.
+        Returns:
+            level -> row count (0 for a level without rows).
+        """
+        counts = dict.fromkeys(LEVELS, 0)
+        for a, fa in enumerate(feats):
+            for b, fb in enumerate(feats):
+                if a == b or fa is None or fb is None:
+                    continue
+                match, corr = _geometry(fa, fb, affines[a], affines[b])
+                inside = corr.inside[match.sample]  # (M, P_a)
+                per_image = inside.sum(dim=1)
+                if self.max_pixel_pairs is None:
+                    counts["pixel"] += int(per_image.sum())
+                else:  # cap_per_group keeps min(cap, n) rows of each sample
+                    n_b = fa.tokens.shape[0]
+                    per_sample = torch.zeros(n_b, dtype=torch.long, device=inside.device)
+                    per_sample.index_add_(0, match.sample, per_image)
+                    counts["pixel"] += int(per_sample.clamp(max=self.max_pixel_pairs).sum())
+                counts["object"] += int((per_image > 0).sum()) * self.n_clusters
+                counts["image"] += int(match.sample.numel())
+        return counts
 
     def forward(
         self,
@@ -254,14 +307,20 @@ class MultiGranularityContrastiveLoss(nn.Module):
             w_t = teacher_head.prototype_weight() if teacher_weight is None else teacher_weight
         losses, stats = {}, {}
         for lvl, zs, zt in zip(present, z_s, z_t):
-            losses[lvl] = prototype_cross_entropy(
-                zs,
-                zt,
-                w_s,
-                teacher_weight=w_t,
-                center=centers[lvl],
-                student_temp=self.student_temp,
-                teacher_temp=teacher_temp,
-            )
-            stats[lvl] = (zt.sum(dim=0), zt.shape[0])
+            # Outside autocast: the kernel picks its own compute precision (float32 on the
+            # chunked engine, whose matmuls autocast would otherwise run in bfloat16, logits
+            # then divided by the teacher's 0.04).
+            with torch.autocast(zs.device.type, enabled=False):
+                losses[lvl] = prototype_cross_entropy(
+                    zs,
+                    zt,
+                    w_s,
+                    teacher_weight=w_t,
+                    center=centers[lvl],
+                    student_temp=self.student_temp,
+                    teacher_temp=teacher_temp,
+                )
+            # Summed in float32 at least (the rows are bfloat16 under autocast).
+            acc_dtype = torch.promote_types(zt.dtype, torch.float32)
+            stats[lvl] = (zt.sum(dim=0, dtype=acc_dtype), zt.shape[0])
         return losses, stats

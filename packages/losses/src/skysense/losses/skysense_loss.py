@@ -22,16 +22,18 @@ each encode both views; the teacher heads are an EMA copy of ``SkySenseLoss.head
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from skysense.losses.cross_modal_alignment import CrossModalAlignment
 from skysense.losses.dino_head import DINOHead
-from skysense.losses.distributed import is_distributed
+from skysense.losses.distributed import all_reduce_, is_distributed
 from skysense.losses.features import FAMILIES, MODALITIES, family_features
 from skysense.losses.gcpl import GeoContextPrototypeLearning
 from skysense.losses.mgcl import LEVELS, MultiGranularityContrastiveLoss
@@ -49,6 +51,8 @@ class SkySenseLossOutput:
         terms: name -> detached scalar, for logging: "mgcl/<family>/<level>" (family in hr, s2,
             s1, fused; level in pixel, object, image), "cma/<a>-<b>", "mgcl" and "cma"
             (unweighted sums), "total". Terms of modalities absent from the batch are absent.
+            Distributed or under ``accumulation``, each MGCL term is this call's share: the
+            average over processes (and micro-batches) is the whole batch's term.
         teacher_temp: the teacher temperature used.
         rows: MGCL term name -> number of (student, teacher) rows it averaged over (the N of
             its (N, K) logits, which the fused kernel never stores).
@@ -61,6 +65,15 @@ class SkySenseLossOutput:
 
     def __getitem__(self, key: str):
         return getattr(self, key)
+
+
+@dataclass
+class _Accumulation:
+    """What ``SkySenseLoss.accumulation`` hands its forward calls."""
+
+    row_norm: dict[str, float]  # logit set -> mean rows per call over calls and processes
+    rows_seen: int = 0
+    teacher_weight: Callable[[str], torch.Tensor] | None = None
 
 
 class SkySenseLoss(nn.Module):
@@ -171,9 +184,11 @@ class SkySenseLoss(nn.Module):
         self.gcpl = GeoContextPrototypeLearning(
             momentum=gcpl_momentum, sinkhorn_iters=gcpl_sinkhorn_iters, epsilon=gcpl_epsilon
         )
-        # Training-mode forward calls so far: the warm-up clock when the caller gives no step
-        # (persistent, so a resumed run continues its schedule).
+        # Training-mode forward calls so far (optimizer steps under ``accumulation``): the
+        # warm-up clock when the caller gives no step (persistent, so a resumed run continues
+        # its schedule).
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._accum: _Accumulation | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping, grid_dim: int, fusion_dim: int) -> SkySenseLoss:
@@ -240,7 +255,14 @@ class SkySenseLoss(nn.Module):
 
         Any modality may be absent from the batch (its keys absent from every output): its terms
         are absent. In training mode the teacher centres are updated (one all-reduce when
-        distributed, on every call, whatever the batch holds).
+        distributed, on every call, whatever the batch holds; deferred under
+        :meth:`accumulation`).
+
+        Distributed (more than one process), each MGCL level's mean over this process's rows
+        is multiplied by n_local * world / n_global (one fixed-size all-reduce of the row
+        counts of every level, on every call), so that the average over processes that
+        DDP/FSDP apply to the gradients, and the logs to the terms, is the mean over the
+        global batch's rows, whatever number of rows each process holds.
         """
         n_views = len(student)
         if n_views < 2 or len(teacher) != n_views or len(views) != n_views:
@@ -272,6 +294,7 @@ class SkySenseLoss(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         mgcl_total = None
+        mgcl_terms: dict[str, torch.Tensor] = {}
         stats: dict[str, tuple[torch.Tensor, int]] = {}
         for fam in FAMILIES:
             s_f = [
@@ -302,21 +325,35 @@ class SkySenseLoss(nn.Module):
                 tt,
                 teacher_weight(fam),
             )
-            for lvl, loss in losses.items():
-                terms[f"mgcl/{fam}/{lvl}"] = loss
-                weighted = self.level_weights[lvl] * loss
-                mgcl_total = weighted if mgcl_total is None else mgcl_total + weighted
+            mgcl_terms.update({f"{fam}/{lvl}": loss for lvl, loss in losses.items()})
             stats.update({f"{fam}/{lvl}": st for lvl, st in fam_stats.items()})
+
+        # Each level is the mean over this call's rows; rescaled so that the average over the
+        # calls whose gradients are averaged (DDP/FSDP processes, accumulated micro-batches)
+        # is the mean over all their rows.
+        scales = self._row_scales({name: n for name, (_, n) in stats.items()})
+        for name, loss in mgcl_terms.items():
+            if scales is not None:
+                loss = loss * scales[name]
+            terms[f"mgcl/{name}"] = loss
+            weighted = self.level_weights[name.split("/")[1]] * loss
+            mgcl_total = weighted if mgcl_total is None else mgcl_total + weighted
 
         cma_total = None
         for name, loss in self.cma(student, views).items():
             terms[f"cma/{name}"] = loss
             cma_total = loss if cma_total is None else cma_total + loss
 
+        if self._accum is not None:
+            self._accum.rows_seen += sum(n for _, n in stats.values())
         if self.training:
             with torch.no_grad():
-                self.centering.update(stats, lambda name: teacher_weight(name.split("/")[0]))
-            self.calls += 1
+                if self._accum is not None:  # applied once, when the accumulation ends
+                    self.centering.accumulate(stats)
+                    self._accum.teacher_weight = teacher_weight
+                else:
+                    self.centering.update(stats, lambda name: teacher_weight(name.split("/")[0]))
+                    self.calls += 1
 
         total = None
         for key, part in (("mgcl", mgcl_total), ("cma", cma_total)):
@@ -351,6 +388,129 @@ class SkySenseLoss(nn.Module):
             teacher_temp=tt,
             rows={f"mgcl/{name}": int(n) for name, (_, n) in stats.items()},
         )
+
+    def mgcl_row_counts(
+        self,
+        outputs: Sequence[Mapping[str, torch.Tensor]],
+        views: Sequence[Mapping[str, torch.Tensor]],
+    ) -> dict[str, int]:
+        """MGCL logit set ("<family>/<level>") -> the number of rows a forward call on these
+        views will average over, read from one side's outputs (the teacher's, say: the student
+        has the same steps, validity and grids). Cheap: no head, no clustering, no random
+        draw, no collective."""
+        affines = [v["view_affine"] for v in views]
+        counts = dict.fromkeys(self.centering.names, 0)
+        for fam in FAMILIES:
+            feats = [
+                family_features(o, v, fam, f"view {i + 1}")
+                for i, (o, v) in enumerate(zip(outputs, views))
+            ]
+            if all(f is None for f in feats):
+                continue
+            for lvl, n in self.mgcl.row_counts(feats, affines).items():
+                counts[f"{fam}/{lvl}"] = n
+        return counts
+
+    @contextlib.contextmanager
+    def accumulation(
+        self,
+        teacher: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+        views: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    ):
+        """Gradient accumulation: the forward calls made inside are the micro-batches of ONE
+        optimizer step, whose backwards of ``total / n_calls`` add up.
+
+        - Every MGCL level is normalised by the rows of all the calls (and, distributed, of
+          every process): its term is the sum over the call's rows divided by the mean number
+          of rows per call, so the average over calls (and processes) is the mean over the
+          whole batch, as one call on the whole batch gives.
+        - In training mode the teacher centres are updated once, on leaving, from the
+          statistics of all the calls (one all-reduce), and the warm-up clock ``calls``
+          advances by one.
+
+        CMA is not decomposable: each call's InfoNCE takes its negatives from that call's rows
+        (and, with ``cma_gather``, the same call of the other processes).
+
+        Args:
+            teacher: for each call, the teacher's output of each view (only the keys the loss
+                reads are needed: ``tokens_*``, ``valid_*``, ``fused``).
+            views: for each call, its views.
+
+        One all-reduce on entering and one on leaving (when distributed), on every process;
+        every process must make the same number of calls. On an exception nothing is
+        applied.
+        """
+        if self._accum is not None:
+            raise RuntimeError("SkySenseLoss.accumulation: already accumulating")
+        if len(teacher) != len(views) or not teacher:
+            raise ValueError(
+                f"SkySenseLoss.accumulation: {len(teacher)} teacher outputs for {len(views)} "
+                "micro-batches of views (needs the same number, >= 1)"
+            )
+        names = self.centering.names
+        per_call = [self.mgcl_row_counts(outs, vs) for outs, vs in zip(teacher, views)]
+        rows = [float(sum(c[n] for c in per_call)) for n in names]
+        rows_expected = int(sum(rows))
+        local = torch.tensor(rows, dtype=torch.float64, device=self.centering.center.device)
+        world = dist.get_world_size() if is_distributed() else 1
+        total = all_reduce_(local).tolist()
+        state = _Accumulation(
+            {n: t / (world * len(teacher)) for n, t in zip(names, total) if t > 0}
+        )
+        self._accum = state
+        self.centering.discard()
+        try:
+            yield self
+        except BaseException:
+            self._accum = None
+            self.centering.discard()
+            raise
+        self._accum = None
+        if self.training:
+
+            def weight(name: str) -> torch.Tensor:
+                if state.teacher_weight is None:
+                    raise RuntimeError(
+                        "SkySenseLoss.accumulation: no forward call in training mode to take "
+                        "the teacher prototypes from"
+                    )
+                return state.teacher_weight(name.split("/")[0])
+
+            self.centering.apply(weight)
+            self.calls += 1
+        if state.rows_seen != rows_expected:
+            raise RuntimeError(
+                f"SkySenseLoss.accumulation: the forward calls averaged over "
+                f"{state.rows_seen} MGCL rows, the teacher outputs given on entering hold "
+                f"{rows_expected}: give the teacher outputs of the same micro-batches"
+            )
+
+    def _row_scales(self, local: Mapping[str, int]) -> dict[str, torch.Tensor | float] | None:
+        """Per MGCL logit set, the factor that turns this call's mean into its share of the
+        mean over every call whose gradients are averaged: n_local / (mean rows per call).
+        None for a lone call (one process, no accumulation): the mean itself."""
+        if self._accum is not None:
+            norm = self._accum.row_norm
+            missing = sorted(n for n, c in local.items() if c > 0 and n not in norm)
+            if missing:
+                raise RuntimeError(
+                    f"SkySenseLoss.accumulation: this call has rows for {missing}, which the "
+                    "teacher outputs given on entering have none of"
+                )
+            return {n: c / norm[n] for n, c in local.items() if c > 0}
+        if not is_distributed():
+            return None
+        # ONE fixed-size all-reduce of every logit set's row count (zeros for those absent
+        # here), on every call of every process: none can be skipped, so none can hang.
+        names = self.centering.names
+        counts = torch.tensor(
+            [float(local.get(n, 0)) for n in names],
+            dtype=torch.float64,
+            device=self.centering.center.device,
+        )
+        total = all_reduce_(counts.clone())
+        factor = (counts * dist.get_world_size() / total.clamp_min(1)).float()
+        return {n: factor[i] for i, n in enumerate(names) if local.get(n, 0) > 0}
 
     @torch.no_grad()
     def update_prototypes(

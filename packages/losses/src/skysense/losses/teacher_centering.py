@@ -51,6 +51,8 @@ class TeacherCentering(nn.Module):
         self.momentum = momentum
         self._row = {n: i for i, n in enumerate(self.names)}
         self.register_buffer("center", torch.zeros(len(self.names), n_prototypes))
+        # (len(names), dim + 1) float64 sums and counts not yet applied (see accumulate).
+        self._pending: torch.Tensor | None = None
 
     def get(self, name: str) -> torch.Tensor:
         """The (K,) centre of logit set ``name``."""
@@ -62,7 +64,8 @@ class TeacherCentering(nn.Module):
         stats: Mapping[str, tuple[torch.Tensor, torch.Tensor | float]],
         teacher_weight: Callable[[str], torch.Tensor],
     ) -> None:
-        """EMA of every centre towards its batch mean logits.
+        """EMA of every centre towards its batch mean logits: :meth:`accumulate` then
+        :meth:`apply`.
 
         Args:
             stats: name -> (sum over the batch's rows of the teacher's normalised bottleneck
@@ -74,12 +77,21 @@ class TeacherCentering(nn.Module):
         process calls this exactly once per step whatever its batch holds, and all end with the
         centres one process would compute on the whole batch.
         """
+        self.accumulate(stats)
+        self.apply(teacher_weight)
+
+    @torch.no_grad()
+    def accumulate(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor | float]]) -> None:
+        """Add one (micro-)batch's teacher statistics (as in :meth:`update`) to the pending
+        sums, locally: no collective, the centres unchanged until :meth:`apply`."""
         unknown = set(stats) - set(self._row)
         if unknown:
             raise KeyError(f"TeacherCentering: unknown logit sets {sorted(unknown)}")
-        acc = torch.zeros(
-            len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
-        )
+        if self._pending is None:
+            self._pending = torch.zeros(
+                len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
+            )
+        acc = self._pending
         for name, (s, n) in stats.items():
             if s.shape != (self.dim,):
                 raise ValueError(
@@ -88,12 +100,31 @@ class TeacherCentering(nn.Module):
                 )
             acc[self._row[name], :-1] += s.to(acc)
             acc[self._row[name], -1] += float(n)
+
+    @torch.no_grad()
+    def apply(self, teacher_weight: Callable[[str], torch.Tensor]) -> None:
+        """One EMA step of every centre towards the mean of the statistics accumulated since
+        the last call (over every process: one all-reduce, made on every process whatever it
+        accumulated, also nothing), then clear them."""
+        acc = self._pending
+        self._pending = None
+        if acc is None:
+            acc = torch.zeros(
+                len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
+            )
         all_reduce_(acc)
-        for name, i in self._row.items():
-            count = acc[i, -1]
-            if count <= 0:
-                continue  # no process saw this logit set: its centre stays
-            w = teacher_weight(name)
-            # The batch mean is already global: the kernel's EMA runs on it as a one-row batch.
-            mean_x = (acc[i, :-1] / count).to(w.dtype)[None]
-            prototype_center_update(mean_x, self.center[i], w, self.momentum, distributed=False)
+        # In float32 also when called under autocast (from a bfloat16 forward).
+        with torch.autocast(acc.device.type, enabled=False):
+            for name, i in self._row.items():
+                count = acc[i, -1]
+                if count <= 0:
+                    continue  # no process saw this logit set: its centre stays
+                w = teacher_weight(name).float()
+                # The batch mean is already global: the kernel's EMA runs on it as a one-row
+                # batch.
+                mean_x = (acc[i, :-1] / count).to(w.dtype)[None]
+                prototype_center_update(mean_x, self.center[i], w, self.momentum, distributed=False)
+
+    def discard(self) -> None:
+        """Drop the statistics accumulated since the last :meth:`apply`."""
+        self._pending = None
