@@ -169,9 +169,11 @@ class CrossModalAlignment(nn.Module):
                     self._warned = True
                 ma, mb = name.split("-")
                 fa, fb = pv[name]
-                ea, eb = self.embed(fa, ma), self.embed(fb, mb)
-                # Outside autocast: the kernel picks its own compute precision (see MGCL).
-                with torch.autocast(ea.device.type, enabled=False):
-                    loss = info_nce(ea, eb, temperature=self.temperature, gather=use_gather)
+                loss = info_nce(
+                    self.embed(fa, ma),
+                    self.embed(fb, mb),
+                    temperature=self.temperature,
+                    gather=use_gather,
+                )
                 losses.setdefault(name, []).append(loss)
         return {n: torch.stack(v).mean() for n, v in losses.items()}

@@ -307,19 +307,15 @@ class MultiGranularityContrastiveLoss(nn.Module):
             w_t = teacher_head.prototype_weight() if teacher_weight is None else teacher_weight
         losses, stats = {}, {}
         for lvl, zs, zt in zip(present, z_s, z_t):
-            # Outside autocast: the kernel picks its own compute precision (float32 on the
-            # chunked engine, whose matmuls autocast would otherwise run in bfloat16, logits
-            # then divided by the teacher's 0.04).
-            with torch.autocast(zs.device.type, enabled=False):
-                losses[lvl] = prototype_cross_entropy(
-                    zs,
-                    zt,
-                    w_s,
-                    teacher_weight=w_t,
-                    center=centers[lvl],
-                    student_temp=self.student_temp,
-                    teacher_temp=teacher_temp,
-                )
+            losses[lvl] = prototype_cross_entropy(
+                zs,
+                zt,
+                w_s,
+                teacher_weight=w_t,
+                center=centers[lvl],
+                student_temp=self.student_temp,
+                teacher_temp=teacher_temp,
+            )
             # Summed in float32 at least (the rows are bfloat16 under autocast).
             acc_dtype = torch.promote_types(zt.dtype, torch.float32)
             stats[lvl] = (zt.sum(dim=0, dtype=acc_dtype), zt.shape[0])
