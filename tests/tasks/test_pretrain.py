@@ -61,19 +61,12 @@ DETERMINISTIC = ["loss.max_pixel_pairs=null", "++model.overrides.fusion_drop_pat
 # so that a resume must restore the random state to match.
 RANDOM = ["loss.max_pixel_pairs=8", "++model.overrides.fusion_drop_path_rate=0.2"]
 
-# MGCL averages each level over the rows of the process's own batch; with DDP/FSDP the
-# per-process means are averaged, which is not the mean over the global batch when processes
-# hold different numbers of rows (pixel pairs inside the other view, matched S2/S1 steps).
-# Terms whose row counts are the same on every process by construction match exactly.
-ROW_COUNT_FREE = {"cma/hr-s2", "cma/hr-s1", "cma/s2-s1"} | {
-    f"mgcl/{f}/{lvl}" for f in ("hr", "fused") for lvl in ("object", "image")
-}
-MGCL_BUG = (
-    "skysense.losses: MGCL normalises each level by the rows of the process's own batch "
-    "(prototype_cross_entropy's mean), so DDP/FSDP average per-process means instead of taking "
-    "the global-batch mean when processes hold different row counts; fix in the losses package "
-    "(scale each level by n_local * world / n_global)"
-)
+# One process and two (DDP, FSDP) on the same global batch: MGCL scales each process's level
+# means by n_local * world / n_global, so the average over processes is the global-batch mean
+# even though the processes hold different numbers of rows (pixel pairs inside the other view,
+# matched S2/S1 steps). Measured here: losses and terms within 2.2e-7 relative, weights within
+# 4.4e-7 after three steps; the bound leaves a margin for float32 summation order.
+SCALE_REL = 2e-6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -193,6 +186,75 @@ def test_two_steps_train_every_part(data_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_grad_accum_gives_the_one_batch_step(data_root, tmp_path):
+    """trainer.grad_accum=2 on a batch is grad_accum=1 on it, over two steps: the same loss and
+    MGCL terms, gradient norm, weights, teacher centres (updated once per step) and GCPL
+    prototypes. CMA is weighted 0 here: its InfoNCE takes its negatives from the micro-batch
+    (not decomposable), so its terms differ by construction."""
+    runs = {}
+    for accum in (1, 2):
+        cfg = compose(
+            data_root, tmp_path / f"accum{accum}", *DETERMINISTIC, "loss.cma=0.0",
+            f"trainer.grad_accum={accum}",
+        )  # fmt: skip
+        info = D.init("cpu")
+        run = Run(cfg, info, prepare_data(cfg, info))
+        torch.manual_seed(cfg.seed)
+        encoder = run.build_encoder()
+        trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+        trainer.distribute()
+        it = iter(run.build_loader(0, cfg.trainer.batch_size))
+        recs = [trainer.step(next(it), step) for step in range(2)]
+        runs[accum] = (recs, trainer)
+    (one, t1), (two, t2) = runs[1], runs[2]
+    for r1, r2 in zip(one, two):
+        assert close(r2["loss"], r1["loss"]), (r2["loss"], r1["loss"])
+        mgcl = {k for k in r1["terms"] if k.startswith("mgcl")} | {"total"}
+        assert len(mgcl) == 14 and set(r2["terms"]) == set(r1["terms"])
+        bad = {k: (r2["terms"][k], r1["terms"][k]) for k in mgcl}
+        assert not {k: v for k, v in bad.items() if not close(*v)}, bad
+        assert close(r2["grad_norm"], r1["grad_norm"]), (r2["grad_norm"], r1["grad_norm"])
+
+    def state(trainer):
+        s = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
+        s.update({f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()})
+        return {k: v for k, v in s.items() if v.is_floating_point()}
+
+    s1, s2 = state(t1), state(t2)
+    assert max_diff(s2, s1) < 2e-6  # measured 4.4e-7
+    assert s1["student.loss.centering.center"].abs().sum() > 0  # the centres moved
+    for key in ("student.loss.centering.center", "student.encoder.geo_context.prototypes"):
+        torch.testing.assert_close(s2[key], s1[key], rtol=1e-5, atol=1e-6)
+    assert int(t1.student.loss.calls) == int(t2.student.loss.calls) == 2
+
+
+@pytest.mark.slow
+def test_bf16_autocast_step(data_root, tmp_path):
+    """trainer.precision=bf16 (the CUDA default, here on the CPU), with gradient accumulation:
+    a whole step runs (the object clustering used to crash under bf16 autocast), every term
+    finite and close to the float32 step's."""
+    recs = {}
+    for precision in ("bf16", "fp32"):
+        cfg = compose(
+            data_root, tmp_path / precision, *DETERMINISTIC, f"trainer.precision={precision}",
+            "trainer.grad_accum=2",
+        )  # fmt: skip
+        info = D.init("cpu")
+        run = Run(cfg, info, prepare_data(cfg, info))
+        torch.manual_seed(cfg.seed)
+        encoder = run.build_encoder()
+        trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+        trainer.distribute()
+        recs[precision] = trainer.step(next(iter(run.build_loader(0, 4))), 0)
+    bf16, fp32 = recs["bf16"], recs["fp32"]
+    assert set(bf16["terms"]) >= EXPECTED_TERMS
+    assert all(math.isfinite(v) for v in bf16["terms"].values()), bf16["terms"]
+    assert math.isfinite(bf16["grad_norm"]) and bf16["grad_norm"] > 0
+    bad = {k: (v, fp32["terms"][k]) for k, v in bf16["terms"].items()}
+    assert not {k: v for k, v in bad.items() if not close(*v, rel=1e-2)}, bad
+
+
+@pytest.mark.slow
 def test_ranks_share_out_the_global_batch(data_root, tmp_path):
     """Two processes' batches, concatenated in rank order, are the one-process batch: the same
     samples, views and steps."""
@@ -261,8 +323,8 @@ def scale_runs(data_root, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_gloo_processes_train(scale_runs, mode):
     """`skysense pretrain trainer.nproc=2` launches torchrun itself and trains on two gloo
-    processes; on the first step (same weights everywhere) every term whose row count is the
-    same on every process equals the one-process value on the same global batch."""
+    processes; on the first step (same weights everywhere) every term equals the one-process
+    value on the same global batch."""
     run, single = scale_runs[mode], scale_runs["single"]
     assert run["summary"]["world_size"] == 2 and run["summary"]["steps"] == 3
     assert "launching 2 processes" in run["output"]
@@ -271,11 +333,9 @@ def test_two_gloo_processes_train(scale_runs, mode):
     for h in run["history"]:
         assert set(h["terms"]) >= EXPECTED_TERMS and math.isfinite(h["loss"])
     first, ref = run["history"][0]["terms"], single["history"][0]["terms"]
-    bad = {k: (first[k], ref[k]) for k in ROW_COUNT_FREE if not close(first[k], ref[k])}
+    assert first.keys() == ref.keys()
+    bad = {k: (first[k], ref[k]) for k in ref if not close(first[k], ref[k], rel=SCALE_REL)}
     assert not bad, f"{mode} differs from one process on the first step: {bad}"
-    # The same data: the whole global batch went through (losses within a few per cent).
-    for h, r in zip(run["history"], single["history"]):
-        assert close(h["loss"], r["loss"], rel=0.02), (h["loss"], r["loss"])
 
 
 @pytest.mark.slow
@@ -291,19 +351,20 @@ def test_fsdp_computes_what_ddp_computes(scale_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=MGCL_BUG)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_scale_mode_gives_the_one_process_loss(scale_runs, mode):
     """Every step's loss and terms, and the final weights, equal one process's on the same
-    global batch (measured: within 6e-6 relative once MGCL takes the global-batch mean)."""
+    global batch (see SCALE_REL)."""
     run, single = scale_runs[mode], scale_runs["single"]
+    assert len(run["history"]) == len(single["history"]) == 3
     for h, r in zip(run["history"], single["history"]):
-        assert close(h["loss"], r["loss"]), (h["step"], h["loss"], r["loss"])
+        assert close(h["loss"], r["loss"], rel=SCALE_REL), (h["step"], h["loss"], r["loss"])
+        assert h["terms"].keys() == r["terms"].keys()
         bad = {k: (h["terms"][k], r["terms"][k]) for k in r["terms"]}
-        bad = {k: v for k, v in bad.items() if not close(*v)}
+        bad = {k: v for k, v in bad.items() if not close(*v, rel=SCALE_REL)}
         assert not bad, (h["step"], bad)
     for key in ("student_module", "teacher_module"):
-        assert max_diff(run[key], single[key]) < 1e-5, key
+        assert max_diff(run[key], single[key]) < SCALE_REL, key
 
 
 # --- kill and resume ------------------------------------------------------------------

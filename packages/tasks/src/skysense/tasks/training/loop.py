@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,16 @@ def to_device(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
     return batch
+
+
+def _loss_inputs(outputs: list[dict]) -> list[dict]:
+    """The keys of the teacher's outputs that the loss and the GCPL update read (the taps and
+    stages of every micro-batch need not be held through the step)."""
+    keep = ("tokens_", "valid_")
+    return [
+        {k: v for k, v in o.items() if k.startswith(keep) or k in ("fused", "region")}
+        for o in outputs
+    ]
 
 
 def split_micro(views: dict, n: int) -> list[list[dict]]:
@@ -114,6 +125,9 @@ class Trainer:
     ``step(views, step)`` runs the teacher on both views, the student and the loss on each
     micro-batch, backward, clipping, the AdamW step with the scheduled lr and weight decay, the
     teacher EMA and the GCPL prototype update. The loop, the benchmarks and the tests share it.
+    With ``trainer.grad_accum`` > 1 the micro-batches run under ``SkySenseLoss.accumulation``:
+    the step's MGCL terms, gradients and teacher-centre update are those of the whole batch
+    (CMA's InfoNCE takes its negatives from each micro-batch).
     """
 
     def __init__(self, cfg: DictConfig, info: D.DistInfo, encoder: torch.nn.Module, loss_fn):
@@ -143,6 +157,14 @@ class Trainer:
             self.student.encoder.compile()
             self.teacher.encoder.compile()
 
+    def autocast(self):
+        """The precision context of the forward passes (bf16 autocast, or none)."""
+        return torch.autocast(
+            self.info.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
     def schedules(self, step: int) -> tuple[float, float, float]:
         t, o = self.tcfg, self.ocfg
         lr = warmup_cosine(step, t.max_steps, o.warmup_steps, self.peak_lr, o.min_lr)
@@ -156,30 +178,39 @@ class Trainer:
         set_lr_wd(self.optimizer, lr, wd)
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.tcfg.grad_accum
-        device_type = self.info.device.type
         terms_acc: dict[str, float] = {}
         total_acc = 0.0
         fused = []
-        for micro in split_micro(views, accum):
-            with torch.autocast(
-                device_type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
-                teacher_outs = self.teacher(micro)
-                out = self.wrapped(micro, teacher_outs, self.teacher.heads, step)
-            total, terms = out["total"], out["terms"]
-            if not torch.isfinite(total.detach()):
-                bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
-                raise NonFiniteLoss(
-                    f"step {step + 1}: loss is {float(total.detach())}; terms that went bad: "
-                    f"{bad or ['total']} (nothing was saved for this step)"
-                )
-            (total / accum).backward()
-            total_acc += float(total.detach()) / accum
-            for k, v in terms.items():
-                terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
-            fused += [(o["fused"].float(), o["region"]) for o in teacher_outs if "fused" in o]
+        micros = split_micro(views, accum)
+        if accum > 1:
+            # Gradient accumulation: the teacher's outputs of every micro-batch first, so that
+            # the loss normalises each MGCL level by the rows of the whole step and updates the
+            # teacher centres once (SkySenseLoss.accumulation); grad_accum micro-batches then
+            # give the loss, gradients and centres of one batch (CMA aside: its negatives are
+            # the micro-batch's).
+            with self.autocast():
+                teacher_all = [_loss_inputs(self.teacher(m)) for m in micros]
+            accumulation = self.student.loss.accumulation(teacher_all, micros)
+        else:
+            teacher_all, accumulation = [None], contextlib.nullcontext()
+        with accumulation:
+            for micro, teacher_outs in zip(micros, teacher_all):
+                with self.autocast():
+                    if teacher_outs is None:
+                        teacher_outs = self.teacher(micro)
+                    out = self.wrapped(micro, teacher_outs, self.teacher.heads, step)
+                total, terms = out["total"], out["terms"]
+                if not torch.isfinite(total.detach()):
+                    bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
+                    raise NonFiniteLoss(
+                        f"step {step + 1}: loss is {float(total.detach())}; terms that went "
+                        f"bad: {bad or ['total']} (nothing was saved for this step)"
+                    )
+                (total / accum).backward()
+                total_acc += float(total.detach()) / accum
+                for k, v in terms.items():
+                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
+                fused += [(o["fused"].float(), o["region"]) for o in teacher_outs if "fused" in o]
         gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.ocfg.grad_clip)
         self.optimizer.step()
         D.reshard(self.teacher)  # FSDP: the EMA works on the shards
