@@ -47,19 +47,26 @@ def leaves(outs):
     return res
 
 
+def prepare(loss, students, teachers, views, drop_s1):
+    """Give ``loss`` a non-zero starting centre (the same everywhere); drop S1 if asked."""
+    with torch.no_grad():
+        loss.centering.center.copy_(
+            torch.randn(loss.centering.center.shape, generator=torch.Generator().manual_seed(23))
+        )
+    if not drop_s1:
+        return students, teachers, views
+    drop = {"tokens_s1", "valid_s1", "s1_index"}
+    return tuple(
+        [{k: v for k, v in o.items() if k not in drop} for o in x]
+        for x in (students, teachers, views)
+    )
+
+
 def compute(students, teachers, views, protos, drop_s1=False):
     """Everything the test compares, on whatever batch this process holds."""
     torch.manual_seed(0)
     loss = SkySenseLoss(12, 10, **KW).train()
-    with torch.no_grad():  # a non-zero starting centre, the same everywhere
-        loss.centering.center.copy_(
-            torch.randn(loss.centering.center.shape, generator=torch.Generator().manual_seed(23))
-        )
-    if drop_s1:
-        drop = {"tokens_s1", "valid_s1", "s1_index"}
-        students = [{k: v for k, v in o.items() if k not in drop} for o in students]
-        teachers = [{k: v for k, v in o.items() if k not in drop} for o in teachers]
-        views = [{k: v for k, v in o.items() if k not in drop} for o in views]
+    students, teachers, views = prepare(loss, students, teachers, views, drop_s1)
     s = leaves(students)
     cma = loss.cma(s, views)
     res = {f"cma/{k}": v.detach() for k, v in cma.items()}
@@ -94,15 +101,7 @@ def mgcl_run(students, teachers, views, drop_s1=False, micro=1):
     of the heads and of the student tokens, the centres after the step."""
     torch.manual_seed(0)
     loss = SkySenseLoss(12, 10, cma=0.0, **KW).train()
-    with torch.no_grad():
-        loss.centering.center.copy_(
-            torch.randn(loss.centering.center.shape, generator=torch.Generator().manual_seed(23))
-        )
-    if drop_s1:
-        drop = {"tokens_s1", "valid_s1", "s1_index"}
-        students = [{k: v for k, v in o.items() if k not in drop} for o in students]
-        teachers = [{k: v for k, v in o.items() if k not in drop} for o in teachers]
-        views = [{k: v for k, v in o.items() if k not in drop} for o in views]
+    students, teachers, views = prepare(loss, students, teachers, views, drop_s1)
     s = leaves(students)
     terms, rows = {}, {}
     if micro == 1:

@@ -112,6 +112,17 @@ def run_in_process(cfg) -> dict:
     return ckpt.load(ckpt.latest(Path(cfg.run_dir) / "checkpoints"))
 
 
+def build_trainer(cfg) -> tuple[Trainer, Run]:
+    """A single-process Trainer on ``cfg`` (seeded as the loop seeds it), and its Run."""
+    info = D.init("cpu")
+    run = Run(cfg, info, prepare_data(cfg, info))
+    torch.manual_seed(cfg.seed)
+    encoder = run.build_encoder()
+    trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+    trainer.distribute()
+    return trainer, run
+
+
 def close(a, b, rel=1e-5, abs_=1e-6) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
@@ -197,12 +208,7 @@ def test_grad_accum_gives_the_one_batch_step(data_root, tmp_path):
             data_root, tmp_path / f"accum{accum}", *DETERMINISTIC, "loss.cma=0.0",
             f"trainer.grad_accum={accum}",
         )  # fmt: skip
-        info = D.init("cpu")
-        run = Run(cfg, info, prepare_data(cfg, info))
-        torch.manual_seed(cfg.seed)
-        encoder = run.build_encoder()
-        trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
-        trainer.distribute()
+        trainer, run = build_trainer(cfg)
         it = iter(run.build_loader(0, cfg.trainer.batch_size))
         recs = [trainer.step(next(it), step) for step in range(2)]
         runs[accum] = (recs, trainer)
@@ -239,12 +245,7 @@ def test_bf16_autocast_step(data_root, tmp_path):
             data_root, tmp_path / precision, *DETERMINISTIC, f"trainer.precision={precision}",
             "trainer.grad_accum=2",
         )  # fmt: skip
-        info = D.init("cpu")
-        run = Run(cfg, info, prepare_data(cfg, info))
-        torch.manual_seed(cfg.seed)
-        encoder = run.build_encoder()
-        trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
-        trainer.distribute()
+        trainer, run = build_trainer(cfg)
         recs[precision] = trainer.step(next(iter(run.build_loader(0, 4))), 0)
     bf16, fp32 = recs["bf16"], recs["fp32"]
     assert set(bf16["terms"]) >= EXPECTED_TERMS
