@@ -22,7 +22,7 @@ for d in "${@:-${ALL[@]}}"; do
   start=$(date +%s)
   # Build isolation on: each distribution's build requirements come from its pyproject alone.
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt ${DEPS[$d]}
-  others=$(printf '%s\n' "${ALL[@]}" | grep -vxF -f <(echo "${DEPS[$d]}" | tr ' ' '\n' | xargs -n1 basename) | tr '\n' ' ')
+  others=$(printf '%s\n' "${ALL[@]}" | grep -vxF -f <(echo "${DEPS[$d]}" | tr ' ' '\n' | xargs -n1 basename) | tr '\n' ' ' || true)
   "$venv/bin/python" - "$d" $others <<'PY'
 import importlib, importlib.util, sys
 name, others = sys.argv[1], sys.argv[2:]
