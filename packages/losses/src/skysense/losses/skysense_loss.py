@@ -191,11 +191,16 @@ class SkySenseLoss(nn.Module):
         self._accum: _Accumulation | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping, grid_dim: int, fusion_dim: int) -> SkySenseLoss:
-        """Build from the ``loss`` config group (a mapping of the keyword arguments)."""
+    def config_fields(cls) -> set[str]:
+        """The fields the ``loss`` config group may hold (the keyword arguments)."""
         import inspect
 
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "grid_dim", "fusion_dim"}
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "grid_dim", "fusion_dim"}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, grid_dim: int, fusion_dim: int) -> SkySenseLoss:
+        """Build from the ``loss`` config group (a mapping of the keyword arguments)."""
+        known = cls.config_fields()
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(

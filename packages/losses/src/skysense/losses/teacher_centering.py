@@ -88,9 +88,7 @@ class TeacherCentering(nn.Module):
         if unknown:
             raise KeyError(f"TeacherCentering: unknown logit sets {sorted(unknown)}")
         if self._pending is None:
-            self._pending = torch.zeros(
-                len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
-            )
+            self._pending = self._zero_stats()
         acc = self._pending
         for name, (s, n) in stats.items():
             if s.shape != (self.dim,):
@@ -109,9 +107,7 @@ class TeacherCentering(nn.Module):
         acc = self._pending
         self._pending = None
         if acc is None:
-            acc = torch.zeros(
-                len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
-            )
+            acc = self._zero_stats()
         all_reduce_(acc)
         # In float32 also when called under autocast (from a bfloat16 forward).
         with torch.autocast(acc.device.type, enabled=False):
@@ -124,6 +120,12 @@ class TeacherCentering(nn.Module):
                 # batch.
                 mean_x = (acc[i, :-1] / count).to(w.dtype)[None]
                 prototype_center_update(mean_x, self.center[i], w, self.momentum, distributed=False)
+
+    def _zero_stats(self) -> torch.Tensor:
+        """(len(names), dim + 1) float64 zeros: per logit set, summed logits and a count."""
+        return torch.zeros(
+            len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
+        )
 
     def discard(self) -> None:
         """Drop the statistics accumulated since the last :meth:`apply`."""

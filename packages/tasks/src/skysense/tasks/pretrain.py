@@ -104,15 +104,9 @@ def _validate_views(views) -> None:
 
 
 def _validate_loss(loss) -> None:
-    import inspect
-
     from skysense.losses import SkySenseLoss
 
-    known = set(inspect.signature(SkySenseLoss.__init__).parameters) - {
-        "self",
-        "grid_dim",
-        "fusion_dim",
-    }
+    known = SkySenseLoss.config_fields()
     unknown = sorted(set(loss) - known)
     if unknown:
         raise ConfigError(
