@@ -1,0 +1,181 @@
+"""One folder layout for model weights: ``model.safetensors``, ``config.json``, ``SHA256SUMS``.
+
+``skysense convert`` (released ``.pth`` files) and ``skysense export format=safetensors`` (this
+project's checkpoints) write it; every ``checkpoint=`` / ``weights=`` reads it, and so does
+``huggingface_hub``'s ``PyTorchModelHubMixin.from_pretrained(folder)`` (the same two file names).
+
+- ``model.safetensors``: the state dict, this project's key names, tensors contiguous and
+  unshared (safetensors stores no aliasing), any dtype.
+- ``config.json``: a JSON object; this project writes ``format`` (:data:`FORMAT`), ``preset``
+  and ``model`` (the :class:`~skysense.encoders.config.SkySenseConfig` fields), and what the
+  writer knows (sensors and band order, normalisation statistics, source files and their
+  sha256, the task head).
+- ``SHA256SUMS``: ``<sha256>  <name>`` lines (``sha256sum -c`` reads it) for the two files above.
+
+Loading never unpickles: safetensors holds raw tensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SUMS_FILE = "SHA256SUMS"
+FORMAT = "skysense-weights/1"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_weights_dir(path: str | os.PathLike | None) -> bool:
+    """True when ``path`` is a folder holding ``model.safetensors`` (the layout's marker)."""
+    if path is None or str(path) == "":
+        return False
+    p = Path(path)
+    return p.is_dir() and (p / WEIGHTS_FILE).is_file()
+
+
+def read_sums(path: str | os.PathLike) -> dict[str, str]:
+    """``SHA256SUMS`` of a weights folder -> {file name: hex digest}."""
+    sums: dict[str, str] = {}
+    file = Path(path) / SUMS_FILE
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ValueError(f"{file}: line {n} is not '<sha256>  <name>'")
+        sums[parts[1].lstrip("*").strip()] = parts[0].lower()
+    return sums
+
+
+def verify_weights(path: str | os.PathLike) -> None:
+    """Check ``SHA256SUMS`` of a weights folder: both files listed, and their digests equal.
+
+    Raises ValueError, one line naming the folder and the reason."""
+    p = Path(path)
+    if not (p / SUMS_FILE).is_file():
+        raise ValueError(f"{p}: no {SUMS_FILE} (pass verify=False to load without checking)")
+    sums = read_sums(p)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if name not in sums:
+            raise ValueError(f"{p}: {SUMS_FILE} does not list {name}")
+    for name, digest in sums.items():
+        f = p / name
+        if not f.is_file():
+            raise ValueError(f"{p}: {SUMS_FILE} lists {name}, which is missing")
+        got = sha256_file(f)
+        if got != digest:
+            raise ValueError(
+                f"{p}: {name} does not match {SUMS_FILE} (sha256 {got[:12]}..., expected "
+                f"{digest[:12]}...): the file is corrupt or was changed after writing"
+            )
+
+
+def load_weights(
+    path: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a weights folder -> (state dict, config.json content).
+
+    Args:
+        path: the folder (``model.safetensors``, ``config.json``, ``SHA256SUMS``).
+        verify: check the files against ``SHA256SUMS`` first.
+        device: where the tensors land.
+
+    Raises ValueError with one line naming the path and the reason (not a folder of this
+    layout, checksum mismatch, unreadable safetensors or JSON)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{p}: not a weights folder (no such directory)")
+    if not (p / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{p}: not a weights folder (no {WEIGHTS_FILE})")
+    if verify:
+        verify_weights(p)
+    config: dict = {}
+    if (p / CONFIG_FILE).is_file():
+        try:
+            config = json.loads((p / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: {CONFIG_FILE} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{p}: {CONFIG_FILE} is not a JSON object")
+    try:
+        state = load_file(str(p / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{p}: {WEIGHTS_FILE} cannot be read ({e})") from None
+    return state, config
+
+
+def _plain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"state dict entry '{k}' is a {type(v).__name__}, not a tensor")
+        if v.device.type == "meta":
+            raise ValueError(f"state dict entry '{k}' is on the meta device (no data to save)")
+        # safetensors refuses shared storage and non-contiguous views: one copy each
+        out[k] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_weights(
+    path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping
+) -> Path:
+    """Write a weights folder atomically: files go into a temporary sibling folder, which is
+    renamed onto ``path`` at the end (an existing folder of this layout is replaced; any other
+    existing path is an error). Returns ``path``.
+
+    Args:
+        path: the folder to create.
+        state_dict: name -> tensor (any dtype, any device except meta).
+        config: JSON-serialisable mapping written as ``config.json`` (``format`` is added).
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(path)
+    if dst.exists() and not is_weights_dir(dst) and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"{dst}: exists and is not a weights folder; not overwriting it")
+    cfg = {"format": FORMAT, **dict(config)}
+    try:
+        text = json.dumps(cfg, indent=1, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"{dst}: config is not JSON-serialisable ({e})") from None
+    tensors = _plain(state_dict)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(text + "\n")
+        lines = [f"{sha256_file(tmp / n)}  {n}" for n in (WEIGHTS_FILE, CONFIG_FILE)]
+        (tmp / SUMS_FILE).write_text("\n".join(lines) + "\n")
+        os.chmod(tmp, 0o755)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+            os.rename(dst, old / "x")
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
