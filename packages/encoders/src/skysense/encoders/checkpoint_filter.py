@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -152,39 +153,161 @@ def map_released_keys(
     return mapped, unmapped, dropped
 
 
+def unwrap_state_dict(obj: Mapping) -> dict:
+    """``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and a DDP ``module.`` prefix off."""
+    for wrapper in ("state_dict", "model"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
 def checkpoint_filter_fn(state_dict: Mapping, model: torch.nn.Module | None = None) -> dict:
     """A released SkySense state dict -> this project's names (timm's habit).
 
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a DDP ``module.`` prefix, renames
     (see the module docstring for what is checked and what inferred), logs the keys it could
-    not map, and, given ``model``, resizes the ViTs' position embeddings to the model's grid
-    (bicubic, as at run time). Load the result with ``model.load_state_dict(sd, strict=False)``
-    and read its missing keys (the prototypes, and anything the release lacks).
+    not map, and, given ``model``, fits the ViTs' position embeddings to it: the class token's
+    row and ``cls_token`` are dropped when the model's ViT has no class token (the release's
+    mmseg ViT always stores both; SkySense++ runs it with ``with_cls_token=False``), and the
+    grid is resized to the model's (bicubic, as at run time). For a strict, reported load use
+    :func:`match_to_model`; otherwise load the result with ``strict=False`` and read its
+    missing keys (the prototypes, and anything the release lacks).
     """
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-            state_dict = state_dict[wrapper]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    mapped, unmapped, dropped = map_released_keys(state_dict)
+    mapped, unmapped, dropped = map_released_keys(unwrap_state_dict(state_dict))
     if unmapped:
         log.warning("checkpoint_filter_fn: %d key(s) not mapped: %s", len(unmapped), unmapped)
     if dropped:
         log.info("checkpoint_filter_fn: dropped %d recomputed buffer(s)", len(dropped))
     if model is not None:
-        for m in ("s2", "s1"):
-            key = f"{m}_encoder.pos_embed"
-            enc = getattr(model, f"{m}_encoder", None)
-            if key in mapped and enc is not None and mapped[key].shape != enc.pos_embed.shape:
-                mapped[key] = _resize_pos_embed(mapped[key], enc.num_prefix, enc.grid)
+        _fit_vits(mapped, model, [])
     return mapped
 
 
+def _fit_vits(mapped: dict, model: torch.nn.Module, notes: list[str]) -> None:
+    for m in ("s2", "s1"):
+        key = f"{m}_encoder.pos_embed"
+        enc = getattr(model, f"{m}_encoder", None)
+        if key not in mapped or enc is None:
+            continue
+        pos = mapped[key]
+        if enc.num_prefix == 0 and f"{m}_encoder.cls_token" in mapped:
+            del mapped[f"{m}_encoder.cls_token"]
+            pos = pos[:, 1:]  # the class token's row: mmseg stores it whether used or not
+            notes.append(f"{m}_encoder.cls_token (the model's ViT has no class token)")
+        if tuple(pos.shape) != tuple(enc.pos_embed.shape):
+            pos = _resize_pos_embed(pos, enc.num_prefix, enc.grid)
+            notes.append(f"{key} resized to the {enc.grid} x {enc.grid} grid")
+        mapped[key] = pos
+
+
 def _resize_pos_embed(pos: torch.Tensor, num_prefix: int, grid: int) -> torch.Tensor:
+    """(1, num_prefix + g * g, C) -> (1, num_prefix + grid * grid, C), bicubic on the grid."""
     prefix, rest = pos[:, :num_prefix], pos[:, num_prefix:]
     old = int(round(rest.shape[1] ** 0.5))
     if old * old != rest.shape[1]:
         raise ValueError(f"pos_embed {tuple(pos.shape)}: the patch grid is not square")
-    rest = rest.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    dtype = pos.dtype if pos.dtype == torch.float64 else torch.float32
+    rest = rest.reshape(1, old, old, -1).permute(0, 3, 1, 2).to(dtype)
     rest = F.interpolate(rest, size=(grid, grid), mode="bicubic", align_corners=False)
     rest = rest.flatten(2).transpose(1, 2).to(pos.dtype)
     return torch.cat([prefix, rest], dim=1)
+
+
+# Top-level modules of SkySense, each loaded whole or not at all ("parts"): a release may hold
+# some of them (the three backbone files, say); a part it touches must be complete.
+PARTS = ("hr_encoder", "s2_encoder", "s1_encoder", "grid_s2", "grid_s1", "fusion", "geo_context")
+# Pre-training state that no release holds (the GCPL prototypes, updated by EMA).
+NOT_RELEASED = ("geo_context.prototypes",)
+
+
+@dataclass
+class MatchReport:
+    """How a state dict fits a model (:func:`match_to_model`).
+
+    ``missing``: model keys of a part the source touches but does not complete;
+    ``unexpected``: source keys with no place in the model (or no mapping);
+    ``shape``: keys whose shapes differ ("key: source (..) vs model (..)");
+    ``absent``: parts the source holds nothing of (they keep their initialisation);
+    ``skipped``: source keys of parts the model was built without (``modalities``);
+    ``dropped``: recomputed buffers and other documented drops.
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mis-shaped."""
+        return not (self.missing or self.unexpected or self.shape)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(kind, key) for every reported key, errors first."""
+        out = []
+        for kind in ("missing", "unexpected", "shape", "absent", "skipped", "dropped"):
+            out += [(kind, k) for k in getattr(self, kind)]
+        return out
+
+    def table(self) -> str:
+        """The report as an aligned two-column table (kind, key)."""
+        rows = self.rows()
+        if not rows:
+            return "every key matched"
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{kind:<{w}}  {key}" for kind, key in rows)
+
+    def error(self, source: str, limit: int = 20) -> str:
+        """One line naming ``source`` and the offending keys (the first ``limit`` of a kind)."""
+        parts = []
+        for kind in ("missing", "unexpected", "shape"):
+            keys = getattr(self, kind)
+            if keys:
+                more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+                parts.append(f"{len(keys)} {kind}: " + ", ".join(keys[:limit]) + more)
+        return f"{source} does not match the model: " + "; ".join(parts)
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def match_to_model(
+    state_dict: Mapping, model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], MatchReport]:
+    """Map a state dict (the release's names, this project's, or a mix) onto ``model`` and
+    report, part by part, what does not fit.
+
+    ``model`` may live on the meta device (only its keys, shapes and ViT geometry are read).
+    Returns (state dict in the model's names, report); load it with ``strict=False`` after
+    checking ``report.ok`` (the absent parts and :data:`NOT_RELEASED` are then the only keys
+    the load leaves alone).
+    """
+    mapped, unmapped, dropped = map_released_keys(unwrap_state_dict(state_dict))
+    notes: list[str] = []
+    _fit_vits(mapped, model, notes)
+    own = model.state_dict()
+    built = {_part(k) for k in own}
+    report = MatchReport(unexpected=sorted(unmapped), dropped=sorted(dropped) + notes)
+    present = set()
+    for k in list(mapped):
+        part = _part(k)
+        if k in own:
+            present.add(part)
+            if tuple(mapped[k].shape) != tuple(own[k].shape):
+                report.shape.append(
+                    f"{k}: source {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
+                )
+        elif part in PARTS and part not in built:
+            report.skipped.append(k)
+            del mapped[k]
+        else:
+            report.unexpected.append(k)
+    report.unexpected.sort()
+    report.missing = sorted(
+        k for k in own if _part(k) in present and k not in mapped and k not in NOT_RELEASED
+    )
+    report.absent = [p for p in PARTS if p in built and p not in present and p != "geo_context"]
+    return mapped, report

@@ -112,11 +112,18 @@ def preset_config(preset: str, **overrides) -> SkySenseConfig:
     return SkySenseConfig.from_dict({**PRESETS[preset], **overrides, "name": preset})
 
 
-def build_skysense(preset: str = "tiny", **overrides):
+def build_skysense(preset: str = "tiny", weights=None, *, strict: bool = True, **overrides):
     """Build a :class:`~skysense.encoders.skysense.SkySense` from a preset.
 
     Args:
         preset: one of :data:`PRESETS` ("tiny", "small", "base", "large", "huge").
+        weights: optional weights to load: a weights folder (``skysense convert`` /
+            ``skysense export format=safetensors``: ``model.safetensors``, ``config.json``,
+            ``SHA256SUMS``, checked) or a ``.pth`` file (released names or this project's;
+            read with ``torch.load(weights_only=True)`` only). See
+            :func:`skysense.encoders.weights.load_into`.
+        strict: with ``weights``, raise a ValueError naming every missing, unexpected or
+            mis-shaped key of the parts the weights hold (parts they lack are logged).
         **overrides: config fields to change, e.g. ``checkpointing=True``,
             ``fusion_depth=2``, ``modalities=("s2", "s1")``.
 
@@ -125,4 +132,9 @@ def build_skysense(preset: str = "tiny", **overrides):
     """
     from skysense.encoders.skysense import SkySense
 
-    return SkySense(preset_config(preset, **overrides))
+    model = SkySense(preset_config(preset, **overrides))
+    if weights is not None:
+        from skysense.encoders.weights import load_into
+
+        load_into(model, weights, strict=strict)
+    return model

@@ -179,3 +179,61 @@ def save_weights(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def read_state_dict(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict]:
+    """A weights folder or a ``.pth``/``.pt`` file -> (state dict, config).
+
+    Folders go through :func:`load_weights` (config = ``config.json``); files through
+    ``torch.load(weights_only=True)`` only (config = {}): a released file or any state dict of
+    tensors. Raises ValueError naming the path when it is neither."""
+    p = Path(path)
+    if p.is_dir():
+        return load_weights(p, verify=verify)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such weights folder or file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling beyond tensors is refused on purpose
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{p}: not loadable with torch.load(weights_only=True) ({msg})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p}: holds a {type(obj).__name__}, not a state dict")
+    return dict(obj), {}
+
+
+def load_into(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+):
+    """Load a weights folder or a released / own ``.pth`` into a SkySense ``model``.
+
+    Names are mapped by :func:`~skysense.encoders.checkpoint_filter.match_to_model` (the
+    release's names or this project's, ``encoder.`` prefixes of task models stripped). Strict:
+    a part the source touches must be complete, and no source key may be left over; the error
+    (ValueError) names the path and the keys. Parts the source lacks keep their initialisation
+    (logged). Returns the :class:`~skysense.encoders.checkpoint_filter.MatchReport`."""
+    import logging
+
+    from skysense.encoders.checkpoint_filter import match_to_model
+
+    state, config = read_state_dict(path, verify=verify)
+    prefix = config.get("encoder_prefix")
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    mapped, report = match_to_model(state, model)
+    if not report.ok:
+        if strict:
+            raise ValueError(report.error(str(path)))
+        logging.getLogger(__name__).warning("%s", report.error(str(path)))
+    if report.absent:
+        logging.getLogger(__name__).warning(
+            "%s holds nothing for %s: those keep their initialisation", path, report.absent
+        )
+    own = model.state_dict()
+    usable = {k: v for k, v in mapped.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(usable, strict=False)
+    return report
