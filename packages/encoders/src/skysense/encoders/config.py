@@ -48,6 +48,7 @@ class SkySenseConfig:
     vit_drop_path_rate: float = 0.1  # stochastic depth, max over blocks (choice: uncertain)
     vit_cls_token: bool = True  # class token (the release's mmseg ViT has one)
     vit_norm_eps: float = 1e-6  # LayerNorm epsilon
+    vit_final_norm: bool = True  # LayerNorm on the last block (mmseg final_norm; release: none)
     # --- grid alignment (1x1 conv + PixelShuffle) ------------------------------------------
     grid_upscale: int = 4  # PixelShuffle factor from the ViT token grid to the fusion grid
     # --- multi-modal temporal fusion -------------------------------------------------------

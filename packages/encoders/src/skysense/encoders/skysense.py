@@ -69,6 +69,7 @@ class SkySense(nn.Module):
                     drop_path_rate=cfg.vit_drop_path_rate,
                     cls_token=cfg.vit_cls_token,
                     norm_eps=cfg.vit_norm_eps,
+                    final_norm=cfg.vit_final_norm,
                 )
                 grid = GridAlign(cfg.vit_dim, cfg.grid_dim, cfg.grid_upscale)
             setattr(self, f"{m}_encoder", enc)

@@ -33,6 +33,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth rising linearly from 0 to this over the blocks.
         cls_token: prepend a class token (the release's mmseg ViT has one).
         norm_eps: LayerNorm epsilon (1e-6).
+        final_norm: LayerNorm on the last block's output (mmseg's ``final_norm``; the released
+            SkySense++ config runs its ViTs without it).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         cls_token: bool = True,
         norm_eps: float = 1e-6,
+        final_norm: bool = True,
     ):
         super().__init__()
         taps = tuple(int(t) for t in taps)
@@ -71,7 +74,7 @@ class VisionTransformer(nn.Module):
             Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else None
         self.checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -119,7 +122,7 @@ class VisionTransformer(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             x = run_block(blk, x, enabled=self.checkpointing)
-            if i == last:
+            if i == last and self.norm is not None:
                 x = self.norm(x)
             if i in self.taps:
                 taps.append(x[:, self.num_prefix :].reshape(N, h, w, -1))
