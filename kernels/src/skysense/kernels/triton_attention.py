@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from skysense.kernels import dispatch
+from skysense.kernels import launch_configs as lc
 
 LOG2E = 1.4426950408889634
 MAX_BIASES = 2
@@ -423,21 +424,20 @@ def bias_spec(bias: torch.Tensor, index: int, B: int, H: int, Nq: int, Nk: int) 
     return BiasSpec(bias, view, bb, tuple(strides), tuple(gshape))
 
 
-def _blocks(D: int, Nq: int, Nk: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim and these lengths."""
-    if dispatch.interpreting():
+def _launch(kernel: str, D: int, dtype: torch.dtype, Nq: int, Nk: int) -> lc.Launch:
+    """The launch of ``kernel`` (a key of ``launch_configs.ATTENTION``) for these inputs."""
+    if dispatch.interpreting() and not lc.gpu_blocks_forced():
         # The interpreter pays per program and per loop step: few, large blocks.
-        bm = bn = 256
-        warps, stages = 4, 1
-    elif backward:
-        bm, bn = (64, 64) if D <= 64 else (32, 64) if D <= 128 else (32, 32)
-        warps, stages = (4, 2) if D <= 64 else (8, 2)
-    else:
-        bm, bn = (128, 64) if D <= 64 else (64, 64) if D <= 128 else (64, 32)
-        warps, stages = (4, 3) if D <= 64 else (8, 2)
-    bm = max(16, min(bm, triton.next_power_of_2(Nq)))
-    bn = max(16, min(bn, triton.next_power_of_2(Nk)))
-    return bm, bn, warps, stages
+        return lc.Launch(
+            (
+                ("BLOCK_M", lc.clamp(lc.INTERPRETER_BLOCK, Nq)),
+                ("BLOCK_N", lc.clamp(lc.INTERPRETER_BLOCK, Nk)),
+                ("BLOCK_D", lc.head_block(D)),
+            ),
+            4,
+            1,
+        )
+    return lc.attention_launch(kernel, D, str(dtype).removeprefix("torch."), Nq, Nk)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -464,29 +464,101 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> list:
     return [m, m.stride(0), m.stride(1)]
 
 
-def _flash_forward(q, k, v, specs, mask, scale):
+def forward_call(q, k, v, o, lse, specs, mask, scale) -> lc.Call:
+    """The forward launch writing ``o`` (B, H, Nq, D) and ``lse`` (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    o = dispatch.new_output((B, H, Nq, D), q.dtype, q.device)
-    lse = dispatch.new_output((B, H, Nq), torch.float32, q.device)
-    bm, bn, warps, stages = _blocks(D, Nq, Nk, backward=False)
-    grid = (B * H, triton.cdiv(Nq, bm))
-    _attn_fwd_kernel[grid](
+    launch = _launch("attn_fwd", D, q.dtype, Nq, Nk)
+    args = [
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *_bias_args(specs, q),
         *_mask_args(mask, q),
         H, Nq, Nk, D, scale * LOG2E,
+    ]  # fmt: skip
+    meta = lc.call_meta(
+        launch,
         HAS_B0=len(specs) > 0, HAS_B1=len(specs) > 1, HAS_MASK=mask is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
         FP32=_dot_fp32(q.dtype), PREC=_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    grid = (B * H, triton.cdiv(Nq, launch.get("BLOCK_M")))
+    return lc.Call("attn_fwd", _attn_fwd_kernel, grid, args, meta)
+
+
+def _flash_forward(q, k, v, specs, mask, scale):
+    B, H, Nq, D = q.shape
+    o = dispatch.new_output((B, H, Nq, D), q.dtype, q.device)
+    lse = dispatch.new_output((B, H, Nq), torch.float32, q.device)
+    forward_call(q, k, v, o, lse, specs, mask, scale)()
     return o, lse
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return dispatch.interpreting() and dtype in (torch.float16, torch.bfloat16)
+
+
+def backward_calls(do, q, k, v, lse, delta, dq, dk, dv, specs, dbs, mask, scale) -> list[lc.Call]:
+    """The two backward launches: dk, dv (and the bias gradients ``dbs``, fp32 tensors of each
+    bias's reduced shape or None) over key blocks, then dq over query blocks."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    db_args = []
+    for i in range(MAX_BIASES):
+        if i < len(specs) and dbs[i] is not None:
+            db = dbs[i]
+            st = [0 if db.shape[d] == 1 else db.stride(d) for d in range(4)]
+            db_args += [db, *st]
+        else:
+            db_args += [lse, 0, 0, 0, 0]
+    red = []
+    for i in range(MAX_BIASES):
+        red += [specs[i].red_m, specs[i].red_n] if i < len(specs) else [False, False]
+    common = dict(
+        HAS_B0=len(specs) > 0, HAS_B1=len(specs) > 1, HAS_MASK=mask is not None,
+        FP32=_dot_fp32(q.dtype), PREC=_precision(q.dtype),
+    )  # fmt: skip
+    strides = [*q.stride(), *k.stride(), *v.stride(), *do.stride()]
+    tail = [H, Nq, Nk, D, scale * LOG2E, scale]
+    kv = _launch("attn_bwd_dkdv", D, q.dtype, Nq, Nk)
+    dkdv = lc.Call(
+        "attn_bwd_dkdv",
+        _attn_bwd_dkdv_kernel,
+        (B * H, triton.cdiv(Nk, kv.get("BLOCK_N"))),
+        [
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            *strides,
+            *_bias_args(specs, q),
+            *db_args,
+            *_mask_args(mask, q),
+            *tail,
+        ],  # fmt: skip
+        lc.call_meta(
+            kv,
+            GRAD_B0=dbs[0] is not None if specs else False,
+            GRAD_B1=dbs[1] is not None if len(specs) > 1 else False,
+            RED0_M=red[0],
+            RED0_N=red[1],
+            RED1_M=red[2],
+            RED1_N=red[3],
+            **common,
+        ),  # fmt: skip
+    )
+    ql = _launch("attn_bwd_dq", D, q.dtype, Nq, Nk)
+    dqc = lc.Call(
+        "attn_bwd_dq",
+        _attn_bwd_dq_kernel,
+        (B * H, triton.cdiv(Nq, ql.get("BLOCK_M"))),
+        [q, k, v, do, lse, delta, dq, *strides, *_bias_args(specs, q), *_mask_args(mask, q), *tail],
+        lc.call_meta(ql, **common),
+    )
+    return [dkdv, dqc]
 
 
 def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
@@ -500,45 +572,8 @@ def _flash_backward(do, q, k, v, o, lse, specs, mask, scale, bias_grads):
         torch.zeros(s.grad_shape, dtype=torch.float32, device=q.device) if g else None
         for s, g in zip(specs, bias_grads)
     ]
-    db_args = []
-    for i in range(MAX_BIASES):
-        if i < len(specs) and dbs[i] is not None:
-            db = dbs[i]
-            st = [0 if db.shape[d] == 1 else db.stride(d) for d in range(4)]
-            db_args += [db, *st]
-        else:
-            db_args += [lse, 0, 0, 0, 0]
-    red = []
-    for i in range(MAX_BIASES):
-        red += [specs[i].red_m, specs[i].red_n] if i < len(specs) else [False, False]
-    bm, bn, warps, stages = _blocks(D, Nq, Nk, backward=True)
-    block_d = max(16, triton.next_power_of_2(D))
-    common = dict(
-        HAS_B0=len(specs) > 0, HAS_B1=len(specs) > 1, HAS_MASK=mask is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        FP32=_dot_fp32(q.dtype), PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    strides = [*q.stride(), *k.stride(), *v.stride(), *do.stride()]
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(Nk, bn))](
-        q, k, v, do, lse, delta, dk, dv,
-        *strides,
-        *_bias_args(specs, q),
-        *db_args,
-        *_mask_args(mask, q),
-        H, Nq, Nk, D, scale * LOG2E, scale,
-        GRAD_B0=dbs[0] is not None if specs else False,
-        GRAD_B1=dbs[1] is not None if len(specs) > 1 else False,
-        RED0_M=red[0], RED0_N=red[1], RED1_M=red[2], RED1_N=red[3],
-        **common,
-    )  # fmt: skip
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(Nq, bm))](
-        q, k, v, do, lse, delta, dq,
-        *strides,
-        *_bias_args(specs, q),
-        *_mask_args(mask, q),
-        H, Nq, Nk, D, scale * LOG2E, scale,
-        **common,
-    )  # fmt: skip
+    for call in backward_calls(do, q, k, v, lse, delta, dq, dk, dv, specs, dbs, mask, scale):
+        call()
     grads = []
     for s, db in zip(specs, dbs):
         if db is None:

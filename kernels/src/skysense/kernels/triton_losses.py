@@ -18,6 +18,7 @@ import triton.language as tl
 
 from skysense.kernels import dispatch
 from skysense.kernels import distributed as sdist
+from skysense.kernels import launch_configs as lc
 
 
 @triton.jit
@@ -28,6 +29,18 @@ def _dot(a, b, FP32: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dot_f32(g, y, SPLIT: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr):
+    """g (fp32) @ y (the operands' dtype) with g kept to ~16 bits: for half operands g is split
+    into a high and a low half-precision part (two tensor-core dots). Rounding g itself to
+    bf16 cost 3-7 % relative error in the InfoNCE gradients, where G b - 2 b_i cancels."""
+    hi = g.to(y.dtype)
+    acc = _dot(hi, y, FP32, PREC)
+    if SPLIT:
+        acc += _dot((g - hi.to(tl.float32)).to(y.dtype), y, FP32, PREC)
+    return acc
 
 
 @triton.jit
@@ -85,7 +98,7 @@ def _nce_grad_kernel(
     X, Y, LSE_X, LSE_Y, DX, n, m, d, sxm, sxd, sym, syd, inv_t,
     USE_X: tl.constexpr, USE_Y: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    FP32: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """DX[i, chunk] = sum_j G_ij Y[j, chunk], G = [exp(S - lse_x_i)] + [exp(S - lse_y_j)]."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -130,7 +143,7 @@ def _nce_grad_kernel(
             mask=nm[:, None] & (offs_do < d)[None, :],
             other=0.0,
         )
-        acc += _dot(g.to(y.dtype), y, FP32, PREC)
+        acc += _dot_f32(g, y, SPLIT, FP32, PREC)
     tl.store(
         DX + offs_m[:, None] * d + offs_do[None, :],
         acc,
@@ -148,15 +161,63 @@ def _fp32(dtype: torch.dtype) -> bool:
     return dispatch.interpreting() and dtype in (torch.float16, torch.bfloat16)
 
 
-def _pow2(x: int, lo: int = 16, hi: int = 64) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+def _dtypes(dtype: torch.dtype) -> dict:
+    return dict(FP32=_fp32(dtype), PREC=_precision(dtype))
 
 
-def _tiles(rows: int, cols: int, d: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps)."""
-    if dispatch.interpreting():  # few, large blocks: the interpreter pays per program and step
-        return _pow2(rows, hi=256), _pow2(cols, hi=256), _pow2(d, hi=256), _pow2(d, hi=256), 4
-    return _pow2(rows), _pow2(cols), _pow2(d, hi=64), _pow2(d, hi=128), 4
+def _launch(kernel: str, dtype: torch.dtype, rows: int, cols: int, d: int = 0) -> lc.Launch:
+    """The launch of loss ``kernel`` (a key of ``launch_configs.LOSSES``) for these sizes."""
+    # Under the interpreter: few, large blocks (it pays per program and per loop step).
+    interp = dispatch.interpreting() and not lc.gpu_blocks_forced()
+    return lc.loss_launch(kernel, str(dtype).removeprefix("torch."), rows, cols, d, interp)
+
+
+def nce_lse_call(x, y, out, inv_t) -> lc.Call:
+    """out (n,) fp32 = row log-sum-exp of x y^T * inv_t; x (n, d), y (m, d)."""
+    n, d = x.shape
+    m = y.shape[0]
+    la = _launch("nce_lse", x.dtype, n, m, d)
+    return lc.Call(
+        "nce_lse",
+        _nce_lse_kernel,
+        (triton.cdiv(n, la.get("BLOCK_M")),),
+        [x, y, out, n, m, d, *x.stride(), *y.stride(), inv_t],
+        lc.call_meta(la, **_dtypes(x.dtype)),
+    )
+
+
+def nce_grad_call(x, y, lse_x, lse_y, out, inv_t) -> lc.Call:
+    """out (n, d) fp32 = G y, G = [exp(S - lse_x_i)] + [exp(S - lse_y_j)] (a None lse drops
+    its term)."""
+    n, d = x.shape
+    m = y.shape[0]
+    la = _launch("nce_grad", x.dtype, n, m, d)
+    dummy = lse_x if lse_x is not None else lse_y
+    return lc.Call(
+        "nce_grad",
+        _nce_grad_kernel,
+        (triton.cdiv(n, la.get("BLOCK_M")), triton.cdiv(d, la.get("BLOCK_DO"))),
+        [
+            x,
+            y,
+            dummy if lse_x is None else lse_x,
+            dummy if lse_y is None else lse_y,
+            out,
+            n,
+            m,
+            d,
+            *x.stride(),
+            *y.stride(),
+            inv_t,
+        ],  # fmt: skip
+        lc.call_meta(
+            la,
+            USE_X=lse_x is not None,
+            USE_Y=lse_y is not None,
+            SPLIT=x.dtype != torch.float32,
+            **_dtypes(x.dtype),
+        ),
+    )
 
 
 class TritonInfoNCEEngine:
@@ -166,15 +227,8 @@ class TritonInfoNCEEngine:
 
     @staticmethod
     def lse_rows(x, y, inv_t):
-        n, d = x.shape
-        m = y.shape[0]
-        out = dispatch.new_output((n,), torch.float32, x.device)
-        bm, bn, bd, _, warps = _tiles(n, m, d)
-        _nce_lse_kernel[(triton.cdiv(n, bm),)](
-            x, y, out, n, m, d, *x.stride(), *y.stride(), inv_t,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, FP32=_fp32(x.dtype), PREC=_precision(x.dtype),
-            num_warps=warps,
-        )  # fmt: skip
+        out = dispatch.new_output((x.shape[0],), torch.float32, x.device)
+        nce_lse_call(x, y, out, inv_t)()
         return out
 
     @classmethod
@@ -184,18 +238,8 @@ class TritonInfoNCEEngine:
 
     @staticmethod
     def grad_rows(x, y, lse_x, lse_y, inv_t):
-        n, d = x.shape
-        m = y.shape[0]
-        out = dispatch.new_output((n, d), torch.float32, x.device)
-        bm, bn, bd, bdo, warps = _tiles(n, m, d)
-        dummy = lse_x if lse_x is not None else lse_y
-        _nce_grad_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bdo))](
-            x, y, dummy if lse_x is None else lse_x, dummy if lse_y is None else lse_y, out,
-            n, m, d, *x.stride(), *y.stride(), inv_t,
-            USE_X=lse_x is not None, USE_Y=lse_y is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo,
-            FP32=_fp32(x.dtype), PREC=_precision(x.dtype), num_warps=warps,
-        )  # fmt: skip
+        out = dispatch.new_output(tuple(x.shape), torch.float32, x.device)
+        nce_grad_call(x, y, lse_x, lse_y, out, inv_t)()
         return out
 
     @classmethod
@@ -277,7 +321,7 @@ def _proto_fwd_kernel(
 def _proto_dx_kernel(
     SX, TX, W, TW, C, LSE_S, LSE_T, DSX, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
     HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """DSX[i, chunk] = sum_k (softmax(s)_ik - p_ik) W[k, chunk]."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -299,7 +343,7 @@ def _proto_dx_kernel(
             mask=(offs_k < K)[:, None] & (offs_do < d)[None, :],
             other=0.0,
         )
-        acc += _dot(g.to(w.dtype), w, FP32, PREC)
+        acc += _dot_f32(g, w, SPLIT, FP32, PREC)
     tl.store(
         DSX + offs_m[:, None] * d + offs_do[None, :], acc, mask=mm[:, None] & (offs_do < d)[None, :]
     )
@@ -309,7 +353,7 @@ def _proto_dx_kernel(
 def _proto_dw_kernel(
     SX, TX, W, TW, C, LSE_S, LSE_T, DW, N, K, d, sxm, sxd, swk, swd, inv_ts, inv_tt,
     HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """DW[k, chunk] = sum_i (softmax(s)_ik - p_ik) SX[i, chunk]."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -331,12 +375,81 @@ def _proto_dw_kernel(
             mask=mm[:, None] & (offs_do < d)[None, :],
             other=0.0,
         )
-        acc += _dot(tl.trans(g.to(x.dtype)), x, FP32, PREC)
+        acc += _dot_f32(tl.trans(g), x, SPLIT, FP32, PREC)
     tl.store(
         DW + offs_k[:, None] * d + offs_do[None, :],
         acc,
         mask=(offs_k < K)[:, None] & (offs_do < d)[None, :],
     )
+
+
+def proto_fwd_calls(sx, tx, w, tw, center, inv_ts, inv_tt) -> tuple[lc.Call, torch.Tensor]:
+    """The forward launch and its (5, splits, N) fp32 statistics buffer: per row and K split,
+    student (max, sum), teacher (max, sum) and sum_k e^{t - max} s. sx, tx (N, d); w, tw
+    (K, d); center (K,) fp32 or None."""
+    n, d = sx.shape
+    k = w.shape[0]
+    la = _launch("proto_fwd", sx.dtype, n, k, d)
+    bm, bk = la.get("BLOCK_M"), la.get("BLOCK_K")
+    row_blocks = triton.cdiv(n, bm)
+    # Split K across programs when there are too few row blocks to fill the device.
+    want = 1 if dispatch.interpreting() else max(1, 256 // row_blocks)
+    splits = max(1, min(want, triton.cdiv(k, bk)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    splits = triton.cdiv(k, k_per_split)
+    stats = dispatch.new_output((5, splits, n), torch.float32, sx.device)
+    has_c = center is not None
+    call = lc.Call(
+        "proto_fwd",
+        _proto_fwd_kernel,
+        (row_blocks, splits),
+        [
+            sx,
+            tx,
+            w,
+            tw,
+            center if has_c else sx,
+            stats,
+            n,
+            k,
+            d,
+            *sx.stride(),
+            *w.stride(),
+            inv_ts,
+            inv_tt,
+            k_per_split,
+        ],  # fmt: skip
+        lc.call_meta(la, HAS_C=has_c, **_dtypes(sx.dtype)),
+    )
+    return call, stats
+
+
+def proto_bwd_calls(sx, tx, w, tw, center, inv_ts, inv_tt, lse_s, lse_t, dsx, dw) -> list:
+    """The two backward launches: dsx (N, d) and dw (K, d), fp32, G = softmax(s) - p."""
+    n, d = sx.shape
+    k = w.shape[0]
+    has_c = center is not None
+    args = [sx, tx, w, tw, center if has_c else sx, lse_s, lse_t]
+    rest = [n, k, d, *sx.stride(), *w.stride(), inv_ts, inv_tt]
+    consts = dict(HAS_C=has_c, SPLIT=sx.dtype != torch.float32, **_dtypes(sx.dtype))
+    dx = _launch("proto_dx", sx.dtype, n, k, d)
+    dwl = _launch("proto_dw", sx.dtype, n, k, d)
+    return [
+        lc.Call(
+            "proto_dx",
+            _proto_dx_kernel,
+            (triton.cdiv(n, dx.get("BLOCK_M")), triton.cdiv(d, dx.get("BLOCK_DO"))),
+            [*args, dsx, *rest],
+            lc.call_meta(dx, **consts),
+        ),
+        lc.Call(
+            "proto_dw",
+            _proto_dw_kernel,
+            (triton.cdiv(k, dwl.get("BLOCK_K")), triton.cdiv(d, dwl.get("BLOCK_DO"))),
+            [*args, dw, *rest],
+            lc.call_meta(dwl, **consts),
+        ),
+    ]
 
 
 class TritonPrototypeEngine:
@@ -345,33 +458,9 @@ class TritonPrototypeEngine:
     name = "triton"
 
     @staticmethod
-    def _common(sx, w, d):
-        return dict(FP32=_fp32(sx.dtype), PREC=_precision(sx.dtype))
-
-    @staticmethod
-    def _tiles(n, k, d):
-        if dispatch.interpreting():
-            return _pow2(n, hi=256), _pow2(k, hi=256), _pow2(d, hi=256), _pow2(d, hi=256)
-        return _pow2(n), _pow2(k), _pow2(d, hi=64), _pow2(d, hi=128)
-
-    @classmethod
-    def forward(cls, sx, tx, w, tw, center, inv_ts, inv_tt):
-        n, d = sx.shape
-        k = w.shape[0]
-        bm, bk, bd, _ = cls._tiles(n, k, d)
-        row_blocks = triton.cdiv(n, bm)
-        # Split K across programs when there are too few row blocks to fill the device.
-        want = 1 if dispatch.interpreting() else max(1, 256 // row_blocks)
-        splits = max(1, min(want, triton.cdiv(k, bk)))
-        k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-        splits = triton.cdiv(k, k_per_split)
-        stats = dispatch.new_output((5, splits, n), torch.float32, sx.device)
-        has_c = center is not None
-        _proto_fwd_kernel[(row_blocks, splits)](
-            sx, tx, w, tw, center if has_c else sx, stats, n, k, d,
-            *sx.stride(), *w.stride(), inv_ts, inv_tt, k_per_split,
-            HAS_C=has_c, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, **cls._common(sx, w, d),
-        )  # fmt: skip
+    def forward(sx, tx, w, tw, center, inv_ts, inv_tt):
+        call, stats = proto_fwd_calls(sx, tx, w, tw, center, inv_ts, inv_tt)
+        call()
         ms, ls, mt, lt, acc = stats.unbind(0)
         gms, gmt = ms.amax(0), mt.amax(0)
         ls = (ls * torch.exp(ms - gms)).sum(0)
@@ -380,23 +469,12 @@ class TritonPrototypeEngine:
         lse_s, lse_t = gms + torch.log(ls), gmt + torch.log(lt)
         return lse_s - acc / lt, lse_s, lse_t
 
-    @classmethod
-    def backward(cls, sx, tx, w, tw, center, inv_ts, inv_tt, lse_s, lse_t):
-        n, d = sx.shape
-        k = w.shape[0]
-        bm, bk, bd, bdo = cls._tiles(n, k, d)
-        has_c = center is not None
-        dsx = dispatch.new_output((n, d), torch.float32, sx.device)
-        dw = dispatch.new_output((k, d), torch.float32, sx.device)
-        args = (
-            sx, tx, w, tw, center if has_c else sx, lse_s, lse_t,
-        )  # fmt: skip
-        rest = (n, k, d, *sx.stride(), *w.stride(), inv_ts, inv_tt)
-        meta = dict(
-            HAS_C=has_c, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DO=bdo, **cls._common(sx, w, d)
-        )
-        _proto_dx_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bdo))](*args, dsx, *rest, **meta)
-        _proto_dw_kernel[(triton.cdiv(k, bk), triton.cdiv(d, bdo))](*args, dw, *rest, **meta)
+    @staticmethod
+    def backward(sx, tx, w, tw, center, inv_ts, inv_tt, lse_s, lse_t):
+        dsx = dispatch.new_output(tuple(sx.shape), torch.float32, sx.device)
+        dw = dispatch.new_output(tuple(w.shape), torch.float32, sx.device)
+        for call in proto_bwd_calls(sx, tx, w, tw, center, inv_ts, inv_tt, lse_s, lse_t, dsx, dw):
+            call()
         return dsx, dw
 
 
@@ -459,6 +537,31 @@ def _sk_write_kernel(
     tl.store(Q + offs_n[:, None] * sqn + offs_k[None, :] * sqk, q.to(Q.dtype.element_ty), mask=msk)
 
 
+_SK_KERNELS = {
+    "sk_colsum": _sk_colsum_kernel,
+    "sk_rowsum": _sk_rowsum_kernel,
+    "sk_write": _sk_write_kernel,
+}
+
+
+def sinkhorn_call(name, scores, rmax, vec, out, inv_eps, c=None) -> lc.Call:
+    """One Sinkhorn launch on scores (N, K) with row maxima ``rmax`` (N,) fp32:
+    ``sk_colsum`` out (K,) = sum_n E_nk vec_n; ``sk_rowsum`` out (N,) = sum_k E_nk vec_k;
+    ``sk_write`` out (N, K) = E_nk vec_k c_n in the scores' dtype."""
+    n, k = scores.shape
+    ss = scores.stride()
+    la = _launch(name, scores.dtype, n, k)
+    bn, bk = la.get("BLOCK_N"), la.get("BLOCK_K")
+    if name == "sk_colsum":
+        grid, args = (triton.cdiv(k, bk),), [scores, rmax, vec, out, n, k, *ss, inv_eps]
+    elif name == "sk_rowsum":
+        grid, args = (triton.cdiv(n, bn),), [scores, rmax, vec, out, n, k, *ss, inv_eps]
+    else:
+        grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+        args = [scores, rmax, vec, c, out, n, k, *ss, *out.stride(), inv_eps]
+    return lc.Call(name, _SK_KERNELS[name], grid, args, lc.call_meta(la))
+
+
 @torch.no_grad()
 def sinkhorn_triton(scores, n_iters, epsilon, distributed):
     """Sinkhorn-Knopp (n_iters >= 1) with the scaling vectors of ``sinkhorn``'s docstring; exp
@@ -471,26 +574,15 @@ def sinkhorn_triton(scores, n_iters, epsilon, distributed):
     rmax = scores.amax(dim=1).float()
     c = _initial_col_scale(rmax, epsilon, distributed).float()
     r = torch.empty(k, dtype=torch.float32, device=scores.device)
-    if dispatch.interpreting():
-        bn, bk = _pow2(n, hi=256), _pow2(k, hi=256)
-    else:
-        bn, bk = _pow2(n, hi=64), _pow2(k, hi=128)
-    ss = scores.stride()
     for _ in range(n_iters):
         col = dispatch.new_output((k,), torch.float32, scores.device)
-        _sk_colsum_kernel[(triton.cdiv(k, bk),)](
-            scores, rmax, c, col, n, k, *ss, inv_eps, BLOCK_N=bn, BLOCK_K=bk
-        )
+        sinkhorn_call("sk_colsum", scores, rmax, c, col, inv_eps)()
         if distributed:
             sdist.all_reduce_sum_(col)
         r = 1.0 / (k * col)
         row = dispatch.new_output((n,), torch.float32, scores.device)
-        _sk_rowsum_kernel[(triton.cdiv(n, bn),)](
-            scores, rmax, r, row, n, k, *ss, inv_eps, BLOCK_N=bn, BLOCK_K=bk
-        )
+        sinkhorn_call("sk_rowsum", scores, rmax, r, row, inv_eps)()
         c = 1.0 / (n_all * row)
     q = dispatch.new_output((n, k), scores.dtype, scores.device)
-    _sk_write_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        scores, rmax, r, c * n_all, q, n, k, *ss, *q.stride(), inv_eps, BLOCK_N=bn, BLOCK_K=bk
-    )
+    sinkhorn_call("sk_write", scores, rmax, r, q, inv_eps, c=c * n_all)()
     return q
