@@ -179,8 +179,13 @@ def _nodata(ds, band: int, spec: SensorSpec, override=None) -> float | None:
     nd = ds.nodatavals[band - 1] if ds.nodatavals else None
     if nd is not None:
         return float(nd)
-    if spec.nodata is not None and np.issubdtype(np.dtype(ds.dtypes[band - 1]), np.integer):
+    dtype = np.dtype(ds.dtypes[band - 1])
+    if spec.nodata is not None and np.issubdtype(dtype, np.integer):
         return float(spec.nodata)
+    if np.issubdtype(dtype, np.floating):
+        # NaN is no data in a float file that declares nothing: it is masked pixel by pixel,
+        # and a resampling kernel leaves it out instead of spreading it over its neighbours.
+        return float("nan")
     return None
 
 

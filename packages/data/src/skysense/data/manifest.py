@@ -15,12 +15,18 @@ Tables:
   ``row``/``col`` (tile origin in the place's grid), and per modality ``<m>_dates`` (ISO dates,
   comma-separated, one per step) and ``<m>_valid`` (one '0'/'1' per step: usable or not).
 - ``shards(id, path, n, ...)``: the shard folders, relative to the manifest.
-- ``groups(grp, crs, transform, height, width, hr_ratio)``: each place's grid (to re-read the
+- ``groups(grp, crs, transform, height, width, hr_ratio, n_tiles, shard, src)``: each place's
+  grid and the source folder it came from (to re-read the
   sources, as the benchmark's baseline does), ``acquisitions(grp, modality, step, sensor, days,
   files)``: the source files of each step.
 - ``shard_stats`` (per shard, for resuming) and ``band_stats(modality, band, count, mean, std,
   min, max)``: per-band statistics over the usable pixels of the stored tiles.
-- ``bad_files(path, reason)``: the per-file report of bad inputs. ``classes(idx, name)``.
+- ``bad_files(path, reason, grp)``: the per-file report of bad inputs, one row per file (``grp``:
+  the place that found it while being aligned; NULL for files that discovery already refused).
+  ``classes(idx, name)``.
+
+Paths read from the manifest are confined: a shard path must resolve inside the manifest's
+folder (``../elsewhere`` or an absolute path is a :class:`ManifestError` naming both).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ CREATE TABLE IF NOT EXISTS samples(
 CREATE INDEX IF NOT EXISTS samples_split ON samples(split, id);
 CREATE TABLE IF NOT EXISTS groups(
     grp TEXT PRIMARY KEY, crs TEXT, transform TEXT, height INTEGER, width INTEGER,
-    hr_ratio INTEGER, n_tiles INTEGER, shard INTEGER);
+    hr_ratio INTEGER, n_tiles INTEGER, shard INTEGER, src TEXT);
 CREATE TABLE IF NOT EXISTS acquisitions(
     grp TEXT NOT NULL, modality TEXT NOT NULL, step INTEGER NOT NULL, sensor TEXT,
     days INTEGER, files TEXT, PRIMARY KEY(grp, modality, step));
@@ -58,7 +64,7 @@ CREATE TABLE IF NOT EXISTS shard_stats(
 CREATE TABLE IF NOT EXISTS band_stats(
     modality TEXT, band TEXT, count INTEGER, mean REAL, std REAL, min REAL, max REAL,
     PRIMARY KEY(modality, band));
-CREATE TABLE IF NOT EXISTS bad_files(path TEXT, reason TEXT, PRIMARY KEY(path, reason));
+CREATE TABLE IF NOT EXISTS bad_files(path TEXT PRIMARY KEY, reason TEXT, grp TEXT);
 CREATE TABLE IF NOT EXISTS classes(idx INTEGER PRIMARY KEY, name TEXT);
 """
 
@@ -82,7 +88,15 @@ class ManifestWriter:
         self.db = sqlite3.connect(self.path)
         self.db.execute("PRAGMA journal_mode=DELETE")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self.db.commit()
+
+    def _migrate(self) -> None:
+        """Columns that manifests of earlier ingests lack."""
+        for table, col in (("groups", "src"), ("bad_files", "grp")):
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if col not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT")
 
     def close(self):
         self.db.close()
@@ -98,8 +112,20 @@ class ManifestWriter:
                 [(k, json.dumps(v)) for k, v in kv.items()],
             )
 
-    def done_groups(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT grp FROM groups")}
+    def done_groups(self) -> dict[str, str | None]:
+        """{place: its source folder} of the places committed whole."""
+        return dict(self.db.execute("SELECT grp, src FROM groups").fetchall())
+
+    def committed_tiles(self, groups) -> set[str]:
+        """Names of the committed samples of ``groups`` (places an interrupted run left half
+        done: their tiles in committed shards are not written again)."""
+        groups = list(groups)
+        out: set[str] = set()
+        for i in range(0, len(groups), 500):
+            part = groups[i : i + 500]
+            q = f"SELECT name FROM samples WHERE grp IN ({', '.join('?' * len(part))})"
+            out.update(r[0] for r in self.db.execute(q, part))
+        return out
 
     def n_shards(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM shards").fetchone()[0]
@@ -107,7 +133,12 @@ class ManifestWriter:
     def n_samples(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
 
-    def commit(self, shards: list[tuple[dict, list[dict], list[tuple]]], groups: list[dict]):
+    def commit(
+        self,
+        shards: list[tuple[dict, list[dict], list[tuple]]],
+        groups: list[dict],
+        last_shard: int | None = None,
+    ):
         """One transaction: shards (each with its sample rows and statistics) and the places
         they complete. Until it commits, the shards' folders are not part of the data set."""
         with self.db:
@@ -127,13 +158,15 @@ class ManifestWriter:
                     "INSERT INTO shard_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(shard["id"], *s) for s in stats],
                 )
-            last = shards[-1][0]["id"] if shards else -1
+            last = shards[-1][0]["id"] if shards else (-1 if last_shard is None else last_shard)
             for g in groups:
                 self._insert_group(g, last)
 
     def _insert_group(self, g: dict, shard: int) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO groups "
+            "(grp, crs, transform, height, width, hr_ratio, n_tiles, shard, src) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 g["grp"],
                 g["crs"],
@@ -143,6 +176,7 @@ class ManifestWriter:
                 g["hr_ratio"],
                 g["n_tiles"],
                 shard,
+                g.get("src"),
             ),
         )
         self.db.executemany(
@@ -159,9 +193,31 @@ class ManifestWriter:
             for g in groups:
                 self._insert_group(g, -1)
 
-    def add_bad_files(self, bad: list[tuple[str, str]]) -> None:
+    def add_bad_files(self, bad: list[tuple[str, str]], grp: str | None = None) -> None:
+        """Record bad files (the first reason of a file is kept: one row per file)."""
         with self.db:
-            self.db.executemany("INSERT OR IGNORE INTO bad_files VALUES (?, ?)", bad)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO bad_files (path, reason, grp) VALUES (?, ?, ?)",
+                [(p, r, grp) for p, r in bad],
+            )
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        return self.db.execute("SELECT path, reason FROM bad_files ORDER BY path").fetchall()
+
+    def forget_bad_files(self, keep_groups) -> None:
+        """Drop the bad-file rows that the next run examines again: those found by discovery
+        and those of places not committed (rows of committed places stay: not redone)."""
+        keep = list(keep_groups)
+        with self.db:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS _keep(grp TEXT PRIMARY KEY)")
+            self.db.execute("DELETE FROM _keep")
+            self.db.executemany("INSERT OR IGNORE INTO _keep VALUES (?)", [(g,) for g in keep])
+            self.db.execute(
+                "DELETE FROM bad_files WHERE grp IS NULL OR grp NOT IN (SELECT grp FROM _keep)"
+            )
+
+    def classes(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM classes ORDER BY idx")]
 
     def set_classes(self, names: list[str]) -> None:
         with self.db:
@@ -241,6 +297,8 @@ class Manifest:
             self.bad_files = db.execute("SELECT path, reason FROM bad_files").fetchall()
         finally:
             db.close()
+        for rec in self.shards.values():
+            self._confined(rec["path"])
         n = len(rows)
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         if n and not np.array_equal(ids, np.arange(n)):
@@ -282,8 +340,19 @@ class Manifest:
             raise ManifestError(f"{self.path}: no sample in split {split!r} (splits: {have})")
         return ids
 
+    def _confined(self, rel: str) -> Path:
+        """``root / rel`` when it resolves inside the manifest's folder; else ManifestError."""
+        root = self.root.resolve()
+        p = (root / rel).resolve()
+        if Path(rel).is_absolute() or not p.is_relative_to(root) or p == root:
+            raise ManifestError(
+                f"{self.path}: shard path {rel!r} lies outside the manifest's folder {root}; "
+                "refusing to read it (a manifest names shards relative to its own folder)"
+            )
+        return p
+
     def shard_dir(self, shard: int) -> Path:
-        return self.root / self.shards[int(shard)]["path"]
+        return self._confined(self.shards[int(shard)]["path"])
 
     def query(self, sql: str, params=()) -> list[tuple]:
         """Run a read-only query (e.g. on ``samples``, ``acquisitions``, ``groups``)."""

@@ -71,21 +71,33 @@ def write_shard(root, index: int, arrays: dict[str, np.ndarray]) -> Path:
     if final.exists():
         # A shard written by an interrupted run that never reached the manifest: redo it.
         shutil.rmtree(final)
-    tmp.mkdir(parents=True)
     n = {len(a) for a in arrays.values()}
     if len(n) != 1:
         raise ValueError(f"shard {index}: arrays disagree on the number of samples: {n}")
     info = {"n": n.pop(), "arrays": {}}
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        with open(tmp / f"{name}.npy", "wb") as f:
-            np.save(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        info["arrays"][name] = {"shape": list(a.shape), "dtype": a.dtype.name}
-    (tmp / "shard.json").write_text(json.dumps(info, indent=1))
-    _fsync_dir(tmp)
-    tmp.rename(final)
+    current = tmp
+    try:
+        tmp.mkdir(parents=True)
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            current = tmp / f"{name}.npy"
+            with open(current, "wb") as f:
+                np.save(f, a)
+                f.flush()
+                os.fsync(f.fileno())
+            info["arrays"][name] = {"shape": list(a.shape), "dtype": a.dtype.name}
+        current = tmp / "shard.json"
+        current.write_text(json.dumps(info, indent=1))
+        _fsync_dir(tmp)
+        current = final
+        tmp.rename(final)
+    except OSError as e:
+        # A full disk or a folder that became unwritable: no half shard stays behind, and the
+        # error names the file (writes through a file object do not say which file failed).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(current)) from e
+        raise
     _fsync_dir(final.parent)
     return final.relative_to(root)
 
@@ -108,19 +120,26 @@ def clean_partial(root, keep: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def pack(tiles: list[dict], modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
+def pack(
+    tiles: list[dict], modalities: tuple[str, ...], shapes: dict | None = None
+) -> dict[str, np.ndarray]:
     """Stack tile records into shard arrays (time padded to the longest series).
 
     A tile record holds, per modality present, ``data`` ((T, h, w, C), or (H, W, 3) for hr),
     ``mask`` (uint8 bits), ``days`` (int32) and ``step`` (uint8); see :mod:`skysense.data.ingest`.
-    A modality a tile lacks is stored as padding (step 0).
+    A modality a tile lacks is stored as padding (step 0). ``shapes`` ({modality: (h, w, C)})
+    gives the pixel shape of a modality that no tile of the shard has (else ValueError).
     """
     out: dict[str, np.ndarray] = {}
     n = len(tiles)
     for m in modalities:
         have = [t[m] for t in tiles if t.get(m) is not None]
         if not have:
-            raise ValueError(f"no tile of this shard has modality {m!r}")
+            if not shapes or m not in shapes:
+                raise ValueError(f"no tile of this shard has modality {m!r}")
+            shape = tuple(shapes[m])
+            empty = np.zeros(shape if m == "hr" else (1, *shape), STORE_DTYPE[m])
+            have = [{"data": empty}]
         ref = have[0]["data"]
         if m == "hr":
             data = np.zeros((n, *ref.shape), STORE_DTYPE[m])
@@ -132,7 +151,7 @@ def pack(tiles: list[dict], modalities: tuple[str, ...]) -> dict[str, np.ndarray
                     data[i], mask[i] = t[m]["data"], t[m]["mask"]
                     days[i], step[i] = t[m]["days"], t[m]["step"]
         else:
-            T = max(len(t[m]["data"]) for t in tiles if t.get(m) is not None)
+            T = max([len(t[m]["data"]) for t in tiles if t.get(m) is not None], default=1)
             T = max(T, 1)
             data = np.full((n, T, *ref.shape[1:]), FILL[m], STORE_DTYPE[m])
             mask = np.zeros((n, T, *ref.shape[1:3]), np.uint8)
