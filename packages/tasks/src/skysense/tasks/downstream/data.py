@@ -7,13 +7,15 @@ Each data config has a ``name`` that selects its builder here:
 name              what                                                task kinds
 ================  ==================================================  =========================
 oscd              OSCD city pairs + change masks                      change
-bigearthnet       BigEarthNet S2 / S1 / S2+S1 patches, multi-labels   multilabel
 boxes             HR GeoTIFF + box CSV/JSON (OSBS_029)                detection
-class_folders     root/<class>/<image>                                classification
 geotiff_masks     GeoTIFF inputs + aligned label masks                segmentation
 embedded          the data package's embedded sample (its labels)     classification
 shards            ingested shards with labels (skysense ingest)       classification
 ================  ==================================================  =========================
+
+Every name of :data:`skysense.data.datasets.REGISTRY` (class_folders, eurosat_ms, eurosat_rgb,
+aid, resisc45, bigearthnet, bigearthnet_v2, levir_cd, whu_cd, ...) is built from its dataset
+class by :func:`build_public`; OSCD reads through its class too.
 """
 
 from __future__ import annotations
@@ -77,15 +79,18 @@ def _root(cfg) -> Path:
 
 
 def build_oscd(cfg, length: int, seed: int) -> TaskData:
+    """OSCD through :class:`skysense.data.datasets.oscd.OSCD` (date 2 resampled onto date 1's
+    grid): whole cities in memory, training crops focused on change pixels."""
+    from skysense.data.datasets import get_dataset
     from skysense.tasks.downstream.datasets.dense import DenseCrops, class_weights
-    from skysense.tasks.downstream.datasets.oscd import load_oscd_city
+    from skysense.tasks.downstream.datasets.public import Scenes, build_split
 
     root = _root(cfg)
-    values = {int(k): int(v) for k, v in dict(cfg.label_values).items()}
-    train = (
-        [load_oscd_city(root, c, cfg.sensor, values) for c in cfg.train_cities] if length else []
-    )
-    val = [load_oscd_city(root, c, cfg.sensor, values) for c in cfg.val_cities]
+    cls = get_dataset("oscd")
+    train_ds = build_split(cls, cfg, "train", "train") if length else None
+    val_ds = build_split(cls, cfg, cfg.get("val_split", "val"), "val")
+    train = [Scenes(train_ds)[i] for i in range(len(train_ds))] if length else []
+    val = [Scenes(val_ds)[i] for i in range(len(val_ds))]
     ds = (
         DenseCrops(
             train,
@@ -99,55 +104,70 @@ def build_oscd(cfg, length: int, seed: int) -> TaskData:
         if length
         else None
     )
+    inputs = val_ds.inputs()
+    inputs["reference"] = "s2"
+    log.info("oscd %s: train %s, val %s", root, [s.name for s in train], [s.name for s in val])
     return TaskData(
         ds,
         val,
-        ["no change", "change"],
+        list(cls.classes),
         ("change",),
-        _sensor_inputs({"s2": cfg.sensor}, "s2"),
+        inputs,
         class_weights(train, 2) if train else None,
-        {"train": list(cfg.train_cities), "val": list(cfg.val_cities)},
+        {"train": [s.name for s in train], "val": [s.name for s in val]},
     )
 
 
-def build_bigearthnet(cfg, length: int, seed: int) -> TaskData:
-    from skysense.tasks.downstream.datasets.bigearthnet import (
-        S1_SENSOR,
-        S2_SENSOR,
-        MultiLabelPatches,
-        find_patches,
-        load_patch,
+def build_public(cfg, length: int, seed: int, source: str | None = None) -> TaskData:
+    """A dataset class of :mod:`skysense.data.datasets` (see
+    :mod:`skysense.tasks.downstream.datasets.public`)."""
+    from skysense.data.datasets import get_dataset
+    from skysense.tasks.downstream.datasets.public import (
+        ItemCycle,
+        Scenes,
+        TileCrops,
+        build_split,
+        class_weights_of,
     )
 
-    mods = list(cfg.modalities)
-    if not mods or any(m not in ("s2", "s1") for m in mods):
-        raise ValueError(f"data.modalities must be a non-empty subset of [s2, s1], got {mods}")
-    patches = find_patches(_root(cfg))
-    classes = (
-        list(cfg.classes)
-        if cfg.get("classes")
-        else sorted({x for p in patches for x in p["labels"]})
-    )
-    samples = [load_patch(p, mods, classes) for p in patches if all(p[m] is not None for m in mods)]
-    if len(samples) <= cfg.n_val:
+    cls = get_dataset(cfg.name)
+    _root(cfg)
+    train_ds = build_split(cls, cfg, cfg.get("train_split", "train"), "train") if length else None
+    val_ds = build_split(cls, cfg, cfg.get("val_split", "val"), "val")
+    if train_ds is not None and list(train_ds.classes) != list(val_ds.classes):
         raise ValueError(
-            f"{len(samples)} BigEarthNet patches with {mods}: too few for n_val={cfg.n_val}"
+            f"data={cfg.name}: the evaluation split's classes {list(val_ds.classes)} differ from "
+            f"the training split's {list(train_ds.classes)}"
         )
-    train, val = samples[: -cfg.n_val], samples[-cfg.n_val :]
-    names = [p["name"] for p in patches]
-    ds = (
-        MultiLabelPatches(train, length, crop=cfg.get("crop"), augment=cfg.augment, seed=seed)
-        if length
-        else None
-    )
-    sensors = {m: (S2_SENSOR if m == "s2" else S1_SENSOR) for m in mods}
+    kind = cls.task
+    augment = bool(cfg.get("augment", True))
+    classes = list(val_ds.classes)
+    inputs = val_ds.inputs()
+    mods = inputs["modalities"]
+    inputs["reference"] = source if source in mods else mods[0]
+    weights = None
+    if kind in ("classification", "multilabel"):
+        train = ItemCycle(train_ds, length, seed, augment, cfg.get("crop")) if length else None
+        ev = val_ds
+    elif kind in ("segmentation", "change"):
+        train = TileCrops(train_ds, cfg.get("crop"), length, seed, augment) if length else None
+        ev = Scenes(val_ds, cfg.get("max_eval"))
+        weights = class_weights_of(train_ds, len(classes)) if length else None
+    else:
+        raise NotImplementedError(f"data={cfg.name}: task kind {kind!r} has no downstream wiring")
+    n_train = len(train_ds) if train_ds is not None else 0
+    log.info(
+        "%s (%s): %d train / %d %s items, sensors %s, %d classes",
+        cfg.name, kind, n_train, len(val_ds), val_ds.split, inputs["sensors"], len(classes),
+    )  # fmt: skip
     return TaskData(
-        ds,
-        MultiLabelPatches(val),
+        train,
+        ev,
         classes,
-        ("multilabel",),
-        _sensor_inputs(sensors, mods[0]),
-        info={"train": names[: -cfg.n_val], "val": names[-cfg.n_val :]},
+        (kind,),
+        inputs,
+        weights,
+        {"train": n_train, "val": len(val_ds), "dataset": val_ds.describe()},
     )
 
 
@@ -182,34 +202,6 @@ def build_boxes(cfg, length: int, seed: int) -> TaskData:
     )
 
 
-def build_class_folders(cfg, length: int, seed: int) -> TaskData:
-    from skysense.tasks.downstream.datasets.class_folders import (
-        ClassFolderDataset,
-        find_class_folders,
-        split_items,
-    )
-
-    items, classes = find_class_folders(_root(cfg))
-    if cfg.get("val_root"):
-        val_items, val_classes = find_class_folders(Path(str(cfg.val_root)))
-        if val_classes != classes:
-            raise ValueError(
-                f"data.val_root classes {val_classes} differ from data.root's {classes}"
-            )
-        train_items = items
-    else:
-        train_items, val_items = split_items(items, cfg.val_fraction, seed)
-    train = (
-        ClassFolderDataset(train_items, cfg.size, cfg.sensor, cfg.augment, seed, length)
-        if length
-        else None
-    )
-    val = ClassFolderDataset(val_items, cfg.size, cfg.sensor)
-    return TaskData(
-        train, val, classes, ("classification",), _sensor_inputs({"hr": cfg.sensor}, "hr")
-    )
-
-
 def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) -> TaskData:
     from skysense.tasks.downstream.datasets.dense import DenseCrops
     from skysense.tasks.downstream.datasets.segmentation import DEFAULT_SENSORS, load_scenes
@@ -235,9 +227,7 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
 
 BUILDERS = {
     "oscd": build_oscd,
-    "bigearthnet": build_bigearthnet,
     "boxes": build_boxes,
-    "class_folders": build_class_folders,
     "geotiff_masks": build_geotiff_masks,
 }
 
@@ -249,9 +239,14 @@ def build_task_data(data_cfg, length: int, seed: int, source: str | None = None)
         from skysense.tasks.downstream.datasets.manifest import build_manifest_data
 
         return build_manifest_data(data_cfg, length, seed, source)
+    from skysense.data.datasets import MISSING, REGISTRY
+
+    if name not in BUILDERS and (name in REGISTRY or name in MISSING):
+        return build_public(data_cfg, length, seed, source)
     if name not in BUILDERS:
         raise ValueError(
-            f"data.name {name!r} has no downstream builder; known: {sorted(BUILDERS) + ['embedded', 'shards']}"
+            f"data.name {name!r} has no downstream builder; known: "
+            f"{sorted(set(BUILDERS) | set(REGISTRY)) + ['embedded', 'shards']}"
         )
     if name == "geotiff_masks":
         return build_geotiff_masks(data_cfg, length, seed, source)

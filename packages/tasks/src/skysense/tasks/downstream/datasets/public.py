@@ -1,0 +1,161 @@
+"""The public datasets of :mod:`skysense.data.datasets` as fine-tuning data: ``data=<name>
+data.root=...`` builds the dataset class registered under ``<name>`` for the training split and
+the evaluation split (``data.val_split``, default ``val``), from the config's fields that the
+class's constructor takes (``split_file``, ``train_split_file``, ``val_split_file`` override the
+dataset's own split files).
+
+- classification / multi-label: training items cycle through the training split with random
+  flips / quarter turns (and random crops with ``data.crop``); evaluation is the split as is.
+- segmentation / change: training items are random crops (``data.crop`` pixels of the mask's
+  grid) of the split's tiles, read on access; evaluation is whole tiles, read on access, as
+  :class:`DenseScene`\\ s (sliding windows over each).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from skysense.tasks.downstream.datasets.common import random_crop_box, random_dihedral
+from skysense.tasks.downstream.datasets.dense import DenseScene, crop_scene
+
+log = logging.getLogger(__name__)
+
+_NOT_KWARGS = {"name", "root", "split", "split_file", "val_split", "crop", "augment"}
+
+
+def dataset_kwargs(cls, cfg: Mapping, which: str | None = None) -> dict:
+    """The fields of ``cfg`` that ``cls``'s constructor takes (besides root / split); with
+    ``which`` (train / val), ``<which>_<field>`` overrides ``<field>`` (OSCD's
+    ``train_cities`` / ``val_cities`` -> ``cities``)."""
+    params = set()
+    for c in cls.__mro__:
+        if "__init__" in c.__dict__:
+            sig = inspect.signature(c.__dict__["__init__"])
+            params |= {p for p in sig.parameters if p not in ("self", "kw", "kwargs")}
+    out = {}
+    for k in params - _NOT_KWARGS:
+        v = cfg.get(f"{which}_{k}") if which and f"{which}_{k}" not in params else None
+        if v is None:
+            v = cfg.get(k)
+        if v is not None:
+            out[k] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def build_split(cls, cfg: Mapping, split: str, which: str):
+    """``cls`` on ``cfg.root`` for ``split``; ``which`` = train / val picks
+    ``<which>_split_file`` (else ``split_file`` for the training split) and ``<which>_<field>``
+    overrides."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    sf = plain.get(f"{which}_split_file") or (plain.get("split_file") if which == "train" else None)
+    return cls(str(plain["root"]), split=split, split_file=sf, **dataset_kwargs(cls, plain, which))
+
+
+class ItemCycle(Dataset):
+    """``length`` training items cycling through ``ds``; item ``i`` draws its flip / turn (and
+    crop) from a generator seeded with (seed, i)."""
+
+    def __init__(self, ds, length: int, seed: int = 0, augment: bool = True, crop=None):
+        self.ds, self.length, self.seed, self.augment, self.crop = ds, length, seed, augment, crop
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.ds[i % len(self.ds)]
+        rng = np.random.default_rng((self.seed, int(i)))
+        if self.crop:
+            ref = s["hr"] if "hr" in s else next(s[m] for m in ("s2", "s1") if m in s)
+            h, w = ref.shape[-2:]
+            top, left = random_crop_box(rng, h, w, int(self.crop))
+            c = int(self.crop)
+            s = {
+                k: (
+                    v[..., top : top + c, left : left + c]
+                    if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[-2:] == (h, w)
+                    else v
+                )
+                for k, v in s.items()
+            }
+        return random_dihedral(s, rng) if self.augment else s
+
+
+def to_scene(item: dict, fallback: str) -> DenseScene:
+    """A dense item of a dataset -> :class:`DenseScene` (``rgb`` previews for the plots)."""
+
+    item = dict(item)
+    name = str(item.pop("name", fallback))
+    profile = item.pop("profile", {})
+    mask = item.pop("mask")
+    return DenseScene(name, item, mask, None, profile)
+
+
+def _rgb(sample: dict, sensors: Mapping[str, str]) -> np.ndarray | None:
+    from skysense.data.datasets.plotting import preview
+
+    for m in ("hr", "s2", "s1"):
+        if m in sample and m in sensors:
+            return (preview(sample, m, sensors[m]) * 255).astype(np.uint8)
+    return None
+
+
+class Scenes:
+    """Whole tiles of a dense dataset as :class:`DenseScene`\\ s, read on access."""
+
+    def __init__(self, ds, limit: int | None = None):
+        self.ds = ds
+        self.n = len(ds) if not limit else min(limit, len(ds))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> DenseScene:
+        if i >= self.n:
+            raise IndexError(i)
+        sc = to_scene(self.ds[i], self.ds.item_name(i))
+        s = sc.sample
+        if "t1" in s:
+            a, b = _rgb(s["t1"], self.ds.sensors), _rgb(s["t2"], self.ds.sensors)
+            sc.rgb = np.stack([a, b]) if a is not None and b is not None else None
+        else:
+            sc.rgb = _rgb(s, self.ds.sensors)
+        return sc
+
+
+class TileCrops(Dataset):
+    """Random training crops of a dense dataset's tiles: item ``i`` reads tile ``i % n`` and
+    cuts a ``crop`` window (whole tile when None) with a generator seeded with (seed, i)."""
+
+    def __init__(self, ds, crop: int | None, length: int, seed: int = 0, augment: bool = True):
+        self.ds, self.crop, self.length, self.seed, self.augment = ds, crop, length, seed, augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng((self.seed, int(i)))
+        sc = to_scene(self.ds[i % len(self.ds)], "")
+        h, w = sc.mask.shape
+        c = int(self.crop) if self.crop else min(h, w)
+        top, left = random_crop_box(rng, h, w, c)
+        s = crop_scene(sc, top, left, c)
+        return random_dihedral(s, rng) if self.augment else s
+
+
+def class_weights_of(ds, n_classes: int, limit: int = 32) -> list[float]:
+    """Inverse square-root class frequencies (mean 1) over up to ``limit`` training tiles."""
+    counts = np.zeros(n_classes)
+    for i in range(min(limit, len(ds))):
+        m = ds[i]["mask"].numpy()
+        m = m[m < n_classes]
+        counts += np.bincount(m, minlength=n_classes)[:n_classes]
+    w = np.sqrt(counts.sum() / np.maximum(counts, 1))
+    return (w / w.mean()).tolist()
