@@ -12,7 +12,12 @@ DEPS := constraints.txt pyproject.toml kernels/pyproject.toml kernels/setup.py \
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup pretrain test lint format bench bench-quick clean
+# The reference tier's OpenMMLab packages (tests/reference/requirements.txt), in a --target
+# folder of their own so that .venv's pins stay as they are.
+REF := .venv-ref
+REF_STAMP := $(REF)/.installed
+
+.PHONY: setup pretrain test lint format bench bench-quick clean reference
 
 setup: $(STAMP)
 
@@ -26,6 +31,14 @@ $(STAMP): $(DEPS)
 	@touch $@
 	@echo "skysense: $(VENV) ready"
 
+reference: $(REF_STAMP)
+
+$(REF_STAMP): tests/reference/requirements.txt | $(STAMP)
+	@echo "skysense: installing the reference packages into $(REF) (no deps, a few seconds)"
+	@rm -rf $(REF)
+	@$(PIP) install -q --no-deps --target $(REF) -r tests/reference/requirements.txt
+	@touch $@
+
 pretrain: $(STAMP)
 	$(BIN)/skysense pretrain $(ARGS)
 
@@ -37,7 +50,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) lint
+test: $(STAMP) $(REF_STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -47,5 +60,5 @@ bench-quick: $(STAMP)
 	$(BIN)/skysense bench mode=quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) build kernels/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(REF) build kernels/build .pytest_cache .ruff_cache
 	find . -name '*.so' -path '*skysense*' -delete

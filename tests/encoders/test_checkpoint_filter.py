@@ -3,13 +3,16 @@ release's names by an independent table (the reverse of the documented mapping).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from skysense.encoders import build_skysense, checkpoint_filter_fn, map_released_keys
+from skysense.encoders.checkpoint_filter import match_to_model
 
 pytestmark = pytest.mark.unit
 
@@ -118,3 +121,82 @@ def test_our_own_names_pass_through():
     m = build_skysense("tiny")
     sd = checkpoint_filter_fn(m.state_dict())
     assert set(sd) == set(m.state_dict())
+
+
+# --- the release's exact names and shapes (tests/reference/fixtures/released_keys.json, built
+# from the OpenMMLab reference code by the reference tier) -------------------------------------
+
+MANIFEST = Path(__file__).resolve().parents[1] / "reference" / "fixtures" / "released_keys.json"
+RELEASE_FIELDS = dict(vit_cls_token=False, vit_final_norm=False, fusion_norm_eps=1e-5)
+
+
+def _meta_release(size: str) -> dict:
+    keys = json.loads(MANIFEST.read_text())[size]["keys"]
+    return {
+        k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta")
+        for k, v in keys.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def huge_meta():
+    with torch.device("meta"):
+        return build_skysense("huge", **RELEASE_FIELDS)
+
+
+def test_paper_size_release_maps_strictly(huge_meta):
+    release = _meta_release("huge")
+    assert len(release) == 1363
+    mapped, report = match_to_model(release, huge_meta)
+    assert report.ok, report.table()
+    assert report.absent == []
+    assert "48 Swin V2 buffers recomputed here"  # 24 blocks x 2 in report.dropped[0]
+    assert set(huge_meta.state_dict()) - set(mapped) == {"geo_context.prototypes"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "backbone_gep.stages.2.blocks.17.norm3.bias",
+        "backbone_s1.layers.7.attn.attn.out_proj.weight",
+        "fusion.porj_linear.bias",
+        "ctpe",
+    ],
+)
+def test_a_removed_or_renamed_key_is_named(huge_meta, key):
+    release = _meta_release("huge")
+    value = release.pop(key)
+    _, report = match_to_model(release, huge_meta)
+    assert not report.ok and report.unexpected == []
+    assert len(report.missing) == 1  # named in our terms, e.g. fusion.proj.bias for porj_linear
+    assert report.missing[0] in report.error("release.pth")
+
+    release[key.replace("layers", "layer").replace("norm3", "norm_3") + "_x"] = value
+    _, report = match_to_model(release, huge_meta)
+    assert len(report.missing) == 1 and len(report.unexpected) == 1
+    assert report.unexpected[0].endswith("_x")
+    assert report.unexpected[0] in report.error("release.pth")
+
+
+def test_parts_absent_from_a_release_are_reported_not_missing(huge_meta):
+    release = {k: v for k, v in _meta_release("huge").items() if k.startswith("backbone_s2.")}
+    _, report = match_to_model(release, huge_meta)
+    assert report.ok
+    assert report.absent == ["hr_encoder", "s1_encoder", "grid_s2", "grid_s1", "fusion"]
+    with torch.device("meta"):
+        s1_only = build_skysense("huge", modalities=("s1",), **RELEASE_FIELDS)
+    _, report = match_to_model(release, s1_only)
+    assert report.ok and report.skipped and all(k.startswith("s2_") for k in report.skipped)
+
+
+def test_build_skysense_reads_a_released_pth_strictly(tmp_path):
+    sd = _released(build_skysense("tiny"))
+    torch.save({"state_dict": sd}, tmp_path / "release.pth")
+    m = build_skysense("tiny", weights=tmp_path / "release.pth")
+    assert torch.equal(m.s2_encoder.pos_embed, sd["backbone_s2.pos_embed"])
+    del sd["backbone_gep.patch_embed.norm.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"broken\.pth.*hr_encoder\.patch_embed\.norm\.weight"):
+        build_skysense("tiny", weights=tmp_path / "broken.pth")
+    m = build_skysense("tiny", weights=tmp_path / "broken.pth", strict=False)
+    assert torch.equal(m.fusion.dtpe.table, sd["ctpe"][0])

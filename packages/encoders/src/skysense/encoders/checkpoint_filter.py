@@ -54,6 +54,7 @@ OURS = ("hr_encoder.", "s2_encoder.", "s1_encoder.", "grid_s2.", "grid_s1.", "ge
 _OUR_FUSION = ("blocks.", "proj.", "dtpe.", "extra_token", "norm.")
 
 _DROP = re.compile(r"attn\.w_msa\.(relative_coords_table|relative_position_index)$")
+_DROP_NAMES = "relative_coords_table, relative_position_index"
 _BLOCK = [
     (r"^layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
     (r"^layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
@@ -229,7 +230,7 @@ class MatchReport:
     ``shape``: keys whose shapes differ ("key: source (..) vs model (..)");
     ``absent``: parts the source holds nothing of (they keep their initialisation);
     ``skipped``: source keys of parts the model was built without (``modalities``);
-    ``dropped``: recomputed buffers and other documented drops.
+    ``dropped``: recomputed buffers (counted) and other documented drops and resizes.
     """
 
     missing: list[str] = field(default_factory=list)
@@ -290,7 +291,8 @@ def match_to_model(
     _fit_vits(mapped, model, notes)
     own = model.state_dict()
     built = {_part(k) for k in own}
-    report = MatchReport(unexpected=sorted(unmapped), dropped=sorted(dropped) + notes)
+    buffers = [f"{len(dropped)} Swin V2 buffers recomputed here ({_DROP_NAMES})"] if dropped else []
+    report = MatchReport(unexpected=sorted(unmapped), dropped=buffers + notes)
     present = set()
     for k in list(mapped):
         part = _part(k)

@@ -1,0 +1,46 @@
+"""The committed key manifest is what the reference code builds, and this project's paper-size
+model takes every key of it strictly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from refutil import MANIFEST, load_manifest, meta_release
+
+from skysense.encoders import build_skysense
+from skysense.encoders.checkpoint_filter import match_to_model
+
+pytestmark = pytest.mark.reference
+
+# The release's structure in this project's config (as `skysense convert` writes it).
+RELEASE_FIELDS = dict(vit_cls_token=False, vit_final_norm=False, fusion_norm_eps=1e-5)
+
+
+def test_fixture_is_what_the_reference_code_builds(mm):
+    doc = mm.manifest_document()
+    assert mm.dump_manifest(doc) == MANIFEST.read_text(), (
+        "tests/reference/fixtures/released_keys.json is stale: regenerate it with "
+        "PYTHONPATH=.venv-ref .venv/bin/python tests/reference/mm_reference.py"
+    )
+    keys = doc["huge"]["keys"]
+    assert keys["ctpe"]["shape"] == [1, 365, 2816]
+    assert keys["backbone_gep.stages.2.blocks.17.norm3.weight"]["shape"] == [1408]
+    assert "backbone_gep.stages.2.blocks.16.norm3.weight" not in keys
+    assert keys["backbone_gep.norm3.weight"]["shape"] == [2816]  # output norm of stage 4
+    assert keys["backbone_s2.layers.23.attn.attn.in_proj_weight"]["shape"] == [3072, 1024]
+    assert keys["backbone_s1.patch_embed.projection.weight"]["shape"] == [1024, 2, 4, 4]
+    assert keys["fusion.porj_linear.weight"]["shape"] == [1024, 2816]
+    assert keys["head_s2.decoder.0.weight"]["shape"] == [45056, 1024, 1, 1]
+
+
+def test_paper_model_takes_the_whole_manifest_strictly():
+    release = meta_release(load_manifest()["huge"]["keys"])
+    with torch.device("meta"):
+        model = build_skysense("huge", **RELEASE_FIELDS)
+    mapped, report = match_to_model(release, model)
+    assert report.ok, report.table()
+    assert report.absent == [] and report.skipped == []
+    own = model.state_dict()
+    assert sorted(own) == sorted([*mapped, "geo_context.prototypes"])
+    for k, v in mapped.items():
+        assert tuple(v.shape) == tuple(own[k].shape), k
