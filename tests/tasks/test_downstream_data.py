@@ -5,7 +5,10 @@ georeferencing), class folders, crops that keep modalities aligned, collation.""
 from __future__ import annotations
 
 import json
+import re
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +287,69 @@ def test_collate_pads_series_and_keeps_boxes_as_lists():
     assert isinstance(det["boxes"], list) and det["boxes"][1].shape == (0, 4)
     pair = collate([{"t1": a, "t2": a, "mask": torch.zeros(4, 4)}] * 2)
     assert pair["t1"]["s2"].shape == (2, 2, 10, 4, 4) and pair["mask"].shape == (2, 4, 4)
+
+
+# ------------------------------------------- public datasets: data=<name> data.root=<fake>
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+import fakes  # noqa: E402  (tests/data/fakes: the distributed layouts)
+
+from skysense.tasks import cli  # noqa: E402
+
+_SMALL = ["train.max_steps=2", "train.batch_size=2", "train.eval_batch_size=2", "train.threads=1"]
+_DENSE_EVAL = ["task.eval.window=32", "task.eval.overlap=0"]
+FINETUNE = {
+    "eurosat_ms": ["task=classification", "task.features=s2"],
+    "eurosat_rgb": ["task=classification", "data.size=32"],
+    "aid": ["task=classification", "data.size=32"],
+    "resisc45": ["task=classification", "data.size=32"],
+    "bigearthnet": ["task=multilabel_classification", "data.crop=32"],
+    "bigearthnet_v2": ["task=multilabel_classification", "data.crop=32"],
+    "oscd": ["task=change_detection", "data.train_cities=null", "data.val_cities=null"]
+    + _DENSE_EVAL,
+    "levir_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
+    "whu_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE))
+def test_finetune_two_steps_on_each_public_dataset(name, tmp_path):
+    """``skysense finetune data=<name> data.root=<fake in the distributed layout>``."""
+    if name == "bigearthnet_v2":
+        pytest.importorskip("pyarrow", reason="metadata.parquet needs pyarrow")
+    root = fakes.make(name, tmp_path / "root")
+    run = tmp_path / "run"
+    argv = ["finetune", *FINETUNE[name], f"data={name}", f"data.root={root}", f"run_dir={run}"]
+    assert cli.main(argv + _SMALL) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"] == name and summary["runs"]["random"]["steps"] == 2
+    if name == "oscd":
+        assert summary["data_info"]["val"] == ["paris"]  # images/test.txt
+    else:
+        assert summary["data_info"]["val"] >= 1
+    m = json.loads((run / "random" / "metrics.json").read_text())
+    assert all(np.isfinite(h["loss"]) for h in m["history"]) and len(m["history"]) == 2
+
+
+def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
+    root = fakes.make("eurosat_ms", tmp_path / "root") / "EuroSAT_MS"
+    base = ["finetune", "task=classification", "data=class_folders", f"data.root={root}"]
+    cfg = cli.compose(
+        cli.COMMANDS["finetune"].config, base[1:] + ["task.features=s2", f"run_dir={tmp_path}"]
+    )
+    from skysense.tasks.downstream.data import build_task_data
+
+    data = build_task_data(cfg.data, 2, 0, "s2")
+    assert data.inputs["sensors"] == {"s2": "s2_l1c"}
+    assert data.train[0]["s2"].shape == (1, 10, 128, 128)  # data.size=128 by default
+    # The task's default features (hr) on S2 data: one line naming the fix.
+    with pytest.raises(cli.ConfigError, match="task.features.*only \\['s2'\\]"):
+        from skysense.tasks.downstream.run import finetune
+
+        finetune(cli.compose(cli.COMMANDS["finetune"].config, base[1:] + [f"run_dir={tmp_path}"]))
+    # An RGB sensor declared for them: one line naming the file and both band lists.
+    assert cli.main(base + ["data.sensor=hr_rgb", f"run_dir={tmp_path}"] + _SMALL) != 0
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "bands found" in ln)
+    assert re.search(r"_\d\.tif: bands found B1 B2 .* B12 B8A \(13\), expected R G B \(3\)", line)
+    assert "set data.sensor=s2_l1c" in line

@@ -1,0 +1,310 @@
+"""The public-dataset readers of skysense.data.datasets on fakes written in each dataset's
+distributed layout (tests/data/fakes), and on the shared OSCD / BigEarthNet samples: bands by
+name, splits from the dataset's own files, one-line errors for misreads, plot()."""
+
+from __future__ import annotations
+
+import shutil
+
+import fakes
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from fakes.change import oscd_band_value
+from fakes.classification import EUROSAT_CLASSES, eurosat_value
+from fakes.common import write_tif
+from rasterio.warp import Resampling, reproject
+
+from skysense.data.datasets import BandMismatchError, DatasetError, get_dataset
+from skysense.data.datasets.classification import ClassFolders, EuroSATMS
+from skysense.data.datasets.readers import check_range, read_image
+from skysense.data.sensors import get_sensor
+
+pytestmark = pytest.mark.unit
+
+S2 = get_sensor("s2_l1c")
+
+
+def _raw(x: torch.Tensor, sensor: str = "s2_l1c") -> np.ndarray:
+    """Normalised (C, H, W) -> the values as read."""
+    spec = get_sensor(sensor)
+    m = np.asarray(spec.mean, np.float32)[:, None, None]
+    s = np.asarray(spec.std, np.float32)[:, None, None]
+    return x.numpy() * s + m
+
+
+def _check_eurosat_bands(sample: dict, class_index: int) -> None:
+    raw = _raw(sample["s2"][0])
+    for j, b in enumerate(S2.model_bands):
+        lo = eurosat_value(b, class_index)
+        assert lo <= raw[j].min() + 1e-2 and raw[j].max() <= lo + 6 + 1e-2, b
+
+
+# ------------------------------------------------------------------ EuroSAT and class folders
+
+
+def test_eurosat_ms_b8a_last_is_mapped_by_name(tmp_path):
+    root = fakes.make("eurosat_ms", tmp_path)
+    ds = EuroSATMS(root, "train")
+    assert ds.sensors == {"s2": "s2_l1c"} and len(ds) == len(EUROSAT_CLASSES)
+    s = ds[0]
+    assert s["s2"].shape == (1, 10, 64, 64) and s["s2_doy"].tolist() == [0]
+    _check_eurosat_bands(s, int(s["label"]))
+    assert torch.isfinite(s["latlon"]).all()  # UTM patch -> centre lat/lon
+    # The split files list <Class>_<n>.jpg: train = n 1, val = n 2.
+    assert [ds.item_name(i) for i in range(3)] == [f"{c}_1" for c in EUROSAT_CLASSES]
+    assert [it["name"] for it in EuroSATMS(root, "val").items][0] == "AnnualCrop_2"
+
+
+def test_13_band_s2_in_class_folders_goes_to_the_s2_encoder_by_name(tmp_path):
+    root = fakes.make("eurosat_ms", tmp_path)
+    ds = ClassFolders(root / "EuroSAT_MS", "train", val_fraction=0.34)
+    assert ds.sensors == {"s2": "s2_l1c"}  # EuroSAT's class names select its band order
+    s = ds[0]
+    assert "hr" not in s and s["s2"].shape[1] == 10
+    _check_eurosat_bands(s, int(s["label"]))
+
+
+def test_band_descriptions_win_over_position(tmp_path):
+    root = fakes.make_eurosat_ms(tmp_path, descriptions=True)
+    (root / "EuroSAT_MS" / "AnnualCrop").rename(root / "EuroSAT_MS" / "fields")
+    ds = ClassFolders(root / "EuroSAT_MS", "train", val_fraction=0.34)
+    assert ds.sensors == {"s2": "s2_l1c"} and ds.classes == ["Forest", "River", "fields"]
+    for i in range(len(ds)):
+        s = ds[i]
+        k = EUROSAT_CLASSES.index(ds.classes[int(s["label"])].replace("fields", "AnnualCrop"))
+        _check_eurosat_bands(s, k)
+
+
+def test_13_unnamed_bands_outside_eurosat_are_an_error(tmp_path):
+    root = fakes.make("eurosat_ms", tmp_path)
+    (root / "EuroSAT_MS" / "AnnualCrop").rename(root / "EuroSAT_MS" / "fields")
+    with pytest.raises(DatasetError, match="order is ambiguous.*band_order") as e:
+        ClassFolders(root / "EuroSAT_MS", "train", val_fraction=0.34)
+    assert "\n" not in str(e.value) and ".tif" in str(e.value)
+    ds = ClassFolders(root / "EuroSAT_MS", "train", val_fraction=0.34, band_order="eurosat")
+    assert ds.sensors == {"s2": "s2_l1c"}
+
+
+def test_multispectral_where_rgb_is_expected_is_one_line(tmp_path):
+    root = fakes.make_eurosat_ms(tmp_path, descriptions=True)
+    ds = ClassFolders(root / "EuroSAT_MS", "train", sensor="hr_rgb", val_fraction=0.34)
+    with pytest.raises(BandMismatchError) as e:
+        ds[0]
+    msg = str(e.value)
+    assert "\n" not in msg and ds.items[0]["path"].name in msg
+    assert "found B1 B2 B3" in msg and "expected R G B" in msg and "s2_l1c" in msg
+    # Without band descriptions: the file's 13 unnamed bands.
+    root2 = fakes.make_eurosat_ms(tmp_path / "plain")
+    (root2 / "EuroSAT_MS" / "Forest").rename(root2 / "EuroSAT_MS" / "woods")
+    ds = ClassFolders(root2 / "EuroSAT_MS", "train", sensor="hr_rgb", val_fraction=0.34)
+    with pytest.raises(BandMismatchError, match="13 unnamed uint16 bands.*expected R G B"):
+        ds[0]
+
+
+def test_rgb_where_multispectral_is_expected_is_one_line(tmp_path):
+    root = fakes.make("eurosat_rgb", tmp_path)
+    ds = ClassFolders(root / "2750", "train", sensor="s2_l1c", val_fraction=0.34)
+    with pytest.raises(BandMismatchError) as e:
+        ds[0]
+    msg = str(e.value)
+    assert "\n" not in msg and ".jpg" in msg
+    assert "found R G B (3)" in msg and "expected B2 B3 B4 B5 B6 B7 B8 B8A B11 B12" in msg
+    assert "hr_rgb" in msg
+
+
+def test_dtype_band_count_and_value_range_checks(tmp_path):
+    t = Affine(10, 0, 500000, 0, -10, 5000000)
+    rgb16 = write_tif(tmp_path / "rgb16.tif", np.full((3, 8, 8), 300, np.uint16), "EPSG:32631",
+                      t, descriptions=["red", "green", "blue"])  # fmt: skip
+    with pytest.raises(DatasetError, match="dtype uint16 does not match sensor hr_rgb"):
+        read_image(rgb16, "hr_rgb")
+    five = write_tif(tmp_path / "five.tif", np.ones((5, 8, 8), np.uint16), "EPSG:32631", t)
+    with pytest.raises(DatasetError, match="name no known sensor"):
+        read_image(five, None)
+    refl = write_tif(tmp_path / "refl.tif", np.full((12, 8, 8), 0.2, np.float32), "EPSG:32631", t)
+    with pytest.raises(DatasetError, match="look like reflectance 0-1"):
+        read_image(refl, "s2_l2a")
+    with pytest.raises(DatasetError, match="look like linear power"):
+        check_range("s1.tif", np.full((2, 4, 4), 0.05, np.float32), get_sensor("s1_grd_db"))
+    with pytest.raises(DatasetError, match="outside the range"):
+        check_range("db.tif", np.full((2, 4, 4), -200.0, np.float32), get_sensor("s1_grd_db"))
+    ok = write_tif(tmp_path / "ok.tif", np.full((12, 8, 8), 900, np.uint16), "EPSG:32631", t)
+    arr, sensor = read_image(ok, None)
+    assert sensor == "s2_l2a" and arr.shape == (10, 8, 8)
+
+
+def test_split_file_overrides_and_names_missing_items(tmp_path):
+    root = fakes.make("eurosat_rgb", tmp_path)
+    f = tmp_path / "mine.txt"
+    f.write_text("Forest_3.jpg\nRiver_1.jpg\n")
+    ds = get_dataset("eurosat_rgb")(root, "train", split_file=f)
+    assert [it["name"] for it in ds.items] == ["Forest_3", "River_1"]
+    f.write_text("Forest_9.jpg\n")
+    with pytest.raises(DatasetError, match="not under.*Forest_9"):
+        get_dataset("eurosat_rgb")(root, "train", split_file=f)
+
+
+def test_aid_and_resisc45_splits(tmp_path):
+    aid = fakes.make("aid", tmp_path / "aid")
+    tr, va = get_dataset("aid")(aid, "train"), get_dataset("aid")(aid, "val")
+    assert len(tr) == 3 and len(va) == 12  # 20 % of 5 per class trains
+    assert not {it["name"] for it in tr.items} & {it["name"] for it in va.items}
+    assert tr.classes[int(tr[0]["label"])] in ("Airport", "Beach", "Forest")
+    r = fakes.make("resisc45", tmp_path / "r")
+    ds = get_dataset("resisc45")(r, "test", size=32)
+    assert ds[0]["hr"].shape == (3, 32, 32) and len(ds.classes) == 45
+
+
+# ------------------------------------------------------------------ OSCD
+
+
+def test_oscd_date_2_on_another_grid_is_resampled_onto_date_1(tmp_path):
+    root = fakes.make("oscd", tmp_path)
+    ds = get_dataset("oscd")(root, "train")
+    assert [it["name"] for it in ds.items] == ["aguasclaras", "bercy"]  # images/train.txt
+    s = ds[1]
+    assert s["t1"]["s2"].shape == s["t2"]["s2"].shape == (1, 10, 48, 48)
+    assert s["mask"].shape == (48, 48) and set(s["mask"].unique().tolist()) <= {0, 1, 255}
+    assert (s["mask"] == 1).sum() == 12 * 14
+    assert s["t1"]["s2_doy"].tolist() == [193] and s["t2"]["s2_doy"].tolist() == [288]
+    # Date 2's B2 on date 1's grid equals the planted ground pattern (interior pixels).
+    rows, cols = np.mgrid[0:48, 0:48] + 0.5
+    want = oscd_band_value("B02", 2, rows, cols)
+    got = _raw(s["t2"]["s2"][0])[0]
+    assert np.abs(got - want)[4:-4, 4:-4].max() < 8.0
+    assert ds.plot(s, tmp_path / "oscd.png").stat().st_size > 3000
+
+
+def test_oscd_mask_values_are_checked(tmp_path):
+    root = fakes.make("oscd", tmp_path)
+    with pytest.raises(DatasetError, match=r"values \[2\] not in label_values \[0, 1\]"):
+        get_dataset("oscd")(root, "train", label_values={0: 0, 1: 1})[0]
+
+
+def test_shared_oscd_city_with_date_2_on_another_grid(shared_data, tmp_path):
+    src = shared_data / "oscd"
+    city = "rennes"
+    root = tmp_path / "oscd"
+    (root / "images" / city).mkdir(parents=True)
+    (root / "images" / city / "imgs_1").symlink_to(src / "images" / city / "imgs_1")
+    shutil.copy(src / "images" / city / "dates.txt", root / "images" / city)
+    (root / "labels").mkdir()
+    (root / "labels" / city).symlink_to(src / "labels" / city)
+    # Date 2 resampled onto a grid of 0.85 x the pixel, shifted by a third of a pixel.
+    for f in sorted((src / "images" / city / "imgs_2").glob("*.tif")):
+        with rasterio.open(f) as ds:
+            a, t = ds.read(1), ds.transform
+            px = 0.85 * t.a
+            nt = Affine(px, 0, t.c + t.a / 3, 0, -px, t.f - t.a / 3)
+            h, w = int(ds.height / 0.85) - 1, int(ds.width / 0.85) - 1
+            out = np.zeros((h, w), np.uint16)
+            reproject(a, out, src_transform=t, src_crs=ds.crs, dst_transform=nt,
+                      dst_crs=ds.crs, resampling=Resampling.bilinear)  # fmt: skip
+            write_tif(root / "images" / city / "imgs_2" / f.name, out, ds.crs, nt)
+    moved = get_dataset("oscd")(root, "val", cities=[city])[0]
+    orig = get_dataset("oscd")(src, "val", cities=[city])[0]
+    assert moved["t2"]["s2"].shape == orig["t2"]["s2"].shape == orig["t1"]["s2"].shape
+    assert torch.equal(moved["t1"]["s2"], orig["t1"]["s2"])
+    a = orig["t2"]["s2"][0, :3, 5:-5, 5:-5].flatten().numpy()
+    b = moved["t2"]["s2"][0, :3, 5:-5, 5:-5].flatten().numpy()
+    assert np.corrcoef(a, b)[0, 1] > 0.9
+    assert moved["mask"].shape == orig["mask"].shape
+
+
+def test_shared_oscd_cities_read_through_the_class(shared_data):
+    ds = get_dataset("oscd")(shared_data / "oscd", "val", cities=["paris", "nantes"])
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["t1"]["s2"].shape[-2:] == s["mask"].shape
+        assert 0 < (s["mask"] == 1).float().mean() < 0.2
+
+
+# ------------------------------------------------------------------ BigEarthNet
+
+
+def test_bigearthnet_v1_official_split_and_19_classes(tmp_path):
+    root = fakes.make("bigearthnet", tmp_path)
+    cls = get_dataset("bigearthnet")
+    tr = cls(root, "train", modalities=["s2", "s1"])
+    assert len(tr) == 3 and len(cls(root, "val")) == 1 and len(cls(root, "test")) == 1
+    s = tr[0]
+    assert s["s2"].shape == (1, 10, 120, 120) and s["s1"].shape == (1, 2, 120, 120)
+    assert s["s2_doy"].tolist() == [164]
+    names = [tr.classes[k] for k in torch.nonzero(s["label"]).flatten().tolist()]
+    assert names == ["Arable land", "Pastures"]
+    # "Airports" has no 19-class label; "Transitional woodland/shrub" is renamed.
+    lab = cls(root, "val")[0]["label"]
+    assert [tr.classes[k] for k in torch.nonzero(lab).flatten().tolist()] == [
+        "Broad-leaved forest",
+        "Transitional woodland, shrub",
+    ]
+    assert cls(root, "val", nomenclature=43)[0]["label"].sum() == 3
+    raw = _raw(s["s2"][0], "s2_l2a")  # B8A is the 9th file band
+    assert abs(raw[7].mean() - (300 + 150 * 8)) < 60
+
+
+def test_bigearthnet_v2_metadata_parquet(tmp_path):
+    pytest.importorskip("pyarrow", reason="bigearthnet_v2 reads metadata.parquet with pyarrow")
+    root = fakes.make("bigearthnet_v2", tmp_path)
+    cls = get_dataset("bigearthnet_v2")
+    assert len(cls(root, "train")) == 3 and len(cls(root, "test")) == 1
+    va = cls(root, "val", modalities=["s2", "s1"])
+    s = va[0]
+    assert s["s1"].shape == (1, 2, 120, 120)
+    assert [va.classes[k] for k in torch.nonzero(s["label"]).flatten().tolist()] == [
+        "Broad-leaved forest",
+        "Transitional woodland, shrub",
+    ]
+
+
+def test_shared_bigearthnet_reads_through_the_class(shared_data):
+    cls = get_dataset("bigearthnet")
+    root = shared_data / "bigearthnet"
+    tr, va = cls(root, "train", modalities=["s2", "s1"]), cls(root, "val", modalities=["s2", "s1"])
+    assert len(tr) + len(va) == 6 and not {i["name"] for i in tr.items} & {
+        i["name"] for i in va.items
+    }
+    s = va[0]
+    assert s["s2"].shape == (1, 10, 120, 120) and s["s1"].shape == (1, 2, 120, 120)
+    assert s["label"].shape == (19,) and s["label"].sum() >= 1
+
+
+# ------------------------------------------------------------------ HR change pairs
+
+
+def test_levir_and_whu_pairs(tmp_path):
+    lev = get_dataset("levir_cd")(fakes.make("levir_cd", tmp_path / "l"), "val")
+    s = lev[0]
+    assert s["t1"]["hr"].shape == s["t2"]["hr"].shape == (3, 64, 64)
+    assert set(s["mask"].unique().tolist()) == {0, 1}
+    whu_root = fakes.make("whu_cd", tmp_path / "w")
+    assert [it["name"] for it in get_dataset("whu_cd")(whu_root, "val").items] == ["4", "5"]
+    (whu_root / "list" / "test.txt").unlink()
+    with pytest.raises(DatasetError, match="no list/test.txt"):
+        get_dataset("whu_cd")(whu_root, "test")
+
+
+def test_levir_label_values_are_checked(tmp_path):
+    root = fakes.make("levir_cd", tmp_path)
+    with pytest.raises(DatasetError, match=r"values \[255\] not in label_values \[0, 1\]"):
+        get_dataset("levir_cd")(root, "train", label_values={0: 0, 1: 1})[0]
+
+
+# ------------------------------------------------------------------ every fake: read + plot
+
+
+@pytest.mark.parametrize("name", sorted(fakes.MAKERS))
+def test_every_fake_reads_and_plots(name, tmp_path):
+    if name == "bigearthnet_v2":
+        pytest.importorskip("pyarrow", reason="metadata.parquet needs pyarrow")
+    root = fakes.make(name, tmp_path / "root")
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 200_000
+    ds = get_dataset(name)(root, "train")
+    assert len(ds) > 0 and ds.describe()["task"] == ds.task
+    s = ds[0]
+    png = ds.plot(s, tmp_path / f"{name}.png", title=name)
+    assert png.stat().st_size > 3000
