@@ -182,7 +182,7 @@ def test_multimodal_segmentation_on_fused_features(tmp_path):
     assert summary["features"] == "fused"
     m = json.loads((tmp_path / "run" / "random" / "metrics.json").read_text())
     assert np.array(m["metrics"]["confusion_matrix"]).sum() == 16 * 20
-    model = torch.load(tmp_path / "run" / "random" / "model.pt", weights_only=False)
+    model = torch.load(tmp_path / "run" / "random" / "model.pt", weights_only=True)
     inputs = model["meta"]["inputs"]
     assert inputs["modalities"] == ["hr", "s2", "s1"] and inputs["reference"] == "s2"
 

@@ -17,6 +17,7 @@ from skysense.tasks.downstream.heads import (
     UperNetHead,
 )
 from skysense.tasks.downstream.model import TaskModel, build_task_model
+from skysense.tasks.training.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.unit
 
@@ -247,7 +248,7 @@ def test_encoder_from_checkpoint_loads_teacher_strictly(tmp_path, standin_builde
     assert info["report"]["missing"] == ["dtpe"]
     with pytest.raises(KeyError, match="no 'ema'"):
         ckpt.build_encoder("tiny", {}, tmp_path / "c.pt", key="ema")
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(CheckpointError, match="nope.pt: does not exist"):
         ckpt.build_encoder("tiny", {}, tmp_path / "nope.pt")
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 
-from skysense.tasks.errors import ConfigError
+from skysense.tasks.errors import ConfigError, report_fault
 from skysense.tasks.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Command:
     config: str
     positional: tuple[str, ...] = field(default=())
     flags: tuple[str, ...] = field(default=())  # extra --flags the command accepts
+    # The first positional takes every argument the others leave (SRC... DST): a list.
+    variadic: bool = False
 
 
 COMMANDS: dict[str, Command] = {
@@ -57,6 +60,13 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command(
         "skysense.tasks.export", "export an encoder with a task head (torch.export, ONNX)", "export"
+    ),
+    "convert": Command(
+        "skysense.tasks.convert",
+        "convert released SkySense .pth files into a weights folder (safetensors)",
+        "convert",
+        ("src", "dst"),
+        variadic=True,
     ),
     "bench": Command(
         "skysense.tasks.bench", "run the benchmark suite and compare with the reference", "bench"
@@ -113,16 +123,35 @@ def compose(config: str, overrides: list[str]):
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from skysense.tasks.conf.schema import register
+
+    register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return hydra_compose(config_name=config, overrides=list(overrides))
     except Exception as e:  # Hydra raises several unrelated types for bad overrides
+        typed = _type_error(e)
+        if typed is not None:
+            raise typed from None
         msg = str(e).strip().splitlines()
         detail = " ".join(m.strip() for m in msg if m.strip())
         raise ConfigError(_culprit(overrides), detail) from e
     finally:
         GlobalHydra.instance().clear()
+
+
+def _type_error(e: BaseException) -> ConfigError | None:
+    """A value of the wrong type or an unknown key found by the typed schemas
+    (:mod:`skysense.tasks.conf.schema`), as a ConfigError naming the field; None otherwise."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    while e is not None:
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            first = str(e).strip().splitlines()[0]
+            return ConfigError(str(e.full_key), first.replace("Key", "key", 1))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _culprit(overrides: list[str]) -> str:
@@ -143,6 +172,10 @@ def _split_args(cmd: Command, args: list[str]) -> tuple[list[str], list[str], se
     rest = [a for a in args if not a.startswith("--")]
     positional = [a for a in rest if "=" not in a]
     overrides = [a for a in rest if "=" in a]
+    if cmd.variadic and len(positional) >= len(cmd.positional):
+        n = len(positional) - len(cmd.positional) + 1
+        quoted = ["'" + p.replace("\\", "\\\\").replace("'", "\\'") + "'" for p in positional[:n]]
+        positional = ["[" + ",".join(quoted) + "]", *positional[n:]]
     if len(positional) > len(cmd.positional):
         extra = positional[len(cmd.positional) :]
         raise ConfigError(
@@ -199,15 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module = importlib.import_module(cmd.module)
         return int(module.main(cfg, command=name) or 0)
-    except ConfigError as e:
-        print(f"skysense {name}: {e}", file=sys.stderr)
-        return 2
-    except NotImplementedError as e:
-        print(f"skysense {name}: not implemented yet: {e}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print(f"skysense {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("SKYSENSE_DEBUG") == "1":
+            raise
+        return report_fault(name, e, argv)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,36 @@ class Run:
         return plot_losses(history, path)
 
 
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure the run can neither fail late on its folder nor overwrite saved progress.
+
+    A run_dir that holds checkpoints is an error unless ``resume`` (continue it) or
+    ``overwrite`` (delete them, then start afresh); the folder must be writable (an OSError
+    naming it otherwise), checked before any data or model is made.
+    """
+    from skysense.tasks.training import checkpoint as ckpt
+
+    ckpt_dir = run_dir / "checkpoints"
+    found = ckpt.checkpoints(ckpt_dir)
+    if found and not resume:
+        if not overwrite:
+            raise ConfigError(
+                "resume",
+                f"{run_dir} already holds {len(found)} checkpoint(s) (newest {found[0].name}): "
+                "resume=true continues that run, overwrite=true deletes them and starts afresh, "
+                "or choose another run_dir=",
+            )
+        log.warning("overwrite=true: deleting the %d checkpoint(s) in %s", len(found), ckpt_dir)
+        for p in found:
+            p.unlink(missing_ok=True)
+            p.with_name(p.name + ckpt.CHECKSUM_SUFFIX).unlink(missing_ok=True)
+        (ckpt_dir / ckpt.LATEST).unlink(missing_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    probe = ckpt_dir / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def prepare_data(cfg: DictConfig, info) -> Path:
     if cfg.data.name == "embedded":
         from skysense.data.embedded import ensure_embedded
@@ -219,6 +249,8 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
     from skysense.tasks.training import dist as D
 
     validate(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_run_dir(Path(cfg.run_dir), cfg.resume, cfg.overwrite)
     if cfg.trainer.nproc > 1 and not D.launched_by_torchrun():
         argv = [a for a in sys.argv[2:] if not a.startswith("trainer.nproc=")]
         return D.launch(cfg.trainer.nproc, command, argv + [f"trainer.nproc={cfg.trainer.nproc}"])
@@ -260,6 +292,12 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
             print(f"skysense {command}: {e}", file=sys.stderr, flush=True)
             return 1
         if info.is_main:
+            if summary.get("already_finished"):
+                print(
+                    f"pretrain: {cfg.run_dir} already holds the finished run "
+                    f"({summary['steps']} of {cfg.trainer.max_steps} steps); nothing to do",
+                    flush=True,
+                )
             print(summary_line(summary), flush=True)
     finally:
         D.shutdown()

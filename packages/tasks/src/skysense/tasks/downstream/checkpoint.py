@@ -32,18 +32,17 @@ class CheckpointMismatch(ValueError):
 
 
 def torch_load(path: str | Path) -> dict:
-    """``torch.load`` on the CPU; tensors-only first, full unpickling (trusted files only) where
-    the file holds other Python objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled objects beyond tensors and containers
-        log.warning("%s holds non-tensor objects (%s); unpickling it fully", path, type(e).__name__)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint or model file as a dict, loaded on the CPU with ``weights_only=True`` only
+    (a file holding other Python objects is refused: unpickling it could run code).
+
+    Raises:
+        CheckpointError: one line naming the path and the reason.
+    """
+    from skysense.tasks.training.checkpoint import CheckpointError, safe_load
+
+    obj = safe_load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
+        raise CheckpointError(path, f"expected a dict of tensors, found {type(obj).__name__}")
     return obj
 
 
@@ -159,11 +158,11 @@ def build_encoder(
 
 def save_finetuned(path: str | Path, model: nn.Module, meta: Mapping) -> Path:
     """Write a fine-tuned model file atomically (temporary name, then rename)."""
+    from skysense.tasks.training.checkpoint import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "meta": dict(meta)}, tmp)
-    tmp.replace(path)
+    obj = {"format": FORMAT, "state_dict": model.state_dict(), "meta": dict(meta)}
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
     return path
 
 

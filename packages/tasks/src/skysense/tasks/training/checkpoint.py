@@ -1,25 +1,36 @@
-"""Checkpoints written atomically: a kill at any moment leaves the previous checkpoint intact.
+"""Checkpoints written atomically, verified on load, never loaded with code execution.
 
 A checkpoint is one ``torch.save`` file ``step_<N>.pt`` in ``<run_dir>/checkpoints``; it is
-written to a temporary name in the same folder, flushed to disk, then renamed (atomic on POSIX),
-and only then is ``latest`` (a one-line text file naming it) replaced the same way. Readers trust
-``latest`` and never see a partial file.
+written to a temporary name in the same folder, flushed to disk, then renamed (atomic on POSIX);
+its SHA-256 goes beside it (``step_<N>.pt.sha256``), and only then is ``latest`` (a one-line
+text file naming it) replaced the same way. A kill at any moment leaves the previous checkpoint
+intact.
 
-Contents (a dict of tensors and plain values: it loads with ``torch.load(weights_only=True)``):
-``student``, ``teacher`` (the SkySense encoders' state_dicts, what downstream tasks read),
-``student_module``, ``teacher_module`` (the whole towers: encoder, projection heads, CMA
-projections, teacher centres), ``optimizer``, ``step`` (optimizer steps done),
-``data_position`` (global batches consumed), ``rng`` (one entry per process: python, numpy,
-torch, cuda), ``config`` (the composed config as a plain dict), ``history`` (logged losses so
-far), ``loss_terms`` (the term names).
+Loading is ``torch.load(weights_only=True)`` and nothing else: a file that holds Python objects
+beyond tensors and plain containers is refused (unpickling it could run code), as is any file
+that does not load, with one line naming the path and the reason (:class:`CheckpointError`).
+
+Resuming (:func:`find_resumable`) trusts no single file: ``latest`` is a hint that must name a
+file inside the folder; the checkpoints are tried newest first, each verified against its
+checksum and by loading it, and a corrupt one is skipped with a warning naming it and the one
+used instead. A folder that holds checkpoints of which none loads is an error, never a fresh
+start that would overwrite them.
+
+Contents (a dict of tensors and plain values): ``student``, ``teacher`` (the SkySense encoders'
+state_dicts, what downstream tasks read), ``student_module``, ``teacher_module`` (the whole
+towers: encoder, projection heads, CMA projections, teacher centres), ``optimizer``, ``step``
+(optimizer steps done), ``data_position`` (global batches consumed), ``rng`` (one entry per
+process: python, numpy, torch, cuda), ``config`` (the composed config as a plain dict),
+``history`` (logged losses so far), ``loss_terms`` (the term names).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,9 +40,22 @@ import torch
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+CHECKSUM_SUFFIX = ".sha256"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def _fsync_dir(path: Path) -> None:
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message names the path and why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be
+    opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -43,7 +67,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` into a temporary file beside ``path``, fsync, rename."""
+    """Call ``write(file_object)`` into a temporary file beside ``path``, fsync, rename. On any
+    failure (a full disk, a kill signal turned into an exception) the temporary file is removed
+    and ``path`` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,11 +79,68 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def resolve_inside(folder: str | Path, name: str, source: str | Path) -> Path:
+    """``folder / name`` resolved, which must lie inside ``folder``: a path read from a file
+    (``source``) never reaches outside the folder it describes. Raises :class:`CheckpointError`
+    naming ``source`` and the path otherwise."""
+    folder = Path(folder).resolve()
+    target = (folder / name).resolve()
+    if target != folder and folder not in target.parents:
+        raise CheckpointError(
+            source, f"names {name!r}, which resolves outside {folder} (refused: {target})"
+        )
+    return target
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The hex SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_load(path: str | Path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors, plain values and containers only.
+
+    Raises:
+        CheckpointError: one line naming ``path`` and the reason (missing, not a file, truncated
+            or not a torch file, or holding Python objects, which are refused because unpickling
+            them could run code).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "does not exist")
+    if not path.is_file():
+        raise CheckpointError(path, "is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise  # an environment fault (permissions, I/O): the command line names it
+    except Exception as e:
+        raise CheckpointError(path, f"cannot be loaded: {_load_reason(e)}") from e
+
+
+def _load_reason(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return (
+            f"it holds Python objects{what} besides tensors and plain values; refused, since "
+            "unpickling them could run code (re-save it with tensors only, or convert it)"
+        )
+    if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
+        return f"truncated or not a torch file ({type(e).__name__})"
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def rng_state() -> dict:
@@ -82,46 +165,92 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned (also the older pickled-object form)."""
+    """Restore what :func:`rng_state` returned."""
     py = state["python"]
-    if isinstance(py, dict):
-        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
-    random.setstate(py)
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    if isinstance(npy, dict):
-        keys = npy["keys"].numpy().astype(np.uint32)
-        npy = (npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    np.random.set_state(npy)  # noqa: NPY002
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The ``step_<N>.pt`` files of ``ckpt_dir``, newest (highest step) first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def save(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``state`` as ``step_<step>.pt`` atomically, point ``latest`` at it, and remove
-    older checkpoints beyond the ``keep`` newest. Returns the checkpoint's path."""
+    """Write ``state`` as ``step_<step>.pt`` atomically with its checksum, point ``latest`` at
+    it, and remove older checkpoints beyond the ``keep`` newest. Returns the checkpoint's
+    path."""
     ckpt_dir = Path(ckpt_dir)
     # Leftovers of a save that was killed: only one process writes checkpoints, so any
     # temporary file here is stale.
     for stale in ckpt_dir.glob(".step_*.tmp"):
         stale.unlink(missing_ok=True)
     path = ckpt_dir / f"step_{step:07d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    digest = hashlib.sha256()
+
+    def write(f):
+        torch.save(state, _HashingWriter(f, digest))
+
+    atomic_write_bytes(path, write)
+    line = f"{digest.hexdigest()}  {path.name}\n".encode()
+    atomic_write_bytes(_checksum_path(path), lambda f: f.write(line))
     atomic_write_bytes(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
-    old = sorted(ckpt_dir.glob("step_*.pt"))[:-keep] if keep > 0 else []
-    for p in old:
+    for p in checkpoints(ckpt_dir)[keep:] if keep > 0 else []:
         if p != path:
             p.unlink(missing_ok=True)
+            _checksum_path(p).unlink(missing_ok=True)
     return path
 
 
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it (one pass over the bytes)."""
+
+    def __init__(self, f, digest):
+        self._f, self._digest = f, digest
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def verify(path: Path) -> None:
+    """Check ``path`` against its stored SHA-256 (where one was stored); raise
+    :class:`CheckpointError` on a mismatch."""
+    side = _checksum_path(path)
+    if not side.exists():
+        return
+    expected = side.read_text().split()[0] if side.read_text().split() else ""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            path, f"checksum mismatch (stored {expected[:12]}..., file {actual[:12]}...)"
+        )
+
+
 def latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``ckpt_dir`` (as named by ``latest``), or None."""
+    """The checkpoint ``latest`` names (which must lie inside ``ckpt_dir``), or None where there
+    is no pointer or it names a missing file (with a warning)."""
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / LATEST
     if not pointer.exists():
         return None
-    path = ckpt_dir / pointer.read_text().strip()
+    path = resolve_inside(ckpt_dir, pointer.read_text().strip(), pointer)
     if not path.exists():
         log.warning("%s names %s, which is missing", pointer, path.name)
         return None
@@ -129,11 +258,44 @@ def latest(ckpt_dir: Path) -> Path | None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save` (tensors and plain values only:
-    ``weights_only=True``; a checkpoint of an older version that pickled objects, from this run's
-    own folder, is unpickled in full)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s holds pickled objects (an older checkpoint): loading it in full", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
+    """Verify (checksum) and load one checkpoint written by :func:`save`."""
+    path = Path(path)
+    if path.exists():
+        verify(path)
+    state = safe_load(path, map_location)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(path, "is not a pre-training checkpoint (no 'step' entry)")
+    return state
+
+
+def find_resumable(ckpt_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``ckpt_dir`` that verifies and loads, with its state; None when
+    the folder holds no checkpoint.
+
+    ``latest`` is read first (it must name a file inside the folder); when what it names is
+    missing or corrupt, the older checkpoints are tried newest first, each skipped one with a
+    warning. Raises :class:`CheckpointError` when checkpoints exist and none loads (a fresh
+    start would overwrite them).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    candidates = checkpoints(ckpt_dir)
+    hinted = latest(ckpt_dir)
+    if hinted is not None and hinted in candidates:
+        candidates.remove(hinted)
+        candidates.insert(0, hinted)
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            state = load(path, map_location)
+        except CheckpointError as e:
+            failures.append(str(e))
+            log.warning("%s; trying an older checkpoint", e)
+            continue
+        if failures:
+            log.warning("resuming from %s instead (skipped: %s)", path.name, "; ".join(failures))
+        return path, state
+    if failures:
+        raise CheckpointError(
+            ckpt_dir, f"holds {len(failures)} checkpoint(s), none loads: " + "; ".join(failures)
+        )
+    return None

@@ -257,12 +257,23 @@ def train(cfg: DictConfig, run) -> dict:
 
     start_step, data_position, history = 0, 0, []
     if cfg.resume:
-        path = ckpt.latest(ckpt_dir)
-        if path is None:
+        found = ckpt.find_resumable(ckpt_dir)
+        if found is None:
             log.info("resume: no checkpoint in %s, starting afresh", ckpt_dir)
         else:
-            state = ckpt.load(path)
-            _load_state(trainer.student, trainer.teacher, trainer.optimizer, state)
+            path, state = found
+            check_resume_config(cfg, state, path)
+            if state["step"] >= tcfg.max_steps and (run_dir / "summary.json").exists():
+                done = json.loads((run_dir / "summary.json").read_text())
+                if done.get("steps") == state["step"]:
+                    return {**done, "steps_this_run": 0, "already_finished": True}
+            try:
+                _load_state(trainer.student, trainer.teacher, trainer.optimizer, state)
+            except (RuntimeError, KeyError, ValueError) as e:
+                first = " ".join(str(e).split())[:300]
+                raise ckpt.CheckpointError(
+                    path, f"does not fit this run's model or optimizer: {first}"
+                ) from e
             start_step, data_position = state["step"], state["data_position"]
             history = state.get("history", [])
             ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
@@ -330,6 +341,24 @@ def train(cfg: DictConfig, run) -> dict:
             summary["loss_plot"] = str(run.plot(history, run_dir / "loss_curves.png"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def check_resume_config(cfg: DictConfig, state: dict, path) -> None:
+    """A resume must build the model the checkpoint was trained with: the model preset, its
+    overrides and head sizes must match; raises ConfigError naming the first that differs
+    (anything else that does not fit fails loading, as a CheckpointError)."""
+    from skysense.tasks.errors import ConfigError
+
+    saved = state.get("config") or {}
+    now = OmegaConf.to_container(cfg, resolve=True)
+    a, b = saved.get("model") or {}, now.get("model") or {}
+    for k in ("preset", "overrides", "heads"):
+        if k in a and a.get(k) != b.get(k):
+            raise ConfigError(
+                f"model.{k}",
+                f"{b.get(k)!r} differs from {a.get(k)!r} of the checkpoint {path} being resumed: "
+                f"resume with model.{k} as saved, or start afresh in another run_dir",
+            )
 
 
 def save_checkpoint(ckpt_dir, step, data_position, trainer: Trainer, history, cfg):
