@@ -39,8 +39,10 @@ $(REF_STAMP): tests/reference/requirements.txt | $(STAMP)
 	@$(PIP) install -q --no-deps --target $(REF) -r tests/reference/requirements.txt
 	@touch $@
 
+# A second `make pretrain` continues the run in runs/pretrain (resume=true), or reports it
+# finished; it never overwrites a checkpoint (overwrite=true in ARGS does, on purpose).
 pretrain: $(STAMP)
-	$(BIN)/skysense pretrain $(ARGS)
+	$(BIN)/skysense pretrain $(if $(findstring resume=,$(ARGS))$(findstring overwrite=,$(ARGS)),,resume=true) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
