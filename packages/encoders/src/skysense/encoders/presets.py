@@ -120,8 +120,9 @@ def build_skysense(preset: str = "tiny", weights=None, *, strict: bool = True, *
         weights: optional weights to load: a weights folder (``skysense convert`` /
             ``skysense export format=safetensors``: ``model.safetensors``, ``config.json``,
             ``SHA256SUMS``, checked) or a ``.pth`` file (released names or this project's;
-            read with ``torch.load(weights_only=True)`` only). See
-            :func:`skysense.encoders.weights.load_into`.
+            read with ``torch.load(weights_only=True)`` only). A folder's ``config.json``
+            fields (``model``) build the structure it was written for, under ``overrides``.
+            See :func:`skysense.encoders.weights.load_into`.
         strict: with ``weights``, raise a ValueError naming every missing, unexpected or
             mis-shaped key of the parts the weights hold (parts they lack are logged).
         **overrides: config fields to change, e.g. ``checkpointing=True``,
@@ -132,7 +133,12 @@ def build_skysense(preset: str = "tiny", weights=None, *, strict: bool = True, *
     """
     from skysense.encoders.skysense import SkySense
 
-    model = SkySense(preset_config(preset, **overrides))
+    structure = {}
+    if weights is not None:
+        from skysense.encoders.weights import structure_of
+
+        structure = structure_of(weights, preset)  # a folder's own fields (convert / export)
+    model = SkySense(preset_config(preset, **{**structure, **overrides}))
     if weights is not None:
         from skysense.encoders.weights import load_into
 

@@ -237,3 +237,30 @@ def load_into(
     usable = {k: v for k, v in mapped.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(usable, strict=False)
     return report
+
+
+# Encoder config fields that are run-time choices, not structure: never taken from a folder.
+_RUNTIME_FIELDS = ("name", "checkpointing")
+
+
+def structure_of(path: str | os.PathLike, preset: str) -> dict:
+    """The encoder config fields a weights folder was written with (``config.json``'s
+    ``model``), to build the model it fits; {} for a file or a folder without them.
+
+    Raises ValueError when the folder was written for another preset than ``preset``."""
+    p = Path(path)
+    if not is_weights_dir(p) or not (p / CONFIG_FILE).is_file():
+        return {}
+    try:
+        config = json.loads((p / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: {CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return {}
+    theirs = config.get("preset")
+    if theirs is not None and theirs != preset:
+        raise ValueError(
+            f"{p}: holds weights of preset '{theirs}', not '{preset}' (build it with "
+            f"preset='{theirs}')"
+        )
+    return {k: v for k, v in config["model"].items() if k not in _RUNTIME_FIELDS}
