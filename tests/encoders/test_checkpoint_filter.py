@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from skysense.encoders import build_skysense, checkpoint_filter_fn, map_released_keys
-from skysense.encoders.checkpoint_filter import match_to_model
+from skysense.encoders.checkpoint_filter import match_to_model, release_name
 
 pytestmark = pytest.mark.unit
 
@@ -154,6 +154,18 @@ def test_paper_size_release_maps_strictly(huge_meta):
     assert set(huge_meta.state_dict()) - set(mapped) == {"geo_context.prototypes"}
 
 
+def test_every_released_name_round_trips():
+    """release_name (used in messages) inverts the mapping on every key of the manifest."""
+    release = _meta_release("huge")
+    n = 0
+    for key, value in release.items():
+        mapped, _, dropped = map_released_keys({key: value})
+        for ours in mapped:
+            assert release_name(ours) == key
+            n += 1
+    assert n == len(release) - 48
+
+
 @pytest.mark.parametrize(
     "key",
     [
@@ -168,8 +180,10 @@ def test_a_removed_or_renamed_key_is_named(huge_meta, key):
     value = release.pop(key)
     _, report = match_to_model(release, huge_meta)
     assert not report.ok and report.unexpected == []
-    assert len(report.missing) == 1  # named in our terms, e.g. fusion.proj.bias for porj_linear
+    assert len(report.missing) == 1  # in our terms (fusion.proj.bias for porj_linear) ...
+    assert release_name(report.missing[0]) == key
     assert report.missing[0] in report.error("release.pth")
+    assert f"(release: {key})" in report.error("release.pth")  # ... and in the release's
 
     release[key.replace("layers", "layer").replace("norm3", "norm_3") + "_x"] = value
     _, report = match_to_model(release, huge_meta)

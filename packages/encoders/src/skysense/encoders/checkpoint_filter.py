@@ -99,6 +99,51 @@ RULES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# This project's name -> the release's (for messages: a missing key is named both ways). The
+# reference tier checks that RULES map every released key back onto these names.
+_VIT_BACK = [
+    (r"blocks\.(\d+)\.norm([12])\.", r"layers.\1.ln\2."),
+    (r"blocks\.(\d+)\.attn\.qkv\.weight$", r"layers.\1.attn.attn.in_proj_weight"),
+    (r"blocks\.(\d+)\.attn\.qkv\.bias$", r"layers.\1.attn.attn.in_proj_bias"),
+    (r"blocks\.(\d+)\.attn\.proj\.", r"layers.\1.attn.attn.out_proj."),
+    (r"blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+    (r"blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+]
+
+
+def _shift(repl: str) -> str:
+    """Group references one up (the s1/s2 variants capture the modality first)."""
+    return re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + 1), repl)
+
+
+_BACK = [
+    (r"^hr_encoder\.patch_embed\.proj\.", "backbone_gep.patch_embed.projection."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.attn\.", r"backbone_gep.\1.attn.w_msa."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.mlp\.fc1\.", r"backbone_gep.\1.ffn.layers.0.0."),
+    (r"^hr_encoder\.(stages\.\d+\.blocks\.\d+)\.mlp\.fc2\.", r"backbone_gep.\1.ffn.layers.1."),
+    (r"^hr_encoder\.out_norms\.(\d+)\.", r"backbone_gep.norm\1."),
+    (r"^hr_encoder\.", "backbone_gep."),
+    (r"^(s[12])_encoder\.patch_embed\.", r"backbone_\1.patch_embed.projection."),
+    (r"^(s[12])_encoder\.norm\.", r"backbone_\1.ln1."),
+    *[(r"^(s[12])_encoder\." + a, r"backbone_\1." + _shift(b)) for a, b in _VIT_BACK],
+    (r"^(s[12])_encoder\.", r"backbone_\1."),
+    (r"^grid_(s[12])\.proj\.", r"head_\1.decoder.0."),
+    (r"^fusion\.proj\.", "fusion.porj_linear."),
+    (r"^fusion\.extra_token$", "fusion.cls_token"),
+    (r"^fusion\.dtpe\.table$", "ctpe"),
+    *[(r"^fusion\." + a, "fusion." + b) for a, b in _VIT_BACK],
+]
+
+
+def release_name(key: str) -> str | None:
+    """The release's name of one of this project's keys (None where the release has none)."""
+    for pattern, repl in _BACK:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
 def _rename(rest: str, kind: str) -> str | None:
     for pattern, repl in RULES[kind]:
         new, n = re.subn(pattern, repl, rest)
@@ -265,6 +310,8 @@ class MatchReport:
         parts = []
         for kind in ("missing", "unexpected", "shape"):
             keys = getattr(self, kind)
+            if kind == "missing":
+                keys = [f"{k} (release: {release_name(k)})" if release_name(k) else k for k in keys]
             if keys:
                 more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
                 parts.append(f"{len(keys)} {kind}: " + ", ".join(keys[:limit]) + more)
