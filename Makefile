@@ -56,6 +56,7 @@ test: $(STAMP) $(REF_STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	-@bench/peers/setup.sh  # TorchGeo, TerraTorch in .venv-peers*; a failure: "peer absent"
 	$(BIN)/skysense bench $(ARGS)
 
 bench-quick: $(STAMP)

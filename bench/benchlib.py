@@ -213,3 +213,80 @@ def matmul(n: int, dtype=None, device: str = "cpu", reps: int = 1):
             torch.mm(a, b, out=c)
 
     return fn, 2 * n**3 * reps
+
+
+# -- Peers: other projects measured in the same run (bench/peers, bench/test_bench_peers.py) --
+# They run in environments of their own (bench/peers/setup.sh: their pins clash with the
+# project's), each in a fresh process per measurement, so the bench finds their interpreters.
+PEER_ABSENT = "peer absent"  # the ``kind`` of a peer figure that could not be measured
+PEER_VENVS = {"torchgeo": "", "terratorch": "-terratorch"}  # suffix of $SKYSENSE_PEERS_VENV
+
+
+def peer_python(peer: str) -> tuple[str | None, str]:
+    """``(interpreter, "")`` of ``peer``'s environment, or ``(None, why it is absent)``.
+
+    The environments are ``.venv-peers`` (TorchGeo) and ``.venv-peers-terratorch`` at the
+    repository root (``$SKYSENSE_PEERS_VENV`` moves the prefix); ``make bench`` builds them, and
+    a failed build leaves its reason in ``<env>/.peers-absent``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prefix = os.environ.get("SKYSENSE_PEERS_VENV") or str(root / ".venv-peers")
+    venv = Path(prefix + PEER_VENVS[peer])
+    if (venv / ".peers-absent").exists():
+        return None, (venv / ".peers-absent").read_text().strip()
+    if not (venv / ".peers-installed").exists():
+        return None, f"{venv} is not set up (`make bench` runs bench/peers/setup.sh)"
+    return str(venv / "bin" / "python"), ""
+
+
+def report_absent(report, group: str, name: str, reason: str, params=None):
+    """A peer figure that could not be measured: reported (kind "peer absent", value NaN, the
+    reason in its note), never skipped silently, and outside the guard."""
+    return report.add(
+        group,
+        name,
+        float("nan"),
+        "",
+        kind=PEER_ABSENT,
+        params=params,
+        note=f"{PEER_ABSENT}: {reason}",
+    )
+
+
+def spread(values) -> float:
+    """``(max - min) / median`` of a figure's per-round values: how far rounds disagree."""
+    vals = sorted(values)
+    return (vals[-1] - vals[0]) / statistics.median(vals) if vals else 0.0
+
+
+def busy_core():
+    """A context manager: one spinning process (a pure-Python loop, one core) while it is open,
+    the "other core busy" condition of the guard under load. ``SKYSENSE_BENCH_BUSY=1`` keeps one
+    spinning for the whole session (started when the suite imports this module)."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def cm():
+        p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            yield p
+        finally:
+            p.kill()
+            p.wait()
+
+    return cm()
+
+
+if (
+    os.environ.get("SKYSENSE_BENCH_BUSY") == "1"
+    and os.environ.get("_SKYSENSE_BENCH_SPINNING") != "1"
+):
+    import atexit
+
+    os.environ["_SKYSENSE_BENCH_SPINNING"] = "1"  # processes the suite starts do not spin again
+    _BUSY = busy_core()
+    _BUSY.__enter__()
+    atexit.register(_BUSY.__exit__, None, None, None)

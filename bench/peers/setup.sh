@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the bench's peer environments from PyPI, each with the project's pins (constraints.txt)
+# for torch, torchvision, numpy, rasterio and timm:
+#   .venv-peers            torchgeo 0.10 (the loader peer)
+#   .venv-peers-terratorch terratorch 1.2.13 with the torchgeo it pins (<0.10: its package
+#                          imports torchgeo.trainers.utils, which 0.10 removed), plus the
+#                          skysense sources on sys.path (the inference peer runs our model)
+# Both need Python >= 3.12 (torchgeo >= 0.9 requires it; the project's .venv is 3.11), hence
+# environments of their own. Idempotent: a stamp newer than this script skips the work. A failed
+# build writes its reason to <env>/.peers-absent, which the bench reports as "peer absent".
+set -u
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PREFIX=${SKYSENSE_PEERS_VENV:-$ROOT/.venv-peers}
+
+find_python() {
+    [ -n "${PEERS_PYTHON:-}" ] && { echo "$PEERS_PYTHON"; return; }
+    local root
+    root=$(pyenv root 2>/dev/null || echo /nonexistent)
+    for p in python3.12 python3.13 "$root"/versions/3.12*/bin/python3 "$root"/versions/3.13*/bin/python3; do
+        if "$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then
+            echo "$p"; return
+        fi
+    done
+}
+
+# build VENV CHECK SPEC... : one environment holding SPEC (pip requirement strings), and
+# CHECK (Python code) must run in it.
+build() {
+    local venv=$1 check=$2; shift 2
+    local stamp=$venv/.peers-installed absent=$venv/.peers-absent log=$venv/setup.log
+    if [ -f "$stamp" ] && [ "$stamp" -nt "$0" ] && [ "$stamp" -nt "$ROOT/constraints.txt" ]; then
+        return 0
+    fi
+    mkdir -p "$venv"
+    rm -f "$absent" "$stamp"
+    : > "$log"
+    fail() {
+        echo "$1" > "$absent"
+        echo "skysense bench: peer absent ($venv): $1 (log: $log)" >&2
+        return 1
+    }
+    [ -n "$PY" ] || { fail "no Python >= 3.12 found (torchgeo >= 0.9 requires it; set PEERS_PYTHON)"; return 1; }
+    echo "skysense bench: setting up $venv ($*) with $PY: a few minutes the first time"
+    test -x "$venv/bin/python" || "$PY" -m venv "$venv" >>"$log" 2>&1 || { fail "python -m venv failed"; return 1; }
+    "$venv/bin/python" -m pip --disable-pip-version-check install -q -c "$ROOT/constraints.txt" "$@" \
+        >>"$log" 2>&1 || { fail "pip install $* failed: $(grep -E '^ERROR' "$log" | tail -3 | tr '\n' ' ')"; return 1; }
+    if [ "$venv" = "$PREFIX-terratorch" ]; then  # the inference peer runs this project's model
+        local site
+        site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        printf '%s\n' "$ROOT/kernels/src" "$ROOT"/packages/{encoders,losses,data,tasks}/src > "$site/skysense-src.pth"
+    fi
+    "$venv/bin/python" -c "$check" >>"$log" 2>&1 || { fail "$check: $(tail -1 "$log")"; return 1; }
+    touch "$stamp"
+}
+
+PY=$(find_python)
+rc=0
+build "$PREFIX" "import torchgeo.datasets, torchgeo.samplers" "${TORCHGEO_SPEC:-torchgeo==0.10.*}" || rc=1
+build "$PREFIX-terratorch" "from terratorch.tasks.tiled_inference import tiled_inference" \
+    "${TERRATORCH_SPEC:-terratorch==1.2.13}" hydra-core omegaconf safetensors tqdm || rc=1
+exit $rc
