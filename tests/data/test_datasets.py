@@ -308,3 +308,56 @@ def test_every_fake_reads_and_plots(name, tmp_path):
     s = ds[0]
     png = ds.plot(s, tmp_path / f"{name}.png", title=name)
     assert png.stat().st_size > 3000
+
+
+# ------------------------------------------------------------------ segmentation tiles
+
+
+def test_potsdam_colour_labels_and_eroded_boundaries(tmp_path):
+    root = fakes.make("potsdam", tmp_path)
+    cls = get_dataset("potsdam")
+    tr, te = cls(root, "train"), cls(root, "test")
+    assert [it["name"] for it in tr.items] == ["2_10", "2_11"] and len(te) == 1
+    m = tr[0]["mask"]
+    assert m[0, 0] == 0  # (250, 250, 250) thresholded to white = impervious surfaces
+    assert set(m.unique().tolist()) == set(range(6))
+    er = cls(root, "train", eroded=True)[0]["mask"]
+    assert (er[::8] == 255).all() and torch.equal(er[1::8], m[1::8])
+
+
+def test_colour_label_outside_the_palette_is_an_error(tmp_path):
+    root = fakes.make("isaid", tmp_path)
+    lab = root / "train" / "Semantic_masks" / "images" / "P0000_instance_color_RGB.png"
+    from PIL import Image
+
+    img = np.asarray(Image.open(lab)).copy()
+    Image.fromarray(img[..., ::-1].copy()).save(lab)  # BGR: ship (0,0,63) becomes (63,0,0)
+    with pytest.raises(DatasetError, match=r"outside the palette \(most: \(63,0,0\)"):
+        get_dataset("isaid")(root, "train")[0]
+
+
+def test_sen1floods11_s1_s2_and_ignored_labels(tmp_path):
+    root = fakes.make("sen1floods11", tmp_path)
+    ds = get_dataset("sen1floods11")(root, "train")
+    s = ds[0]
+    assert s["s2"].shape == (1, 10, 32, 32) and s["s1"].shape == (1, 2, 32, 32)
+    assert not s["s1_pixel_valid"][0, 0, :3].any() and s["s1_pixel_valid"][0, 5].all()
+    assert (s["mask"][-3:] == 255).all() and set(s["mask"][:-3].unique().tolist()) == {0, 1}
+    # B8A (file band 9 of 13, value 300/1500 + 50 * 8) is mapped by name.
+    raw = _raw(s["s2"][0])
+    assert abs(raw[7].max() - (1500 + 50 * 8)) < 6
+    assert len(get_dataset("sen1floods11")(root, "test", modalities=["s1"])) == 1
+
+
+def test_pastis_folds_dates_and_void(tmp_path):
+    root = fakes.make("pastis", tmp_path)
+    cls = get_dataset("pastis")
+    tr = cls(root, "train", modalities=["s2", "s1"])
+    assert [it["name"] for it in tr.items] == ["10000", "10001"]  # folds 1-3
+    assert [it["name"] for it in cls(root, "val").items] == ["10002"]
+    s = tr[1]
+    assert s["s2"].shape == (3, 10, 16, 16) and s["s2_doy"].tolist() == [267, 287, 74]
+    assert s["s1"].shape == (2, 2, 16, 16) and s["s1_doy"].tolist() == [263, 314]
+    assert (s["mask"] == 19).sum() == 0 and (s["mask"] == 255).any()
+    assert 45 < float(s["latlon"][0]) < 52  # Lambert-93 -> France
+    assert cls(root, "train", max_steps=2)[1]["s2_doy"].tolist() == [267, 74]

@@ -309,6 +309,11 @@ FINETUNE = {
     + _DENSE_EVAL,
     "levir_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
     "whu_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
+    "potsdam": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
+    "isaid": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
+    "sen1floods11": ["task=multimodal_segmentation", "data.crop=16"] + _DENSE_EVAL,
+    "pastis": ["task=multimodal_segmentation", "task.features=s2", "data.crop=16"]
+    + ["task.eval.window=16", "task.eval.overlap=0"],
 }
 
 

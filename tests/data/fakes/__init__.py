@@ -14,6 +14,7 @@ from pathlib import Path
 from fakes.change import make_levir_cd, make_oscd, make_whu_cd
 from fakes.classification import make_aid, make_eurosat_ms, make_eurosat_rgb, make_resisc45
 from fakes.multilabel import make_bigearthnet_v1, make_bigearthnet_v2
+from fakes.segmentation import make_isaid, make_pastis, make_potsdam, make_sen1floods11
 
 MAKERS = {
     "eurosat_ms": make_eurosat_ms,
@@ -25,6 +26,10 @@ MAKERS = {
     "bigearthnet_v2": make_bigearthnet_v2,
     "levir_cd": make_levir_cd,
     "whu_cd": make_whu_cd,
+    "potsdam": make_potsdam,
+    "isaid": make_isaid,
+    "sen1floods11": make_sen1floods11,
+    "pastis": make_pastis,
 }
 
 

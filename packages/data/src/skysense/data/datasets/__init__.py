@@ -26,12 +26,15 @@ REGISTRY = {
     "bigearthnet_v2": "bigearthnet:BigEarthNetV2",
     "levir_cd": "change_hr:LEVIRCD",
     "whu_cd": "change_hr:WHUCD",
+    "potsdam": "segmentation:Potsdam",
+    "isaid": "segmentation:ISAID",
+    "sen1floods11": "segmentation:Sen1Floods11",
+    "pastis": "pastis:PASTIS",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
 MISSING = (
-    "fmow_s2", "isaid", "potsdam", "dynamicearthnet", "pastis", "dior", "dior_r", "fair1m",
-    "sen1floods11", "hls_burn_scars", "mados",
+    "fmow_s2", "dynamicearthnet", "dior", "dior_r", "fair1m", "hls_burn_scars", "mados",
 )  # fmt: skip
 
 

@@ -1,0 +1,136 @@
+"""Fakes of the segmentation datasets (layouts in skysense.data.datasets.segmentation / pastis).
+
+- Potsdam: ``2_Ortho_RGB/top_potsdam_<a>_<b>_RGB.tif`` (uint8 RGB, UTM 33N at 5 cm) and
+  ``5_Labels_all/top_potsdam_<a>_<b>_label.tif`` (colour-coded RGB), ``5_Labels_all_noBoundary``
+  (black boundaries); tiles 2_10, 2_11 (training) and 2_13 (test), 64 px instead of 6000.
+- iSAID: ``{train,val}/images/P<n>.png`` and ``{train,val}/Semantic_masks/images/
+  P<n>_instance_color_RGB.png``.
+- Sen1Floods11: ``v1.1/data/flood_events/HandLabeled/{S2Hand,S1Hand,LabelHand}/<id>_*.tif``
+  (S2 13 float32 bands of digital numbers, S1 VV/VH dB with NaN, labels int16 -1/0/1, EPSG:4326)
+  and ``v1.1/splits/flood_handlabeled/flood_{train,valid,test}_data.csv``; 32 px instead of 512.
+- PASTIS: ``metadata.geojson`` (EPSG:2154), ``DATA_S2/S2_<id>.npy`` (T, 10, 16, 16) int16,
+  ``DATA_S1A/S1A_<id>.npy`` (T, 3, 16, 16) float32 dB, ``ANNOTATIONS/TARGET_<id>.npy``; 16 px
+  instead of 128.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+
+from fakes.common import smooth_rgb, write_image, write_tif
+
+POTSDAM_COLOURS = (
+    (255, 255, 255),
+    (0, 0, 255),
+    (0, 255, 255),
+    (0, 255, 0),
+    (255, 255, 0),
+    (255, 0, 0),
+)
+ISAID_COLOURS = ((0, 0, 0), (0, 0, 63), (0, 63, 63), (0, 127, 255))  # background, ship, tank, plane
+
+
+def _blocks(size: int, k: int, n_classes: int) -> np.ndarray:
+    """(size, size) class map of 8 px blocks."""
+    yy, xx = np.mgrid[0:size, 0:size] // 8
+    return ((yy + 2 * xx + k) % n_classes).astype(np.int64)
+
+
+def make_potsdam(root: Path, size: int = 64) -> Path:
+    rng = np.random.default_rng(5)
+    for k, t in enumerate(("2_10", "2_11", "2_13")):
+        cls = _blocks(size, k, 6)
+        rgb = smooth_rgb(rng, size, 90) // 2 + (cls[..., None] * 20).astype(np.uint8)
+        tr = Affine(0.05, 0, 366_000.0 + 10 * k, 0, -0.05, 5_808_000.0)
+        write_tif(root / "2_Ortho_RGB" / f"top_potsdam_{t}_RGB.tif", rgb.transpose(2, 0, 1),
+                  "EPSG:32633", tr)  # fmt: skip
+        lab = np.asarray(POTSDAM_COLOURS, np.uint8)[cls]
+        # A few off-palette values, as the distributed labels have at class edges.
+        lab[0, :4] = (250, 250, 250)
+        write_tif(root / "5_Labels_all" / f"top_potsdam_{t}_label.tif", lab.transpose(2, 0, 1),
+                  "EPSG:32633", tr)  # fmt: skip
+        eroded = lab.copy()
+        eroded[::8] = 0
+        write_tif(root / "5_Labels_all_noBoundary" / f"top_potsdam_{t}_label_noBoundary.tif",
+                  eroded.transpose(2, 0, 1), "EPSG:32633", tr)  # fmt: skip
+    return root
+
+
+def make_isaid(root: Path, size: int = 64) -> Path:
+    rng = np.random.default_rng(6)
+    for k, (split, name) in enumerate((("train", "P0000"), ("train", "P0001"), ("val", "P0002"))):
+        cls = _blocks(size, k, len(ISAID_COLOURS))
+        write_image(root / split / "images" / f"{name}.png", smooth_rgb(rng, size, 100 + 10 * k))
+        lab = np.asarray(ISAID_COLOURS, np.uint8)[cls]
+        write_image(
+            root / split / "Semantic_masks" / "images" / f"{name}_instance_color_RGB.png", lab
+        )
+    return root
+
+
+def make_sen1floods11(root: Path, size: int = 32) -> Path:
+    base = root / "v1.1"
+    hand = base / "data" / "flood_events" / "HandLabeled"
+    yy, xx = np.mgrid[0:size, 0:size]
+    splits = {"train": [], "valid": [], "test": []}
+    for k, cid in enumerate(("Ghana_103272", "India_1068", "USA_430764", "Bolivia_23014")):
+        t = Affine(0.0001, 0, -1.5 + k, 0, -0.0001, 6.0)
+        water = (xx + k * 3) < size // 2
+        s2 = np.stack([np.where(water, 300, 1500) + 50 * j + 5 * np.sin(yy / 4) for j in range(13)])
+        write_tif(hand / "S2Hand" / f"{cid}_S2Hand.tif", s2.astype(np.float32), "EPSG:4326", t)
+        s1 = np.stack([np.where(water, -22.0, -9.0), np.where(water, -28.0, -16.0)]).astype(
+            np.float32
+        )
+        s1[:, 0, :3] = np.nan
+        write_tif(hand / "S1Hand" / f"{cid}_S1Hand.tif", s1, "EPSG:4326", t)
+        lab = water.astype(np.int16)
+        lab[-3:, :] = -1
+        write_tif(hand / "LabelHand" / f"{cid}_LabelHand.tif", lab, "EPSG:4326", t)
+        splits[("train", "train", "valid", "test")[k]].append(
+            f"{cid}_S1Hand.tif,{cid}_LabelHand.tif"
+        )
+    d = base / "splits" / "flood_handlabeled"
+    d.mkdir(parents=True, exist_ok=True)
+    for s, lines in splits.items():
+        (d / f"flood_{s}_data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_pastis(root: Path, size: int = 16) -> Path:
+    for d in ("DATA_S2", "DATA_S1A", "DATA_S1D", "ANNOTATIONS"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    feats = []
+    for k, (pid, fold) in enumerate(((10000, 1), (10001, 2), (10002, 4), (10003, 5))):
+        s2_dates = {str(i): d for i, d in enumerate((20180924, 20181014, 20190315)[: 2 + k % 2])}
+        s1_dates = {"0": 20180920, "1": 20181110}
+        x0, y0 = 650_000.0 + 1280 * k, 6_860_000.0
+        feats.append({
+            "type": "Feature",
+            "properties": {"ID_PATCH": pid, "Fold": fold, "dates-S2": s2_dates,
+                           "dates-S1A": s1_dates, "dates-S1D": s1_dates},
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x0 + 1280, y0],
+                         [x0 + 1280, y0 - 1280], [x0, y0 - 1280], [x0, y0]]]},
+        })  # fmt: skip
+        sem = _blocks(size, k, 19)
+        sem[0, :4] = 19  # void label
+        s2 = np.stack([
+            np.stack([np.full((size, size), 400 + 100 * b + 200 * t) + 10 * (sem % 5) for b in range(10)])
+            for t in range(len(s2_dates))
+        ]).astype(np.int16)  # fmt: skip
+        np.save(root / "DATA_S2" / f"S2_{pid}.npy", s2)
+        s1 = np.stack([np.stack([np.full((size, size), -10.0 - t), np.full((size, size), -17.0),
+                                 np.full((size, size), 7.0)]) for t in range(2)]).astype(np.float32)  # fmt: skip
+        for orbit in ("S1A", "S1D"):
+            np.save(root / f"DATA_{orbit}" / f"{orbit}_{pid}.npy", s1)
+        np.save(
+            root / "ANNOTATIONS" / f"TARGET_{pid}.npy", np.stack([sem, sem, sem]).astype(np.uint8)
+        )
+    geo = {"type": "FeatureCollection",
+           "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::2154"}},
+           "features": feats}  # fmt: skip
+    (root / "metadata.geojson").write_text(json.dumps(geo))
+    return root
