@@ -358,7 +358,10 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         if progress:
             from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(todo), desc="ingest", unit="place", leave=False)
+            # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
+            results = tqdm(
+                results, total=len(todo), desc="ingest", unit="place", leave=False, disable=None
+            )
         for res in results:
             try:
                 writer.add_bad_files(_once(res.bad), grp=res.name)

@@ -401,52 +401,12 @@ def _align_place(group, plan, cfg, split, label, src, bad, spill) -> PlaceResult
     n_acq = {m: len(group.acquisitions[m]) for m in mods}
     res.offsets = {m: np.full((len(rows) * ncols, n_acq[m]), -1, np.int64) for m in mods}
     valid_total = {m: np.zeros(n_acq[m], np.int64) for m in mods}
-    row_index = {r: i for i, r in enumerate(rows)}
-    col_index = {c: i for i, c in enumerate(cols)}
-    with open(spill, "wb") as out:
-        pos = 0
-        for brows, bcols in tile_blocks(rows, cols, T, plan.hr_ratio, cfg.block_pixels):
-            b0, c0 = brows[0], bcols[0]
-            block = grid.window(b0, c0, brows[-1] + T - b0, bcols[-1] + T - c0)
-            for m in mods:
-                ratio = ratios[m]
-                bgrid = block.scaled(ratio) if ratio > 1 else block
-                for k, acq in enumerate(group.acquisitions[m]):
-                    try:
-                        data, has_data, clear = read_acquisition(acq, bgrid, cfg, src)
-                    except BadInputError as e:
-                        raise _AcquisitionFailed(acq, e.path, e.reason) from None
-                    except OSError as e:
-                        if e.filename is not None or not acq.files:
-                            raise  # an environment fault, not the file's
-                        raise _AcquisitionFailed(
-                            acq, acq.files[0], f"{type(e).__name__}: {e}"
-                        ) from None
-                    except Exception as e:  # noqa: BLE001 - GDAL read errors of damaged files
-                        raise _AcquisitionFailed(
-                            acq, acq.files[0], f"{type(e).__name__}: {e}"
-                        ) from None
-                    valid_total[m][k] += int(has_data.sum())
-                    stored = to_store(m, data, has_data)
-                    del data
-                    # "clear" says something only where there is data.
-                    mask = (
-                        has_data.astype(np.uint8) * HAS_DATA
-                        + (clear & has_data).astype(np.uint8) * CLEAR
-                    )
-                    for r in brows:
-                        rs = slice((r - b0) * ratio, (r - b0 + T) * ratio)
-                        for c in bcols:
-                            cs = slice((c - c0) * ratio, (c - c0 + T) * ratio)
-                            mk = mask[rs, cs]
-                            if not (mk & HAS_DATA).any():
-                                continue
-                            i = row_index[r] * ncols + col_index[c]
-                            res.offsets[m][i, k] = pos
-                            out.write(np.ascontiguousarray(stored[rs, cs]).tobytes())
-                            out.write(np.ascontiguousarray(mk).tobytes())
-                            pos += stored[rs, cs].nbytes + mk.nbytes
-                    del stored, mask, has_data, clear
+    try:
+        _spill_blocks(group, plan, cfg, src, res, ratios, valid_total, spill)
+    except OSError as e:
+        if e.filename is None:  # a write to the spill file (a full disk) names no file
+            raise OSError(e.errno, e.strerror or str(e), spill) from e
+        raise
     # Acquisitions without a single valid pixel over the whole place are bad input.
     for m in mods:
         res.keep[m] = []
@@ -501,3 +461,57 @@ def _align_place(group, plan, cfg, split, label, src, bad, spill) -> PlaceResult
     row["n_tiles"] = len(res.valid)
     res.spill = spill
     return res
+
+
+def _spill_blocks(group, plan, cfg, src, res: PlaceResult, ratios, valid_total, spill) -> None:
+    """Read the place block by block (:func:`tile_blocks`), one acquisition at a time, and
+    append each tile piece that holds data to the spill file (offsets into ``res.offsets``)."""
+    grid, rows, cols, T = res.grid, res.rows, res.cols, res.tile
+    ncols = len(cols)
+    row_index = {r: i for i, r in enumerate(rows)}
+    col_index = {c: i for i, c in enumerate(cols)}
+    mods = list(ratios)
+    with open(spill, "wb") as out:
+        pos = 0
+        for brows, bcols in tile_blocks(rows, cols, T, plan.hr_ratio, cfg.block_pixels):
+            b0, c0 = brows[0], bcols[0]
+            block = grid.window(b0, c0, brows[-1] + T - b0, bcols[-1] + T - c0)
+            for m in mods:
+                ratio = ratios[m]
+                bgrid = block.scaled(ratio) if ratio > 1 else block
+                for k, acq in enumerate(group.acquisitions[m]):
+                    try:
+                        data, has_data, clear = read_acquisition(acq, bgrid, cfg, src)
+                    except BadInputError as e:
+                        raise _AcquisitionFailed(acq, e.path, e.reason) from None
+                    except OSError as e:
+                        if e.filename is not None or not acq.files:
+                            raise  # an environment fault, not the file's
+                        raise _AcquisitionFailed(
+                            acq, acq.files[0], f"{type(e).__name__}: {e}"
+                        ) from None
+                    except Exception as e:  # noqa: BLE001 - GDAL read errors of damaged files
+                        raise _AcquisitionFailed(
+                            acq, acq.files[0], f"{type(e).__name__}: {e}"
+                        ) from None
+                    valid_total[m][k] += int(has_data.sum())
+                    stored = to_store(m, data, has_data)
+                    del data
+                    # "clear" says something only where there is data.
+                    mask = (
+                        has_data.astype(np.uint8) * HAS_DATA
+                        + (clear & has_data).astype(np.uint8) * CLEAR
+                    )
+                    for r in brows:
+                        rs = slice((r - b0) * ratio, (r - b0 + T) * ratio)
+                        for c in bcols:
+                            cs = slice((c - c0) * ratio, (c - c0 + T) * ratio)
+                            mk = mask[rs, cs]
+                            if not (mk & HAS_DATA).any():
+                                continue
+                            i = row_index[r] * ncols + col_index[c]
+                            res.offsets[m][i, k] = pos
+                            out.write(np.ascontiguousarray(stored[rs, cs]).tobytes())
+                            out.write(np.ascontiguousarray(mk).tobytes())
+                            pos += stored[rs, cs].nbytes + mk.nbytes
+                    del stored, mask, has_data, clear
