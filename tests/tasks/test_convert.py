@@ -124,3 +124,117 @@ def test_convert_needs_dst(tmp_path, release, capsys):
     torch.save(release, tmp_path / "release.pth")
     assert main(["convert", str(tmp_path / "release.pth"), *TINY]) == 2
     assert "dst" in capsys.readouterr().err
+
+
+# --- round trips: export format=safetensors, convert, load ---------------------------------
+
+RELEASE_STRUCTURE = dict(
+    vit_cls_token=False, vit_final_norm=False, fusion_norm_eps=1e-5, swin_cpb_hidden=512
+)
+
+
+def _batch(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hr": torch.randn(1, 3, 128, 128, generator=g),
+        "s2": torch.randn(1, 2, 10, 16, 16, generator=g),
+        "s2_doy": torch.tensor([[40, 200]]),
+        "s1": torch.randn(1, 2, 2, 16, 16, generator=g),
+        "s1_doy": torch.tensor([[41, 201]]),
+    }
+
+
+def _outputs(model) -> dict:
+    with torch.no_grad():
+        out = model.eval()(_batch())
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_then_convert_then_load_gives_identical_outputs(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_skysense("tiny", **RELEASE_STRUCTURE)
+    want = _outputs(model)
+    ckpt = {
+        "teacher": model.state_dict(),
+        "student": model.state_dict(),
+        "config": {"model": {"preset": "tiny", "overrides": RELEASE_STRUCTURE}},
+    }
+    torch.save(ckpt, tmp_path / "pretrain.pt")
+    args = ["export", f"checkpoint={tmp_path / 'pretrain.pt'}", f"out={tmp_path / 'exp'}"]
+    assert main([*args, "format=safetensors"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["files"] == ["SHA256SUMS", "config.json", "model.safetensors"]
+    _assert_identical(_outputs(build_skysense("tiny", weights=tmp_path / "exp")), want)
+
+    # the same weights under the release's names, converted: identical again
+    from skysense.encoders.checkpoint_filter import to_release
+
+    torch.save({"state_dict": to_release(model.state_dict())}, tmp_path / "release.pth")
+    conv = ["convert", str(tmp_path / "release.pth"), str(tmp_path / "conv"), *TINY]
+    assert main(conv) == 0
+    capsys.readouterr()
+    loaded = build_skysense("tiny", weights=tmp_path / "conv")
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    with torch.no_grad():  # the prototypes are pre-training state, not in a release
+        loaded.geo_context.prototypes.copy_(model.geo_context.prototypes)
+    _assert_identical(_outputs(loaded), want)
+
+
+def test_a_corrupted_weights_folder_is_refused(tmp_path, capsys):
+    model = build_skysense("tiny")
+    torch.save(
+        {"teacher": model.state_dict(), "config": {"model": {"preset": "tiny"}}}, tmp_path / "p.pt"
+    )
+    assert (
+        main(
+            [
+                "export",
+                f"checkpoint={tmp_path / 'p.pt'}",
+                f"out={tmp_path / 'w'}",
+                "format=safetensors",
+            ]
+        )
+        == 0
+    )
+    data = bytearray((tmp_path / "w" / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "w" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match SHA256SUMS"):
+        build_skysense("tiny", weights=tmp_path / "w")
+
+
+def test_huggingface_mixin_reads_the_folder_offline(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from skysense.encoders.hub import SkySenseHub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = build_skysense("tiny", vit_final_norm=False)
+    torch.save(
+        {
+            "teacher": model.state_dict(),
+            "config": {"model": {"preset": "tiny", "overrides": {"vit_final_norm": False}}},
+        },
+        tmp_path / "p.pt",
+    )
+    assert (
+        main(
+            [
+                "export",
+                f"checkpoint={tmp_path / 'p.pt'}",
+                f"out={tmp_path / 'w'}",
+                "format=safetensors",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    hub = SkySenseHub.from_pretrained(str(tmp_path / "w"))
+    assert hub.cfg.vit_final_norm is False
+    _assert_identical(_outputs(hub), _outputs(model))

@@ -360,3 +360,23 @@ def match_to_model(
     )
     report.absent = [p for p in PARTS if p in built and p not in present and p != "geo_context"]
     return mapped, report
+
+
+def to_release(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This project's SkySense state dict -> the release's names and layouts (the inverse of
+    :func:`map_released_keys` on every key the release has): patch-merging columns back to
+    ``nn.Unfold`` order, the DTPE table as ``ctpe`` (1, days, C). Keys the release has no
+    name for (the prototypes) are left out. The ViTs' class token stays as it is: a model
+    built without one gives a release without ``cls_token``."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        name = release_name(k)
+        if name is None:
+            continue
+        if name == "ctpe":
+            v = v[None]
+        elif k.startswith("hr_encoder.") and k.endswith("downsample.reduction.weight"):
+            o, four_c = v.shape
+            v = v.reshape(o, 4, four_c // 4).transpose(1, 2).reshape(o, four_c)
+        out[name] = v
+    return out

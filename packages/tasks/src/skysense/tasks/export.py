@@ -1,6 +1,12 @@
-"""`skysense export checkpoint=MODEL [out=DIR]`: an encoder with its task head as a
-``torch.export`` program (and ONNX where the exporter takes it), checked against eager. See
-:mod:`skysense.tasks.downstream.export`."""
+"""`skysense export checkpoint=MODEL [out=DIR] [format=program|safetensors]`.
+
+``format=program`` (default): an encoder with its task head as a ``torch.export`` program (and
+ONNX where the exporter takes it), checked against eager; see
+:mod:`skysense.tasks.downstream.export`. ``format=safetensors``: the checkpoint's weights as a
+weights folder (``model.safetensors``, ``config.json``, ``SHA256SUMS``; the layout of
+``skysense convert``, :mod:`skysense.encoders.weights`), read by every ``checkpoint=`` /
+``weights=`` and by ``huggingface_hub``'s ``PyTorchModelHubMixin.from_pretrained``
+(:class:`skysense.encoders.hub.SkySenseHub`)."""
 
 from __future__ import annotations
 
@@ -19,8 +25,23 @@ def main(cfg, command: str = "export") -> int:
     return 0
 
 
+FORMATS = ("program", "safetensors")
+# Head kinds `export format=program` can trace (detection: see _export).
+PROGRAM_KINDS = ("classification", "multilabel", "segmentation", "change")
+
+
 def _export(cfg) -> dict:
     import torch
+
+    from skysense.tasks.errors import ConfigError
+
+    fmt = str(cfg.get("format") or "program")
+    if fmt not in FORMATS:
+        raise ConfigError("format", f"one of {list(FORMATS)}, got '{fmt}'")
+    if fmt == "safetensors":
+        from skysense.tasks.downstream.export_weights import export_weights
+
+        return export_weights(cfg)
 
     from skysense.tasks.downstream.checkpoint import (
         FORMAT,
@@ -31,7 +52,6 @@ def _export(cfg) -> dict:
     from skysense.tasks.downstream.data import _sensor_inputs
     from skysense.tasks.downstream.export import example_inputs, export_model, input_names
     from skysense.tasks.downstream.model import build_task_model
-    from skysense.tasks.errors import ConfigError
 
     ckpt = cfg.checkpoint
     if ckpt and torch_load(ckpt).get("format") == FORMAT:
@@ -39,6 +59,16 @@ def _export(cfg) -> dict:
     else:
         h = cfg.head
         from skysense.tasks.downstream.datasets.manifest import SPEC_SENSORS
+
+        if h.kind == "detection":
+            raise ConfigError(
+                "head.kind",
+                "detection cannot be exported as a program (torchvision's Faster R-CNN "
+                "has data-dependent proposal counts); export its weights with "
+                "format=safetensors checkpoint=MODEL, or choose " + " | ".join(PROGRAM_KINDS),
+            )
+        if h.kind not in PROGRAM_KINDS:
+            raise ConfigError("head.kind", f"one of {list(PROGRAM_KINDS)}, got '{h.kind}'")
 
         sensors = {**SPEC_SENSORS, **OmegaConf.to_container(h.sensors, resolve=True)}
         bad = [m for m in h.modalities if m not in SPEC_SENSORS]
