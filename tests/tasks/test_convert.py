@@ -238,3 +238,31 @@ def test_huggingface_mixin_reads_the_folder_offline(tmp_path, capsys, monkeypatc
     hub = SkySenseHub.from_pretrained(str(tmp_path / "w"))
     assert hub.cfg.vit_final_norm is False
     _assert_identical(_outputs(hub), _outputs(model))
+
+
+def test_a_finetuned_model_exports_whole_and_its_encoder_loads(tmp_path, capsys):
+    from skysense.tasks.downstream.checkpoint import save_finetuned
+    from skysense.tasks.downstream.model import build_task_model
+
+    torch.manual_seed(0)
+    enc = build_skysense("tiny")
+    model = build_task_model(
+        enc, "segmentation", "hr", 3, {"hr": torch.randn(1, 3, 64, 64)}, head_channels=8
+    )
+    meta = {"preset": "tiny", "overrides": {}, "kind": "segmentation", "source": "hr"}
+    save_finetuned(tmp_path / "model.pt", model, {**meta, "n_classes": 3})
+    out = tmp_path / "w"
+    args = ["export", f"checkpoint={tmp_path / 'model.pt'}", f"out={out}", "format=safetensors"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "segmentation"
+    state, config = load_weights(out)
+    assert config["encoder_prefix"] == "encoder." and config["finetuned"]["n_classes"] == 3
+    assert set(state) == set(model.state_dict())  # the head too
+    _assert_identical(_outputs(build_skysense("tiny", weights=out)), _outputs(enc))
+
+
+def test_export_detection_program_is_a_one_line_error(capsys):
+    assert main(["export", "head.kind=detection", "onnx=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skysense export: head.kind: detection cannot be exported")
+    assert "\n" not in err
