@@ -361,3 +361,56 @@ def test_pastis_folds_dates_and_void(tmp_path):
     assert (s["mask"] == 19).sum() == 0 and (s["mask"] == 255).any()
     assert 45 < float(s["latlon"][0]) < 52  # Lambert-93 -> France
     assert cls(root, "train", max_steps=2)[1]["s2_doy"].tolist() == [267, 74]
+
+
+# ------------------------------------------------------------------ detection, oriented boxes
+
+
+def test_dior_voc_boxes_and_dior_r_polygons(tmp_path):
+    root = fakes.make("dior", tmp_path)
+    tr = get_dataset("dior")(root, "train")
+    s = tr[0]
+    assert s["boxes"].tolist() == [[10, 12, 40, 38], [50, 50, 90, 80]]
+    assert [tr.classes[k] for k in s["labels"].tolist()] == ["airplane", "Expressway-Service-area"]
+    assert get_dataset("dior")(root, "test")[0]["hr"].shape == (3, 96, 96)  # JPEGImages-test
+    r = get_dataset("dior_r")(root, "train")[0]
+    assert r["polygons"].shape == (2, 8) and torch.equal(r["boxes"], s["boxes"])
+    xml = root / "Annotations" / "Horizontal Bounding Boxes" / "00003.xml"
+    xml.write_text(xml.read_text().replace("storagetank", "submarine"))
+    with pytest.raises(DatasetError, match="00003.xml: class 'submarine' is not one of the 20"):
+        get_dataset("dior")(root, "val")[0]
+
+
+def test_fair1m_points_and_splits(tmp_path):
+    root = fakes.make("fair1m", tmp_path)
+    tr = get_dataset("fair1m")(root, "train")
+    assert [it["name"] for it in tr.items] == ["0", "1"]
+    s = tr[0]
+    assert s["polygons"][0].tolist() == [10, 10, 40, 10, 40, 30, 10, 30]
+    assert [tr.classes[k] for k in s["labels"].tolist()] == ["Boeing737", "Small Car"]
+    assert len(get_dataset("fair1m")(root, "val")) == 1
+
+
+def test_polygon_iou_and_rotated_map():
+    from skysense.data.datasets.oriented import polygon_iou, rotated_map
+
+    sq = [0, 0, 2, 0, 2, 2, 0, 2]
+    assert polygon_iou(sq, sq) == pytest.approx(1.0)
+    assert polygon_iou(sq, [1, 0, 3, 0, 3, 2, 1, 2]) == pytest.approx(2 / 6)
+    # A square turned 45 degrees about the same centre: intersection = octagon of area
+    # 8 (sqrt 2 - 1) for side 2.
+    d = np.sqrt(2)
+    diamond = [1, 1 - d, 1 + d, 1, 1, 1 + d, 1 - d, 1]
+    inter = 8 * (np.sqrt(2) - 1)
+    assert polygon_iou(sq, diamond) == pytest.approx(inter / (8 - inter), rel=1e-6)
+    clockwise = np.asarray(diamond).reshape(4, 2)[::-1].reshape(-1)
+    assert polygon_iou(sq, clockwise) == pytest.approx(inter / (8 - inter), rel=1e-6)
+    tgt = [{"polygons": np.array([sq, [5, 5, 7, 5, 7, 7, 5, 7]]), "labels": np.array([0, 1])}]
+    perfect = [
+        {"polygons": tgt[0]["polygons"], "scores": np.array([0.9, 0.8]), "labels": tgt[0]["labels"]}
+    ]
+    assert rotated_map(perfect, tgt)["mAP"] == pytest.approx(1.0)
+    miss = [{"polygons": np.array([[10, 10, 12, 10, 12, 12, 10, 12], sq]),
+             "scores": np.array([0.95, 0.9]), "labels": np.array([0, 0])}]  # fmt: skip
+    res = rotated_map(miss, tgt)
+    assert res["per_class"][0] == pytest.approx(0.5) and res["per_class"][1] == 0.0

@@ -314,6 +314,9 @@ FINETUNE = {
     "sen1floods11": ["task=multimodal_segmentation", "data.crop=16"] + _DENSE_EVAL,
     "pastis": ["task=multimodal_segmentation", "task.features=s2", "data.crop=16"]
     + ["task.eval.window=16", "task.eval.overlap=0"],
+    "dior": ["task=detection", "data.crop=64"],
+    "dior_r": ["task=detection", "data.crop=64"],
+    "fair1m": ["task=detection", "data.crop=64"],
 }
 
 

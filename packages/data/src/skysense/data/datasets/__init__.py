@@ -30,12 +30,13 @@ REGISTRY = {
     "isaid": "segmentation:ISAID",
     "sen1floods11": "segmentation:Sen1Floods11",
     "pastis": "pastis:PASTIS",
+    "dior": "detection:DIOR",
+    "dior_r": "detection:DIORR",
+    "fair1m": "detection:FAIR1M",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
-MISSING = (
-    "fmow_s2", "dynamicearthnet", "dior", "dior_r", "fair1m", "hls_burn_scars", "mados",
-)  # fmt: skip
+MISSING = ("fmow_s2", "dynamicearthnet", "hls_burn_scars", "mados")
 
 
 def get_dataset(name: str) -> type[RemoteSensingDataset]:

@@ -123,6 +123,8 @@ def build_public(cfg, length: int, seed: int, source: str | None = None) -> Task
     :mod:`skysense.tasks.downstream.datasets.public`)."""
     from skysense.data.datasets import get_dataset
     from skysense.tasks.downstream.datasets.public import (
+        BoxCrops,
+        DetectionScenes,
         ItemCycle,
         Scenes,
         TileCrops,
@@ -153,6 +155,13 @@ def build_public(cfg, length: int, seed: int, source: str | None = None) -> Task
         train = TileCrops(train_ds, cfg.get("crop"), length, seed, augment) if length else None
         ev = Scenes(val_ds, cfg.get("max_eval"))
         weights = class_weights_of(train_ds, len(classes)) if length else None
+    elif kind == "detection":
+        train = (
+            BoxCrops(train_ds, cfg.get("crop"), length, seed, cfg.get("min_visible", 0.5), augment)
+            if length
+            else None
+        )
+        ev = DetectionScenes(val_ds, cfg.get("max_eval"))
     else:
         raise NotImplementedError(f"data={cfg.name}: task kind {kind!r} has no downstream wiring")
     n_train = len(train_ds) if train_ds is not None else 0

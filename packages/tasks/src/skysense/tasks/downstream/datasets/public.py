@@ -159,3 +159,54 @@ def class_weights_of(ds, n_classes: int, limit: int = 32) -> list[float]:
         counts += np.bincount(m, minlength=n_classes)[:n_classes]
     w = np.sqrt(counts.sum() / np.maximum(counts, 1))
     return (w / w.mean()).tolist()
+
+
+class DetectionScenes:
+    """Whole images of a detection dataset as :class:`DetectionScene`\\ s, read on access."""
+
+    def __init__(self, ds, limit: int | None = None):
+        self.ds = ds
+        self.n = len(ds) if not limit else min(limit, len(ds))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from skysense.tasks.downstream.datasets.boxes import DetectionScene
+
+        if i >= self.n:
+            raise IndexError(i)
+        s = self.ds[i]
+        rgb = _rgb(s, self.ds.sensors)
+        return DetectionScene(str(s.get("name", i)), s["hr"], s["boxes"], s["labels"], rgb, {})
+
+
+class BoxCrops(Dataset):
+    """Random ``crop`` windows (with random flips) of a detection dataset's images: item ``i``
+    reads image ``i % n``; boxes keeping ``min_visible`` of their area stay, clipped."""
+
+    def __init__(self, ds, crop, length, seed=0, min_visible=0.5, augment=True):
+        self.ds, self.crop, self.length, self.seed = ds, crop, length, seed
+        self.min_visible, self.augment = min_visible, augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        from skysense.tasks.downstream.datasets.boxes import crop_boxes
+
+        rng = np.random.default_rng((self.seed, int(i)))
+        s = self.ds[i % len(self.ds)]
+        img = s["hr"]
+        h, w = img.shape[-2:]
+        c = int(self.crop) if self.crop else min(h, w)
+        top, left = random_crop_box(rng, h, w, c)
+        img = img[:, top : top + c, left : left + c]
+        boxes, labels = crop_boxes(s["boxes"], s["labels"], top, left, c, self.min_visible)
+        if self.augment and rng.random() < 0.5:
+            img = img.flip(-1)
+            boxes = torch.stack([c - boxes[:, 2], boxes[:, 1], c - boxes[:, 0], boxes[:, 3]], 1)
+        if self.augment and rng.random() < 0.5:
+            img = img.flip(-2)
+            boxes = torch.stack([boxes[:, 0], c - boxes[:, 3], boxes[:, 2], c - boxes[:, 1]], 1)
+        return {"hr": img.contiguous(), "boxes": boxes.reshape(-1, 4), "labels": labels}
