@@ -539,5 +539,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "latest",
         "step_0000001.pt",
+        "step_0000001.pt.sha256",
     ]
     assert not (tmp_path / "summary.json").exists()

@@ -36,11 +36,18 @@ _INPUT_ERROR_MODULES = ("skysense.data", "skysense.tasks.training.checkpoint", "
 
 
 def is_input_error(e: BaseException) -> bool:
-    """A fault of the input (exit 2), not of the environment or of the program."""
+    """A fault of the input (exit 2), not of the environment or of the program: a ConfigError,
+    or a ValueError defined or raised by the modules that read files."""
     if isinstance(e, ConfigError):
         return True
-    mod = type(e).__module__ or ""
-    return isinstance(e, ValueError) and mod.startswith(_INPUT_ERROR_MODULES)
+    if not isinstance(e, ValueError):
+        return False
+    tb, where = e.__traceback__, ""
+    while tb is not None:
+        where, tb = tb.tb_frame.f_globals.get("__name__", ""), tb.tb_next
+    return (type(e).__module__ or "").startswith(_INPUT_ERROR_MODULES) or where.startswith(
+        _INPUT_ERROR_MODULES
+    )
 
 
 def describe(e: BaseException) -> str:

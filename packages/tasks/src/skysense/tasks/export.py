@@ -44,17 +44,16 @@ def _export(cfg) -> dict:
         return export_weights(cfg)
 
     from skysense.tasks.downstream.checkpoint import (
-        FORMAT,
         build_encoder,
+        is_finetuned,
         load_finetuned,
-        torch_load,
     )
     from skysense.tasks.downstream.data import _sensor_inputs
     from skysense.tasks.downstream.export import example_inputs, export_model, input_names
     from skysense.tasks.downstream.model import build_task_model
 
     ckpt = cfg.checkpoint
-    if ckpt and torch_load(ckpt).get("format") == FORMAT:
+    if ckpt and is_finetuned(ckpt):
         model, meta = load_finetuned(ckpt)
     else:
         h = cfg.head

@@ -38,6 +38,7 @@ def _run(cfg, run_inference):
         else ("cpu" if cfg.device == "auto" else cfg.device),
         overwrite=cfg.overwrite,
         progress=cfg.progress,
+        check_sensor=cfg.check_sensor,
     )
 
 

@@ -114,6 +114,13 @@ def build_encoder(
     overrides = dict(overrides or {})
     info: dict = {"preset": preset, "overrides": overrides, "checkpoint": None, "key": None}
     state = None
+    if checkpoint and _is_weights_dir(checkpoint):
+        # A weights folder (skysense convert / export format=safetensors): its config.json
+        # builds the structure it holds; names are mapped and loaded strictly by the encoders.
+        kwargs = dict(overrides, checkpointing=True) if checkpointing else dict(overrides)
+        encoder = build_skysense(preset, weights=checkpoint, strict=strict, **kwargs)
+        info.update(checkpoint=str(checkpoint), key="weights folder")
+        return encoder, info
     if checkpoint:
         ckpt = torch_load(checkpoint)
         if "format" in ckpt and ckpt["format"] == FORMAT:
@@ -156,6 +163,38 @@ def build_encoder(
     return encoder, info
 
 
+def is_finetuned(path) -> bool:
+    """Whether ``path`` (a file or a weights folder) holds a fine-tuned task model."""
+    if _is_weights_dir(path):
+        import json
+
+        cfg = json.loads((Path(str(path)).expanduser() / "config.json").read_text() or "{}")
+        return isinstance(cfg, dict) and "finetuned" in cfg
+    return torch_load(path).get("format") == FORMAT
+
+
+def _is_weights_dir(path) -> bool:
+    from skysense.encoders.weights import is_weights_dir
+
+    return is_weights_dir(Path(str(path)).expanduser())
+
+
+def _finetuned_from_folder(path) -> dict:
+    """A weights folder written from a fine-tuned model file (``skysense export
+    format=safetensors``) in the form of that file: format, state_dict, meta."""
+    from skysense.encoders.weights import load_weights
+
+    state, config = load_weights(Path(str(path)).expanduser())
+    if "finetuned" not in config:
+        kind = config.get("kind", "encoder")
+        raise CheckpointMismatch(
+            f"{path} is a weights folder of a{'n' if kind[0] in 'aeiou' else ''} {kind}, not of "
+            "a fine-tuned model: fine-tune from it (checkpoint=...), then evaluate / infer / "
+            "export the result"
+        )
+    return {"format": FORMAT, "state_dict": state, "meta": config["finetuned"]}
+
+
 def save_finetuned(path: str | Path, model: nn.Module, meta: Mapping) -> Path:
     """Write a fine-tuned model file atomically (temporary name, then rename)."""
     from skysense.tasks.training.checkpoint import atomic_write_bytes
@@ -173,7 +212,7 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict]:
     from skysense.tasks.downstream.heads.detection import SkySenseFasterRCNN
     from skysense.tasks.downstream.model import TaskModel
 
-    obj = torch_load(path)
+    obj = _finetuned_from_folder(path) if _is_weights_dir(path) else torch_load(path)
     if obj.get("format") != FORMAT:
         hint = " (a pre-training checkpoint: fine-tune it first)" if "teacher" in obj else ""
         raise ValueError(

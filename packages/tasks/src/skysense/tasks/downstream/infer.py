@@ -182,6 +182,54 @@ def run_detection(
     }
 
 
+def check_scenes(scenes: Mapping[str, list], sensors: Mapping[str, str], strict: bool) -> None:
+    """Each scene (modality -> paths) against the sensor the model was fine-tuned on
+    (:func:`skysense.tasks.downstream.scene.scene_problems`). Raises ValueError naming the file
+    and what differs when ``strict``; logs a warning otherwise."""
+    from skysense.tasks.downstream.scene import scene_problems
+
+    for mod, paths in scenes.items():
+        if mod not in sensors:
+            continue
+        for path in paths:
+            problems = scene_problems(path, sensors[mod])
+            if not problems:
+                continue
+            msg = (
+                f"{path} does not look like the {sensors[mod]} input the model was fine-tuned "
+                f"on: {'; '.join(problems)}"
+            )
+            if strict:
+                raise ValueError(msg + " (check_sensor=false runs it anyway)")
+            log.warning("%s (check_sensor=false: running anyway)", msg)
+
+
+def remove_stale_partials(dst: Path) -> list[Path]:
+    """Remove the ``.<name>.partial-<pid>*`` files that killed runs left beside ``dst`` (those
+    whose process is gone). Returns the paths removed."""
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = p.name[len(f".{dst.name}.partial-") :].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+        log.info("removed %s, left by an interrupted run", p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def terminate_as_interrupt():
     """SIGTERM raises KeyboardInterrupt (as SIGINT does), so ``finally`` clauses that remove
@@ -235,6 +283,7 @@ def run_inference(
     overwrite: bool = False,
     progress: bool = True,
     gdal_cache_mb: int = 64,
+    check_sensor: bool = True,
 ) -> dict:
     """Predict over a whole scene and write a COG. Returns a report (shape, windows, peak RSS).
 
@@ -250,9 +299,16 @@ def run_inference(
         block: output block side (pixels): memory grows with its square, not with the scene.
         output: "classes" (uint8 argmax, nodata 255) or "probabilities" (float32 per class,
             nodata NaN; multi-label models: per-class sigmoid).
+        check_sensor: stop when a scene does not look like the product the model was
+            fine-tuned on (:func:`check_scenes`); False: warn and go on.
     """
     model, meta = load_finetuned(weights)
     kind, inputs = meta["kind"], meta["inputs"]
+    scenes = {inputs.get("reference", "hr"): [src] + ([src2] if src2 is not None else [])}
+    for m, path in (extra or {}).items():
+        scenes.setdefault(m, []).append(path)
+    check_scenes(scenes, inputs["sensors"], strict=check_sensor)
+    remove_stale_partials(Path(dst))
     if kind == "detection":
         return run_detection(
             model, meta, src, dst, window, overlap, batch_size, device, overwrite, progress

@@ -80,3 +80,89 @@ class SceneReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Tokens in file names and tags that give a Sentinel-2 product's processing level.
+_LEVEL_TOKENS = {
+    "L1C": ("MSIL1C", "L1C", "LEVEL-1C", "LEVEL1C"),
+    "L2A": ("MSIL2A", "L2A", "LEVEL-2A"),
+}
+# Level of each registered Sentinel-2 product.
+_SENSOR_LEVEL = {"s2_l1c": "L1C", "s2_l2a": "L2A"}
+
+
+def scene_problems(path: str | Path, sensor: str) -> list[str]:
+    """Why a scene does not look like ``sensor``'s product, the one a model was fine-tuned on
+    (empty when nothing is wrong): the processing level (Sentinel-2 Level-1C vs Level-2A, from
+    file names, tags and band sets), band descriptions naming bands the product lacks, the band
+    count of a stack, and a pixel size far from the sensor's (a factor of two either way).
+    """
+    import rasterio
+
+    from skysense.data import io
+    from skysense.data.sensors import get_sensor
+
+    spec = get_sensor(sensor)
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if io.is_raster(p)) if path.is_dir() else [path]
+    if not files:
+        return [f"{path}: no raster files"]
+    problems = []
+    want = _SENSOR_LEVEL.get(spec.name)
+    pixel_m = []
+    for f in files:
+        with rasterio.open(f) as ds:
+            pixel_m.append(_pixel_metres(ds.res, ds.crs, ds.bounds))
+            if f == files[0]:
+                tags = " ".join(str(v) for v in ds.tags().values()).upper()
+                descs = [d for d in (ds.descriptions or []) if d]
+                count, dtype = ds.count, ds.dtypes[0]
+    if spec.accepted_dtypes and dtype not in spec.accepted_dtypes:
+        problems.append(
+            f"{dtype} does not match sensor {spec.name} (accepted: {', '.join(spec.accepted_dtypes)})"
+        )
+    names = " ".join(p.name.upper() for p in [path, *files])
+    if want:
+        other = "L1C" if want == "L2A" else "L2A"
+        if any(t in names or t in tags for t in _LEVEL_TOKENS[other]):
+            problems.append(
+                f"a Sentinel-2 {other} product (file names or tags), model takes {want}"
+            )
+        if want == "L2A" and (
+            any(get_sensor("s2_l1c").canonical_band(p.stem.split("_")[-1]) == "B10" for p in files)
+            or (not path.is_dir() and count == len(get_sensor("s2_l1c").bands))
+        ):
+            problems.append("band B10 (cirrus) is present, as in Level-1C; Level-2A has no B10")
+    foreign = [d for d in descs if spec.canonical_band(d) is None and d.lower() != "alpha"]
+    if foreign and len(descs) == count:
+        problems.append(f"band descriptions {foreign} are not bands of {spec.name} {spec.bands}")
+    if not path.is_dir() and count not in (
+        len(spec.bands),
+        len(spec.model_bands),
+        len(spec.bands) + 1,
+    ):
+        problems.append(
+            f"{count} bands; {spec.name} has {len(spec.bands)} ({' '.join(spec.bands)}), the model "
+            f"takes {len(spec.model_bands)} ({' '.join(spec.model_bands)})"
+        )
+    gsd = [g for b, g in zip(spec.bands, spec.gsd) if b in spec.model_bands and g]
+    known = [m for m in pixel_m if m is not None]
+    if gsd and known:
+        px, finest = min(known), min(gsd)
+        if not finest / 2 <= px <= finest * 2:
+            problems.append(
+                f"pixels of {px:.3g} m; {spec.name}'s finest model band is {finest:g} m"
+            )
+    return problems
+
+
+def _pixel_metres(res, crs, bounds) -> float | None:
+    """The pixel width of a grid in metres (geographic CRSs at the scene's latitude)."""
+    if crs is None:
+        return None
+    if crs.is_projected:
+        return float(res[0]) * float(crs.linear_units_factor[1])
+    if crs.is_geographic:
+        lat = np.deg2rad((bounds.top + bounds.bottom) / 2)
+        return float(res[0]) * 111_320.0 * float(np.cos(lat))
+    return None
