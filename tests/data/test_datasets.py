@@ -414,3 +414,16 @@ def test_polygon_iou_and_rotated_map():
              "scores": np.array([0.95, 0.9]), "labels": np.array([0, 0])}]  # fmt: skip
     res = rotated_map(miss, tgt)
     assert res["per_class"][0] == pytest.approx(0.5) and res["per_class"][1] == 0.0
+
+
+def test_fmow_s2_rows_dates_and_bands(tmp_path):
+    root = fakes.make("fmow_s2", tmp_path)
+    cls = get_dataset("fmow_s2")
+    tr = cls(root, "train", size=32)
+    assert len(tr) == 4 and len(cls(root, "val")) == 1 and len(cls(root, "test")) == 1
+    s = tr[2]
+    assert tr.classes[int(s["label"])] == "crop_field" and s["s2_doy"].tolist() == [256]
+    assert s["s2"].shape == (1, 10, 32, 32)
+    raw = _raw(s["s2"][0])
+    for j, b in enumerate(S2.model_bands):  # wavelength order: B8A is file band 9
+        assert abs(raw[j].mean() - (1000 + 100 * S2.bands.index(b))) < 1.0, b

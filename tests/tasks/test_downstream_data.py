@@ -317,6 +317,7 @@ FINETUNE = {
     "dior": ["task=detection", "data.crop=64"],
     "dior_r": ["task=detection", "data.crop=64"],
     "fair1m": ["task=detection", "data.crop=64"],
+    "fmow_s2": ["task=classification", "task.features=s2", "data.size=32"],
 }
 
 

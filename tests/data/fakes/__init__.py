@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fakes.change import make_levir_cd, make_oscd, make_whu_cd
-from fakes.classification import make_aid, make_eurosat_ms, make_eurosat_rgb, make_resisc45
+from fakes.classification import (
+    make_aid,
+    make_eurosat_ms,
+    make_eurosat_rgb,
+    make_fmow_s2,
+    make_resisc45,
+)
 from fakes.detection import make_dior, make_fair1m
 from fakes.multilabel import make_bigearthnet_v1, make_bigearthnet_v2
 from fakes.segmentation import make_isaid, make_pastis, make_potsdam, make_sen1floods11
@@ -34,6 +40,7 @@ MAKERS = {
     "dior": make_dior,
     "dior_r": make_dior,
     "fair1m": make_fair1m,
+    "fmow_s2": make_fmow_s2,
 }
 
 

@@ -99,3 +99,30 @@ def make_resisc45(root: Path, n: int = 3) -> Path:
             names.append(name)
     _splits(names, root, "resisc45")
     return root
+
+
+FMOW_ROWS = [
+    ("train", "airport", 0, 0, "2017-06-03T10:20:31Z", (40, 44)),
+    ("train", "airport", 0, 1, "2018-01-10T10:20:31Z", (40, 44)),
+    ("train", "crop_field", 7, 0, "2016-09-12T10:20:31Z", (52, 48)),
+    ("train", "zoo", 3, 2, "2019-03-01T10:20:31Z", (36, 36)),
+    ("val", "zoo", 9, 0, "2017-07-15T10:20:31Z", (44, 40)),
+    ("test", "crop_field", 11, 0, "2018-05-05T10:20:31Z", (48, 48)),
+]
+
+
+def make_fmow_s2(root: Path) -> Path:
+    """fMoW-Sentinel: ``{train,val,test_gt}.csv`` and
+    ``<split>/<category>/<category>_<loc>/<category>_<loc>_<img>.tif`` (13 uint16 bands in
+    wavelength order B1..B8, B8A, B9..B12, no descriptions, UTM, sizes that differ); band j holds
+    ``1000 + 100 j``."""
+    header = "category,location_id,image_id,timestamp,polygon\n"
+    lines = {"train": [], "val": [], "test": []}
+    for split, c, loc, img, ts, (h, w) in FMOW_ROWS:
+        arr = np.stack([np.full((h, w), 1000 + 100 * j) for j in range(13)]).astype(np.uint16)
+        t = Affine(10.0, 0, 300_000.0 + 1000 * loc, 0, -10.0, 4_000_000.0)
+        write_tif(root / split / c / f"{c}_{loc}" / f"{c}_{loc}_{img}.tif", arr, "EPSG:32618", t)
+        lines[split].append(f'{c},{loc},{img},{ts},"POLYGON ((0 0, 1 0, 1 1, 0 0))"')
+    for split, name in (("train", "train.csv"), ("val", "val.csv"), ("test", "test_gt.csv")):
+        (root / name).write_text(header + "\n".join(lines[split]) + "\n")
+    return root

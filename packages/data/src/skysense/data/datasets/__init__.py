@@ -33,10 +33,11 @@ REGISTRY = {
     "dior": "detection:DIOR",
     "dior_r": "detection:DIORR",
     "fair1m": "detection:FAIR1M",
+    "fmow_s2": "fmow:FMoWSentinel",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
-MISSING = ("fmow_s2", "dynamicearthnet", "hls_burn_scars", "mados")
+MISSING = ("dynamicearthnet", "hls_burn_scars", "mados")
 
 
 def get_dataset(name: str) -> type[RemoteSensingDataset]:

@@ -197,13 +197,14 @@ class ClassFolders(RemoteSensingDataset):
         arr, sensor, prof = read_image(it["path"], self.sensor, declared, return_profile=True)
         m = get_modality(sensor)
         s = modality_sample(m, [arr], sensor, [0])
-        if self.size is not None and arr.shape[-1] != self.size:
-            x = s[m] if m == "hr" else s[m][0]
-            x = F.interpolate(
-                x[None], size=(self.size, self.size), mode="bilinear", antialias=True
-            )[0]
-            s[m] = x if m == "hr" else x[None]
-            s.pop(f"{m}_pixel_valid")
+        if self.size is not None:
+            s.pop(f"{m}_pixel_valid", None)  # the same keys for every item, resized or not
+            if tuple(arr.shape[-2:]) != (self.size, self.size):
+                x = s[m] if m == "hr" else s[m][0]
+                x = F.interpolate(
+                    x[None], size=(self.size, self.size), mode="bilinear", antialias=True
+                )[0]
+                s[m] = x if m == "hr" else x[None]
         s.pop("hr_pixel_valid", None)
         if m != "hr":
             s["latlon"] = latlon_of(prof)
