@@ -11,6 +11,10 @@ Normalisation, flips, padding and collation are the same code, so the batches ar
 Figures (samples/s, ratio = GeoTIFF time / shard time, > 1: shards faster; acceptance >= 5):
 plain batches of the embedded sample with the torch and DALI backends, pre-training views, and
 BigEarthNet (per-band 10/20/60 m S2 + S1) where ../shared/data is present.
+
+Ingest memory: peak RSS of a whole ingest (fresh process) on sparse tiled places of 2000^2,
+8000^2 and 32000^2 pixels (quick: 1000^2 to 4000^2), a scaling series, and its flatness (peak
+at the smallest place / peak at the largest; goal: flat within 20 %, ratio >= 0.83).
 """
 
 from __future__ import annotations
@@ -209,3 +213,86 @@ def test_loader_vs_geotiff_bigearthnet(report, tmp_path_factory):
     loaders = {"shards_torch": build_loader(rep.manifest, None, 2, "torch", shuffle=False)}
     loaders["geotiff"] = _baseline(loaders["shards_torch"])
     _measure(report, "bigearthnet_plain", loaders, 6, {"samples": 6, "batch": 2, "tile": 120})
+
+
+# ------------------------------------------------------------------ ingest memory over place size
+
+RSS_SIZES = (1000, 2000, 4000) if QUICK else (2000, 8000, 32000)
+# VmHWM, not getrusage's ru_maxrss: the latter is inherited from the parent across fork and exec
+# (this pytest process, torch loaded, would set the floor of every child's figure).
+RSS_CODE = """
+import sys
+from skysense.data.ingest import IngestConfig, ingest
+rep = ingest(sys.argv[1], sys.argv[2], IngestConfig(tile_size=64), progress=False)
+assert rep.n_samples > 0 and not rep.bad_files, rep.format()
+print("SAMPLES", rep.n_samples)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+print("MAXRSS_KB", hwm.split()[1])
+"""
+
+
+def sparse_place(path: Path, n: int, patch: int = 512) -> Path:
+    """An ``n`` x ``n`` Sentinel-1 place (VV/VH float32 dB, 10 m, UTM), tiled 512 x 512 and
+    sparse: four ``patch``-pixel squares hold data, every other block is absent from the file
+    (nodata NaN), so the file is a few MB at any size while the place it describes is
+    ``n`` x ``n`` pixels: the same data tiles, ever more empty ground."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(
+        driver="GTiff", width=n, height=n, count=2, dtype="float32", crs="EPSG:32633",
+        transform=Affine(10, 0, 404_400.0, 0, -10, 5_342_400.0), nodata=float("nan"),
+        tiled=True, blockxsize=512, blockysize=512, compress="deflate", SPARSE_OK=True,
+    )  # fmt: skip
+    ramp = np.linspace(-12, -8, patch * patch, dtype=np.float32).reshape(patch, patch)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.set_band_description(1, "VV")
+        ds.set_band_description(2, "VH")
+        ds.update_tags(ACQUISITION_DATE="2017-06-13")
+        for fy in (0.2, 0.6):
+            for fx in (0.2, 0.6):
+                r, c = int(n * fy) // 512 * 512, int(n * fx) // 512 * 512
+                win = rasterio.windows.Window(c, r, min(patch, n - c), min(patch, n - r))
+                ds.write(np.stack([ramp, ramp - 7.0])[:, : win.height, : win.width], window=win)
+    return path
+
+
+def _ingest_peak(src: Path, dst: Path) -> tuple[int, int]:
+    """(peak RSS in bytes, samples) of one ingest in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CODE, str(src), str(dst)],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout  # fmt: skip
+    vals = dict(line.split() for line in out.splitlines() if line.split()[0].isupper())
+    return int(vals["MAXRSS_KB"]) * 1024, int(vals["SAMPLES"])
+
+
+def test_ingest_peak_rss_over_place_size(report, tmp_path):
+    """Peak RSS of a whole ingest (a fresh process each) for places of growing size: memory is
+    bounded by construction (blocks of whole tiles, tiles spilled to disk, a small GDAL block
+    cache), so the peak stays flat while the place grows 256-fold in area."""
+    peaks = {}
+    for n in RSS_SIZES:
+        src = tmp_path / f"src{n}"
+        sparse_place(src / "place" / "S1A_IW_GRDH_20170613_db.tif", n)
+        peak, samples = _ingest_peak(src, tmp_path / f"dst{n}")
+        peaks[n] = peak
+        report.add(
+            GROUP, "ingest_peak_rss_mib", peak / 2**20, "MiB", kind="scaling",
+            params={"sweep": "place_px", "place_px": n, "samples": samples},
+            note="whole process (interpreter, numpy, GDAL included), one fresh process per size",
+        )  # fmt: skip
+        print(f"\ningest {n} x {n} place: peak RSS {peak / 2**20:.0f} MiB, {samples} samples")
+    small, large = RSS_SIZES[0], RSS_SIZES[-1]
+    flat = peaks[small] / peaks[large]
+    report.add(
+        GROUP, "ingest_peak_rss_flatness", peaks[large] / 2**20, "MiB",
+        baseline=peaks[small] / 2**20,
+        baseline_name=f"peak RSS of the same ingest on a {small} x {small} place",
+        ratio=flat,
+        params={"small_px": small, "large_px": large},
+        note=f"peak RSS at {large} x {large} px beside {small} x {small} px; goal: flat within "
+        "20 % (ratio >= 0.83); main before issue 13: 755 MB at 2000^2, 2.47 GB at 4000^2",
+    )  # fmt: skip
+    assert flat >= 1 / 1.2, f"peak RSS not flat: {peaks}"

@@ -40,6 +40,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -83,6 +84,8 @@ from skysense.data.manifest import FILENAME, VERSION, ManifestError, ManifestWri
 from skysense.data.shards import SHARD_DIR, clean_partial
 
 log = logging.getLogger(__name__)
+
+GDAL_CACHE_MB = 32  # GDAL's block cache during an ingest ($GDAL_CACHEMAX overrides)
 
 
 class IngestConflictError(ManifestError, ValueError):
@@ -186,7 +189,13 @@ def ingest(
     cfg = dataclasses.replace(cfg or IngestConfig(), **overrides)
     # One GDAL environment for the whole run (rasterio otherwise sets one up per call), and no
     # directory listing on open: folders of per-band files hold many files.
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    gdal = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    if "GDAL_CACHEMAX" not in os.environ:
+        # GDAL keeps decoded blocks up to 5 % of the machine's memory by default, so its cache
+        # would grow with the size of the file read; blocks are read in order, so a small
+        # cache loses little and keeps memory flat.
+        gdal["GDAL_CACHEMAX"] = GDAL_CACHE_MB
+    with rasterio.Env(**gdal):
         t0 = time.perf_counter()
         src, dst = Path(src), Path(dst)
         if not src.exists():
