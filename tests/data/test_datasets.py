@@ -427,3 +427,18 @@ def test_fmow_s2_rows_dates_and_bands(tmp_path):
     raw = _raw(s["s2"][0])
     for j, b in enumerate(S2.model_bands):  # wavelength order: B8A is file band 9
         assert abs(raw[j].mean() - (1000 + 100 * S2.bands.index(b))) < 1.0, b
+
+
+def test_hls_burn_scars_bands_by_name_and_missing_bands(tmp_path):
+    root = fakes.make("hls_burn_scars", tmp_path)
+    ds = get_dataset("hls_burn_scars")(root, "train")
+    assert len(ds) == 2 and len(get_dataset("hls_burn_scars")(root, "val")) == 1
+    s = ds[0]
+    assert s["s2_doy"].tolist() == [190] and s["s2"].shape == (1, 10, 32, 32)
+    raw = _raw(s["s2"][0], "s2_l2a")
+    bands = get_sensor("s2_l2a").model_bands
+    for j, b in enumerate(("B2", "B3", "B4", "B8A", "B11", "B12")):  # file order
+        assert raw[bands.index(b), 0, 0] == pytest.approx(100.0 * (j + 1), abs=0.05)
+    for b in ("B5", "B6", "B7", "B8"):  # absent from HLS: the mean, 0 once normalised
+        assert float(s["s2"][0, bands.index(b)].abs().max()) == 0.0
+    assert (s["mask"][:2] == 255).all() and set(s["mask"][2:].unique().tolist()) == {0, 1}

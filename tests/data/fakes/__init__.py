@@ -21,7 +21,13 @@ from fakes.classification import (
 )
 from fakes.detection import make_dior, make_fair1m
 from fakes.multilabel import make_bigearthnet_v1, make_bigearthnet_v2
-from fakes.segmentation import make_isaid, make_pastis, make_potsdam, make_sen1floods11
+from fakes.segmentation import (
+    make_hls_burn_scars,
+    make_isaid,
+    make_pastis,
+    make_potsdam,
+    make_sen1floods11,
+)
 
 MAKERS = {
     "eurosat_ms": make_eurosat_ms,
@@ -41,6 +47,7 @@ MAKERS = {
     "dior_r": make_dior,
     "fair1m": make_fair1m,
     "fmow_s2": make_fmow_s2,
+    "hls_burn_scars": make_hls_burn_scars,
 }
 
 

@@ -134,3 +134,22 @@ def make_pastis(root: Path, size: int = 16) -> Path:
            "features": feats}  # fmt: skip
     (root / "metadata.geojson").write_text(json.dumps(geo))
     return root
+
+
+def make_hls_burn_scars(root: Path, size: int = 32) -> Path:
+    """HLS Burn Scars: ``{training,validation}/subsetted_512x512_HLS.S30.<tile>.<YYYYDDD>.v1.4
+    _merged.tif`` (6 float32 reflectance bands B02 B03 B04 B8A B11 B12, UTM) and ``.mask.tif``
+    (int16 1 / 0 / -1); band j holds ``0.01 * (j + 1)`` outside the scar; 32 px instead of 512."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    chips = (("training", "T10SEH", "2018190"), ("training", "T11SKA", "2019245"),
+             ("validation", "T12TUN", "2020200"))  # fmt: skip
+    for k, (folder, tile, date) in enumerate(chips):
+        scar = (xx - 16) ** 2 + (yy - 16 - k) ** 2 < 64
+        bands = np.stack([np.where(scar, 0.2, 0.01 * (j + 1)) for j in range(6)]).astype(np.float32)
+        t = Affine(30.0, 0, 500_000.0 + 1e4 * k, 0, -30.0, 4_200_000.0)
+        stem = f"subsetted_512x512_HLS.S30.{tile}.{date}.v1.4"
+        write_tif(root / folder / f"{stem}_merged.tif", bands, "EPSG:32610", t)
+        mask = scar.astype(np.int16)
+        mask[:2] = -1
+        write_tif(root / folder / f"{stem}.mask.tif", mask, "EPSG:32610", t)
+    return root

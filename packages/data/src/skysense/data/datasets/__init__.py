@@ -34,10 +34,11 @@ REGISTRY = {
     "dior_r": "detection:DIORR",
     "fair1m": "detection:FAIR1M",
     "fmow_s2": "fmow:FMoWSentinel",
+    "hls_burn_scars": "hls:HLSBurnScars",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
-MISSING = ("dynamicearthnet", "hls_burn_scars", "mados")
+MISSING = ("dynamicearthnet", "mados")
 
 
 def get_dataset(name: str) -> type[RemoteSensingDataset]:
