@@ -142,6 +142,13 @@ class ChunkedEngine:
         return dx
 
 
+def _no_autocast(t: torch.Tensor):
+    """Autocast off inside the engines: under bf16 / fp16 autocast every block's matmul would
+    round the logits (and G y) to half precision (3-7 % relative error in the heads'
+    gradients); the engines read half-precision operands and accumulate in float32 instead."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _engine(name):
     if name == "triton":
         from skysense.kernels.triton_losses import TritonInfoNCEEngine
@@ -161,6 +168,16 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, temperature, gather, engine_name):
+        with _no_autocast(a):
+            return InfoNCEFunction._forward(ctx, a, b, temperature, gather, engine_name)
+
+    @staticmethod
+    def backward(ctx, g):
+        with _no_autocast(g):
+            return InfoNCEFunction._backward(ctx, g)
+
+    @staticmethod
+    def _forward(ctx, a, b, temperature, gather, engine_name):
         eng = _engine(engine_name)
         cdt = _compute_dtype(a, engine_name)
         ac, bc = a.detach().to(cdt).contiguous(), b.detach().to(cdt).contiguous()
@@ -183,7 +200,7 @@ class InfoNCEFunction(torch.autograd.Function):
         return loss.to(torch.float64 if cdt == torch.float64 else torch.float32)
 
     @staticmethod
-    def backward(ctx, g):
+    def _backward(ctx, g):
         engine_name, inv_t, gather, adt, bdt = ctx.meta
         eng = _engine(engine_name)
         if gather:

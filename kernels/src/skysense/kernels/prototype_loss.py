@@ -120,6 +120,13 @@ class ChunkedEngine:
         return dsx, dw
 
 
+def _no_autocast(t: torch.Tensor):
+    """Autocast off inside the engines: under bf16 / fp16 autocast every block's matmul would
+    round the logits (and G y) to half precision (3-7 % relative error in the heads'
+    gradients); the engines read half-precision operands and accumulate in float32 instead."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _engine(name):
     if name == "triton":
         from skysense.kernels.triton_losses import TritonPrototypeEngine
@@ -133,6 +140,18 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sx, w, tx, tw, center, student_temp, teacher_temp, engine_name):
+        with _no_autocast(sx):
+            return PrototypeCrossEntropyFunction._forward(
+                ctx, sx, w, tx, tw, center, student_temp, teacher_temp, engine_name
+            )
+
+    @staticmethod
+    def backward(ctx, g):
+        with _no_autocast(g):
+            return PrototypeCrossEntropyFunction._backward(ctx, g)
+
+    @staticmethod
+    def _forward(ctx, sx, w, tx, tw, center, student_temp, teacher_temp, engine_name):
         eng = _engine(engine_name)
         if engine_name == "triton":
             cdt = sx.dtype
@@ -157,7 +176,7 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
         return loss_rows.to(out_dt).mean()
 
     @staticmethod
-    def backward(ctx, g):
+    def _backward(ctx, g):
         engine_name, inv_ts, inv_tt, sdt, wdt = ctx.meta
         sxc, wc, txc, twc, cc, lse_s, lse_t = ctx.saved_tensors
         dsx = dw = None
