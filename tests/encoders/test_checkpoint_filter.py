@@ -3,9 +3,9 @@ release's names by an independent table (the reverse of the documented mapping).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,9 @@ import torch
 
 from skysense.encoders import build_skysense, checkpoint_filter_fn, map_released_keys
 from skysense.encoders.checkpoint_filter import match_to_model, release_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+from refutil import load_manifest, meta_release  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -126,16 +129,11 @@ def test_our_own_names_pass_through():
 # --- the release's exact names and shapes (tests/reference/fixtures/released_keys.json, built
 # from the OpenMMLab reference code by the reference tier) -------------------------------------
 
-MANIFEST = Path(__file__).resolve().parents[1] / "reference" / "fixtures" / "released_keys.json"
 RELEASE_FIELDS = dict(vit_cls_token=False, vit_final_norm=False, fusion_norm_eps=1e-5)
 
 
 def _meta_release(size: str) -> dict:
-    keys = json.loads(MANIFEST.read_text())[size]["keys"]
-    return {
-        k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta")
-        for k, v in keys.items()
-    }
+    return meta_release(load_manifest()[size]["keys"])
 
 
 @pytest.fixture(scope="module")

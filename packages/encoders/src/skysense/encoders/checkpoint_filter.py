@@ -7,25 +7,27 @@ under ``fusion``, the DTPE as the parameter ``ctpe`` (1, 365, 2816), and heads u
 
 What the mapping rests on (no released file was available to this project):
 
-- Checked against the released *code* (the follow-up SkySense++ repository, which builds the
-  same backbones): the Swin V2 names of mmcls' ``SwinTransformerV2`` (``patch_embed.projection``,
-  ``stages.i.downsample.reduction``/``norm``, ``stages.i.blocks.j.attn.w_msa.{qkv, q_bias,
-  v_bias, logit_scale, cpb_mlp.0, cpb_mlp.2, proj}``, ``norm1/2/3``, ``ffn.layers.0.0`` /
-  ``ffn.layers.1``, output norms ``norm{i}``); the mmseg ``VisionTransformer`` names
-  (``patch_embed.projection``, ``cls_token``, ``pos_embed`` with the class token's row,
-  ``layers.i.ln1/ln2``, ``attn.attn.in_proj_*`` / ``out_proj``, ``ffn.layers``, final ``ln1``);
-  the fusion's ``porj_linear`` (sic), ``cls_token`` and mmseg layers; the grid heads
-  ``head_s2`` / ``head_s1`` as ``decoder.0`` (Conv2d) + ``decoder.1`` (PixelShuffle); patch
-  merging's 4C order (``nn.Unfold``: channel-major (c, row, col)), whose ``reduction``
-  columns are permuted here to this project's (row, col, c) order.
-- Inferred: that the CVPR release uses these same module names under the prefixes above
-  (``backbone_gep`` for HR; SkySense++ calls it ``backbone_hr``, accepted too); that its
-  grid heads are ``head_s2``/``head_s1`` like SkySense++'s; that ``ctpe`` is the DTPE of
-  every token (the paper) rather than of S2 only (SkySense++): the mapping is the same, the
-  config's ``dtpe_mode`` decides. ``head_gep`` and other ``head*`` keys (pre-training heads)
-  have no counterpart in the encoder and are reported as unmapped. The released fusion has no
-  final norm (build with ``fusion_final_norm=False``, the default). Relative-position tables
-  and indices (buffers recomputed here) are dropped.
+- Checked by the reference test tier (tests/reference, `make reference`): every parameter and
+  buffer name and shape of the release's modules, built from the OpenMMLab code it was trained
+  with (mmpretrain 1.2.0 ``SwinTransformerV2``; mmseg's ``VisionTransformer`` /
+  ``TransformerEncoderLayer`` names rebuilt from mmcv-lite's ``MultiheadAttention`` and
+  ``FFN`` bricks, mmseg itself needing the compiled ``mmcv.ops``), is committed as
+  tests/reference/fixtures/released_keys.json; the paper-size model takes all of it strictly;
+  random weights under those names give this project's modules the reference outputs in
+  float64 (every Swin stage, every ViT tap, the grid head, a fusion layer with ``ctpe``).
+  Patch merging's 4C order (``nn.Unfold``: channel-major (c, row, col)) is permuted here to
+  (row, col, c); relative-position tables and indices (recomputed here) are dropped.
+- Read from the released SkySense++ code (names only): the fusion's ``porj_linear`` (sic),
+  ``cls_token`` and mmseg layers without a final norm, LayerNorm eps 1e-5; ``ctpe`` (1, 365,
+  2816); the grid heads ``head_s2``/``head_s1`` as ``decoder.0`` (Conv2d) + PixelShuffle; ViTs
+  run with ``with_cls_token=False`` and without ``final_norm`` (the ``release`` fields of
+  ``skysense convert``).
+- Inferred: that the CVPR release uses these names under the prefixes above (``backbone_gep``
+  for HR; SkySense++ calls it ``backbone_hr``, accepted too); its ViTs' position grid (any
+  square grid is resized); that ``ctpe`` is the DTPE of every token (the paper) rather than
+  of S2 only (SkySense++): the mapping is the same, the config's ``dtpe_mode`` decides.
+  ``head_gep`` and other ``head*`` keys (pre-training heads) have no counterpart in the
+  encoder and are reported as unexpected.
 """
 
 from __future__ import annotations
