@@ -322,7 +322,13 @@ FINETUNE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FINETUNE))
+# fMoW's 62-class confusion plot alone takes seconds.
+_SLOW = {"fmow_s2"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in sorted(FINETUNE)]
+)
 def test_finetune_two_steps_on_each_public_dataset(name, tmp_path):
     """``skysense finetune data=<name> data.root=<fake in the distributed layout>``."""
     if name == "bigearthnet_v2":
@@ -363,3 +369,30 @@ def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
     line = next(ln for ln in err.splitlines() if "bands found" in ln)
     assert re.search(r"_\d\.tif: bands found B1 B2 .* B12 B8A \(13\), expected R G B \(3\)", line)
     assert "set data.sensor=s2_l1c" in line
+
+
+def test_hr_change_pairs_finetune_evaluate_and_infer(tmp_path):
+    """LEVIR-CD pairs: the siamese Swin + UperNet change model through finetune, evaluate, and
+    infer (two georeferenced scenes in, a COG of change classes out)."""
+    import rasterio
+    from affine import Affine
+    from fakes.common import write_tif
+    from PIL import Image
+
+    root = fakes.make("levir_cd", tmp_path / "levir")
+    run = tmp_path / "run"
+    base = ["task=change_detection", "task.features=hr", "data=levir_cd", f"data.root={root}"]
+    base += [f"run_dir={run}", *_DENSE_EVAL, "train.threads=1"]
+    assert cli.main(["finetune", *base, "data.crop=32", *_SMALL]) == 0
+    assert cli.main(["evaluate", *base]) == 0
+    m = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert np.array(m["metrics"]["confusion_matrix"]).sum() == 2 * 64 * 64  # the 2 val pairs
+    for k in ("A", "B"):
+        a = np.asarray(Image.open(root / "val" / k / "val_1.png")).transpose(2, 0, 1)
+        write_tif(tmp_path / f"{k}.tif", a, "EPSG:32650", Affine(0.5, 0, 4e5, 0, -0.5, 3e6))
+    argv = ["infer", str(tmp_path / "A.tif"), str(tmp_path / "change.tif")]
+    argv += [f"checkpoint={run / 'random' / 'model.pt'}", f"src2={tmp_path / 'B.tif'}"]
+    assert cli.main(argv + ["threads=1", "progress=false"]) == 0
+    with rasterio.open(tmp_path / "change.tif") as ds:
+        assert ds.shape == (64, 64) and ds.crs.to_epsg() == 32650 and ds.dtypes[0] == "uint8"
+        assert set(np.unique(ds.read(1)).tolist()) <= {0, 1}
