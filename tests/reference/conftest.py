@@ -25,7 +25,10 @@ sys.path.insert(0, str(HERE))
 def mm():
     """The :mod:`mm_reference` module, importable once .venv-ref is on sys.path."""
     if not (REF / ".installed").exists():
-        pytest.skip(f"the reference packages are not installed at {REF}: run `make reference`")
+        pytest.skip(
+            f"the reference packages are not installed at {REF}: run `make reference` (`make "
+            "test` runs it; where the install failed, it printed why)"
+        )
     if str(REF) not in sys.path:
         sys.path.append(str(REF))
     with warnings.catch_warnings():
