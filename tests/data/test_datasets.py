@@ -442,3 +442,13 @@ def test_hls_burn_scars_bands_by_name_and_missing_bands(tmp_path):
     for b in ("B5", "B6", "B7", "B8"):  # absent from HLS: the mean, 0 once normalised
         assert float(s["s2"][0, bands.index(b)].abs().max()) == 0.0
     assert (s["mask"][:2] == 255).all() and set(s["mask"][2:].unique().tolist()) == {0, 1}
+
+
+def test_hr_tiles_read_a_window_as_the_whole_tile_cut(tmp_path):
+    from rasterio.windows import Window
+
+    ds = get_dataset("potsdam")(fakes.make("potsdam", tmp_path), "train")
+    assert ds.tile_shape(1) == (64, 64)
+    whole, part = ds[1], ds.read_window(1, Window(8, 16, 32, 24))
+    assert torch.equal(part["hr"], whole["hr"][:, 16:40, 8:40])
+    assert torch.equal(part["mask"], whole["mask"][16:40, 8:40])

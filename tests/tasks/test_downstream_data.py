@@ -357,7 +357,8 @@ def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
 
     data = build_task_data(cfg.data, 2, 0, "s2")
     assert data.inputs["sensors"] == {"s2": "s2_l1c"}
-    assert data.train[0]["s2"].shape == (1, 10, 128, 128)  # data.size=128 by default
+    # data.size (128) resizes HR images only: the S2 patches keep their 64 x 64 10 m pixels.
+    assert data.train[0]["s2"].shape == (1, 10, 64, 64)
     # The task's default features (hr) on S2 data: one line naming the fix.
     with pytest.raises(cli.ConfigError, match="task.features.*only \\['s2'\\]"):
         from skysense.tasks.downstream.run import finetune

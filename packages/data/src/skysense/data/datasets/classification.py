@@ -70,7 +70,9 @@ class ClassFolders(RemoteSensingDataset):
             sensor name; every image is checked against it.
         band_order: the band names of files without band descriptions, in file order, or a
             known order's name (``eurosat``, ``s2_l1c``, ``s2_l2a``).
-        size: resize images to ``size`` x ``size`` (bilinear; None: as they are).
+        size: resize HR images to ``size`` x ``size`` (bilinear; None: as they are).
+        ms_size: the same for Sentinel images (None, the default: their 10 m pixels as they
+            are; resampling changes the ground sampling the S2 / S1 encoders expect).
         val_fraction, test_fraction, seed: the per-class split when no split file exists.
         val_root: a separate tree for the ``val`` split (same classes).
     """
@@ -93,6 +95,7 @@ class ClassFolders(RemoteSensingDataset):
         sensor: str = "auto",
         band_order=None,
         size: int | None = None,
+        ms_size: int | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.0,
         train_fraction: float | None = None,
@@ -109,7 +112,7 @@ class ClassFolders(RemoteSensingDataset):
                 raise ValueError(f"band_order {band_order!r}: known {sorted(BAND_ORDERS)}")
             band_order = BAND_ORDERS[band_order]
         self.band_order = tuple(band_order) if band_order else self._default_order()
-        self.size = size
+        self.size, self.ms_size = size, ms_size
         items, self.classes = self._scan()
         names = self.split_names()
         if val_root:
@@ -197,13 +200,12 @@ class ClassFolders(RemoteSensingDataset):
         arr, sensor, prof = read_image(it["path"], self.sensor, declared, return_profile=True)
         m = get_modality(sensor)
         s = modality_sample(m, [arr], sensor, [0])
-        if self.size is not None:
+        size = self.size if m == "hr" else self.ms_size
+        if size is not None:
             s.pop(f"{m}_pixel_valid", None)  # the same keys for every item, resized or not
-            if tuple(arr.shape[-2:]) != (self.size, self.size):
+            if tuple(arr.shape[-2:]) != (size, size):
                 x = s[m] if m == "hr" else s[m][0]
-                x = F.interpolate(
-                    x[None], size=(self.size, self.size), mode="bilinear", antialias=True
-                )[0]
+                x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0]
                 s[m] = x if m == "hr" else x[None]
         s.pop("hr_pixel_valid", None)
         if m != "hr":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from affine import Affine
 
 from skysense.data.datasets.base import BandMismatchError, DatasetError
 
@@ -149,12 +150,14 @@ def read_image(
     declared_order: Sequence[str] | None = None,
     *,
     return_profile: bool = False,
+    window=None,
 ):
     """One image file -> ``(arr (C, H, W) float32 of the sensor's model bands in the model's
     order, NaN = no data, sensor name)`` (and the profile with ``return_profile``).
 
     ``sensor``: the sensor expected (None: whichever the file's bands name). Bands are taken by
-    name (see the module docstring), never by position alone.
+    name (see the module docstring), never by position alone. ``window``: a
+    :class:`rasterio.windows.Window` to read instead of the whole file.
     """
     from skysense.data.sensors import get_sensor
 
@@ -194,16 +197,20 @@ def read_image(
                 f"(accepted: {', '.join(spec.accepted_dtypes)})"
             )
         idx = [names.index(b) + 1 for b in spec.model_bands]
-        arr = ds.read(idx).astype(np.float32)
+        arr = ds.read(idx, window=window).astype(np.float32)
         nodata = ds.nodata if ds.nodata is not None else spec.nodata
         if "alpha" in names:
-            alpha = ds.read(names.index("alpha") + 1)
+            alpha = ds.read(names.index("alpha") + 1, window=window)
             arr[:, alpha == 0] = np.nan
         profile = {
             "crs": ds.crs,
-            "transform": ds.transform,
-            "height": ds.height,
-            "width": ds.width,
+            "transform": (
+                ds.transform @ Affine.translation(window.col_off, window.row_off)
+                if window is not None
+                else ds.transform
+            ),
+            "height": arr.shape[1],
+            "width": arr.shape[2],
             "bands": names,
             "dtype": dtype,
         }

@@ -43,14 +43,16 @@ from skysense.data.datasets.readers import (
 )
 
 
-def colour_labels(path, palette, ignore=((0, 0, 0),), threshold: int | None = None) -> np.ndarray:
+def colour_labels(
+    path, palette, ignore=((0, 0, 0),), threshold: int | None = None, window=None
+) -> np.ndarray:
     """An RGB colour-coded label image -> (H, W) int64 class index (``IGNORE_INDEX`` for the
     ``ignore`` colours). ``threshold``: binarise each channel at it first (Potsdam's labels).
     More than 1 % of pixels in other colours is an error naming the file and the colours."""
     with _open(path) as ds:
         if ds.count < 3:
             raise DatasetError(f"label {path}: {ds.count} bands, expected an RGB colour label")
-        rgb = ds.read([1, 2, 3]).astype(np.int64)
+        rgb = ds.read([1, 2, 3], window=window).astype(np.int64)
     if threshold is not None:
         rgb = np.where(rgb >= threshold, 255, 0)
     code = (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
@@ -115,7 +117,36 @@ _POTSDAM_TEST = [
 ]
 
 
-class Potsdam(RemoteSensingDataset):
+class _HRTiles(RemoteSensingDataset):
+    """HR image + colour label tiles, with windowed reads (:meth:`tile_shape`,
+    :meth:`read_window`) so a training crop of a 6000 px tile reads only the crop."""
+
+    palette: tuple = ()
+    ignore_colours: tuple = ((0, 0, 0),)
+    threshold: int | None = None
+
+    def tile_shape(self, i: int) -> tuple[int, int]:
+        with _open(self.items[i]["image"]) as ds:
+            return ds.height, ds.width
+
+    def read_window(self, i: int, window=None) -> dict:
+        """Item ``i`` (a :class:`rasterio.windows.Window` of it, or all of it)."""
+        it = self.items[i]
+        arr, sensor = read_image(it["image"], "hr_rgb", window=window)
+        s = modality_sample("hr", [arr], sensor, [0])
+        s.pop("hr_pixel_valid")
+        mask = colour_labels(it["label"], self.palette, self.ignore_colours, self.threshold, window)
+        if mask.shape != arr.shape[1:]:
+            raise DatasetError(f"{it['label']}: {mask.shape} px, image {arr.shape[1:]}")
+        s["mask"] = torch.from_numpy(mask)
+        s["name"] = it["name"]
+        return s
+
+    def __getitem__(self, i: int) -> dict:
+        return self.read_window(i)
+
+
+class Potsdam(_HRTiles):
     """Args: ``eroded``: the labels without boundaries (5_Labels_all_noBoundary), as the
     benchmark scores; ``tiles``: explicit tile ids (``2_10``, ...) instead of the split."""
 
@@ -128,6 +159,7 @@ class Potsdam(RemoteSensingDataset):
     classes = ("impervious surfaces", "building", "low vegetation", "tree", "car", "clutter")
     palette = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
     label_encoding = "RGB colours: white, blue, cyan, green, yellow, red; black = ignored"
+    threshold = 128
     layout = "root/2_Ortho_RGB/top_potsdam_<a>_<b>_RGB.tif, root/5_Labels_all/top_potsdam_<a>_<b>_label.tif"
 
     def __init__(self, root, split="train", split_file=None, eroded: bool = False, tiles=None):
@@ -152,18 +184,6 @@ class Potsdam(RemoteSensingDataset):
         if not self.items:
             raise DatasetError(f"potsdam {split}: none of the tiles {ids[:3]}... under {self.root}")
 
-    def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        arr, sensor = read_image(it["image"], "hr_rgb")
-        s = modality_sample("hr", [arr], sensor, [0])
-        s.pop("hr_pixel_valid")
-        mask = colour_labels(it["label"], self.palette, threshold=128)
-        if mask.shape != arr.shape[1:]:
-            raise DatasetError(f"{it['label']}: {mask.shape} px, image {arr.shape[1:]}")
-        s["mask"] = torch.from_numpy(mask)
-        s["name"] = it["name"]
-        return s
-
 
 ISAID_CLASSES = (
     "background", "ship", "storage tank", "baseball diamond", "tennis court",
@@ -177,7 +197,7 @@ ISAID_PALETTE = (
 )  # fmt: skip
 
 
-class ISAID(RemoteSensingDataset):
+class ISAID(_HRTiles):
     name = "isaid"
     task = "segmentation"
     sensors = {"hr": "hr_rgb"}
@@ -187,6 +207,7 @@ class ISAID(RemoteSensingDataset):
     classes = ISAID_CLASSES
     palette = ISAID_PALETTE
     label_encoding = "RGB colour per class (ISAID_PALETTE; black = background)"
+    ignore_colours = ()
     layout = "root/{train,val}/images/P<n>.png, root/{train,val}/Semantic_masks/images/P<n>_instance_color_RGB.png"
 
     def __init__(self, root, split="train", split_file=None):
@@ -206,15 +227,6 @@ class ISAID(RemoteSensingDataset):
         self.items = self.select(items, lambda it: it["name"], self.split_names())
         if not self.items:
             raise DatasetError(f"isaid {split}: no image with a semantic mask under {top}")
-
-    def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        arr, sensor = read_image(it["image"], "hr_rgb")
-        s = modality_sample("hr", [arr], sensor, [0])
-        s.pop("hr_pixel_valid")
-        s["mask"] = torch.from_numpy(colour_labels(it["label"], self.palette, ignore=()))
-        s["name"] = it["name"]
-        return s
 
 
 class Sen1Floods11(RemoteSensingDataset):

@@ -142,11 +142,22 @@ class TileCrops(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng((self.seed, int(i)))
-        sc = to_scene(self.ds[i % len(self.ds)], "")
-        h, w = sc.mask.shape
-        c = int(self.crop) if self.crop else min(h, w)
-        top, left = random_crop_box(rng, h, w, c)
-        s = crop_scene(sc, top, left, c)
+        k = i % len(self.ds)
+        if self.crop and hasattr(self.ds, "read_window"):
+            # Large tiles (Potsdam's 6000 px): read only the crop.
+            from rasterio.windows import Window
+
+            h, w = self.ds.tile_shape(k)
+            c = int(self.crop)
+            top, left = random_crop_box(rng, h, w, c)
+            sc = to_scene(self.ds.read_window(k, Window(left, top, c, c)), "")
+            s = crop_scene(sc, 0, 0, c)
+        else:
+            sc = to_scene(self.ds[k], "")
+            h, w = sc.mask.shape
+            c = int(self.crop) if self.crop else min(h, w)
+            top, left = random_crop_box(rng, h, w, c)
+            s = crop_scene(sc, top, left, c)
         return random_dihedral(s, rng) if self.augment else s
 
 
