@@ -156,6 +156,7 @@ def _assert_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_export_then_convert_then_load_gives_identical_outputs(tmp_path, capsys):
     torch.manual_seed(0)
     model = build_skysense("tiny", **RELEASE_STRUCTURE)
@@ -170,6 +171,7 @@ def test_export_then_convert_then_load_gives_identical_outputs(tmp_path, capsys)
     assert main([*args, "format=safetensors"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["files"] == ["SHA256SUMS", "config.json", "model.safetensors"]
+    assert load_weights(tmp_path / "exp")[1]["sensors"]["s1"]["bands"] == ["VV", "VH"]
     _assert_identical(_outputs(build_skysense("tiny", weights=tmp_path / "exp")), want)
 
     # the same weights under the release's names, converted: identical again
@@ -209,6 +211,7 @@ def test_a_corrupted_weights_folder_is_refused(tmp_path, capsys):
         build_skysense("tiny", weights=tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_huggingface_mixin_reads_the_folder_offline(tmp_path, capsys, monkeypatch):
     pytest.importorskip("huggingface_hub")
     from skysense.encoders.hub import SkySenseHub
@@ -240,6 +243,7 @@ def test_huggingface_mixin_reads_the_folder_offline(tmp_path, capsys, monkeypatc
     _assert_identical(_outputs(hub), _outputs(model))
 
 
+@pytest.mark.slow
 def test_a_finetuned_model_exports_whole_and_its_encoder_loads(tmp_path, capsys):
     from skysense.tasks.downstream.checkpoint import save_finetuned
     from skysense.tasks.downstream.model import build_task_model

@@ -151,7 +151,7 @@ def convert(cfg) -> dict:
         "model": _jsonable(asdict(model.cfg)),
         "parts": present,
         "absent": report.absent,
-        "sensors": _sensors(model.cfg.modalities),
+        "sensors": sensor_specs(model.cfg.modalities),
         "sources": [
             {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths
         ],
@@ -176,7 +176,9 @@ def convert(cfg) -> dict:
     }
 
 
-def _sensors(modalities) -> dict:
+def sensor_specs(modalities) -> dict:
+    """{modality: sensor name, band order, normalisation mean and std} of this project's spec
+    sensors (the statistics the data package normalises with)."""
     from skysense.data.sensors import get_sensor
 
     out = {}

@@ -70,6 +70,10 @@ def export_weights(cfg) -> dict:
             raise ValueError(f"{src}: records no config['model']['preset'] to rebuild it with")
         preset, overrides = model_cfg["preset"], dict(model_cfg.get("overrides") or {})
         config.update(kind="encoder", encoder_key=cfg.encoder_key)
+    if "sensors" not in config:
+        from skysense.tasks.convert import sensor_specs
+
+        config["sensors"] = sensor_specs(preset_config(preset, **overrides).modalities)
     else:
         raise ValueError(
             f"{src}: neither a fine-tuned model file nor a pre-training checkpoint with "
