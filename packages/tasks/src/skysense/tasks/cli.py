@@ -92,7 +92,7 @@ def _usage() -> str:
         "commands:",
     ]
     for name, cmd in COMMANDS.items():
-        pos = " ".join(p.upper() for p in cmd.positional)
+        pos = _positional_usage(cmd)
         lines.append(f"  {name:<{width}}  {cmd.summary}" + (f"  (args: {pos})" if pos else ""))
     lines += [
         "",
@@ -192,10 +192,18 @@ def _split_args(cmd: Command, args: list[str]) -> tuple[list[str], list[str], se
     return positional, overrides, flags
 
 
+def _positional_usage(cmd: Command) -> str:
+    """SRC DST, or SRC... DST where the first positional takes several."""
+    names = [p.upper() for p in cmd.positional]
+    if cmd.variadic and names:
+        names[0] += "..."
+    return " ".join(names)
+
+
 def _help(name: str, cmd: Command, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
-    lines = [f"usage: skysense {name} " + " ".join(p.upper() for p in cmd.positional)]
+    lines = [f"usage: skysense {name} " + _positional_usage(cmd)]
     lines[0] += " [key=value ...]"
     lines += ["", cmd.summary, "", "config groups (group=option):"]
     for group, opts in config_groups(cmd.config).items():
