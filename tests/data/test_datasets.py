@@ -452,3 +452,17 @@ def test_hr_tiles_read_a_window_as_the_whole_tile_cut(tmp_path):
     whole, part = ds[1], ds.read_window(1, Window(8, 16, 32, 24))
     assert torch.equal(part["hr"], whole["hr"][:, 16:40, 8:40])
     assert torch.equal(part["mask"], whole["mask"][16:40, 8:40])
+
+
+def test_bigearthnet_split_file_with_s1_partners_and_missing_patches(tmp_path):
+    root = fakes.make("bigearthnet", tmp_path)
+    s2 = sorted(p.name for p in (root / "BigEarthNet-v1.0").iterdir())
+    s1 = sorted(p.name for p in (root / "BigEarthNet-S1-v1.0").iterdir())
+    f = tmp_path / "pairs.csv"
+    f.write_text(f"{s2[1]},{s1[1]}\n{s2[4]},{s1[4]}\n")
+    ds = get_dataset("bigearthnet")(root, "train", split_file=f, modalities=["s2", "s1"])
+    assert [(it["s2"].name, it["s1"].name) for it in ds.items] == [(s2[1], s1[1]), (s2[4], s1[4])]
+    assert ds[1]["s1"].shape == (1, 2, 120, 120)
+    f.write_text("S2A_MSIL2A_20170613T101031_99_99\n")
+    with pytest.raises(DatasetError, match="99_99 of the split file has no S2 folder"):
+        get_dataset("bigearthnet")(root, "train", split_file=f)

@@ -155,46 +155,85 @@ class BigEarthNet(_BigEarthNetBase):
             raise ValueError(f"bigearthnet: nomenclature must be 19 or 43, got {nomenclature}")
         self.nomenclature = nomenclature
         self.classes = LABELS_19 if nomenclature == 19 else LABELS_43
-        s2, s1 = {}, {}
-        for meta in sorted(self.root.rglob("*_labels_metadata.json")):
-            d = json.loads(meta.read_text())
-            if "corresponding_s2_patch" in d:
-                s1[d["corresponding_s2_patch"]] = meta
-            else:
-                s2[meta.parent.name] = meta
-        if not s2 and not s1:
-            raise FileNotFoundError(f"bigearthnet: no *_labels_metadata.json under {self.root}")
-        names = sorted(n for n in set(s2) | set(s1) if all(
-            (s2 if m == "s2" else s1).get(n) for m in self.modalities
-        ))  # fmt: skip
         listed = self.split_names()
         if listed is not None:
-            listed = [ln.split(",")[0].strip() for ln in listed]
-            chosen = [n for n in listed if n in set(names)]
-            if len(chosen) < len(listed):
-                raise DatasetError(
-                    f"bigearthnet {split}: {len(listed) - len(chosen)} listed patches lack "
-                    f"{self.modalities} under {self.root} (first: "
-                    f"{next(n for n in listed if n not in set(names))})"
-                )
+            self.items = self._from_split_file(listed)
         else:
+            s2, s1 = self._scan()
+            names = sorted(
+                n
+                for n in set(s2) | set(s1)
+                if all((s2 if m == "s2" else s1).get(n) for m in self.modalities)
+            )
             log.warning(
                 "bigearthnet: no official split file (train.csv, val.csv, test.csv) under %s; "
                 "a seeded split (val_fraction=%s, seed=%d) of the %d patches found",
                 self.root, val_fraction, seed, len(names),
             )  # fmt: skip
             chosen = _seeded_split(names, split, val_fraction, seed)
-        self.items = [{"name": n, "s2": s2.get(n), "s1": s1.get(n)} for n in chosen]
+            self.items = [{"name": n, "s2": s2.get(n), "s1": s1.get(n)} for n in chosen]
+
+    def _tops(self, s1: bool) -> list[Path]:
+        return [
+            d
+            for d in sorted(self.root.iterdir())
+            if d.is_dir() and d.name.startswith("BigEarthNet") and (("S1" in d.name) == s1)
+        ]
+
+    def _scan(self) -> tuple[dict, dict]:
+        """Patch folders by S2 name: every ``*_labels_metadata.json`` under root (S1 folders
+        keyed by the S2 patch their JSON names)."""
+        s2, s1 = {}, {}
+        for meta in sorted(self.root.rglob("*_labels_metadata.json")):
+            d = json.loads(meta.read_text())
+            if "corresponding_s2_patch" in d:
+                s1[d["corresponding_s2_patch"]] = meta.parent
+            else:
+                s2[meta.parent.name] = meta.parent
+        if not s2 and not s1:
+            raise FileNotFoundError(f"bigearthnet: no *_labels_metadata.json under {self.root}")
+        return s2, s1
+
+    def _from_split_file(self, listed: list[str]) -> list[dict]:
+        """Items of an official split file, their folders found by name (no scan of the
+        590,326 patches): ``S2 name`` or ``S2 name,S1 name`` a line."""
+        rows = [[c.strip() for c in ln.split(",")] for ln in listed]
+        s2_tops, s1_tops = self._tops(False), self._tops(True)
+        s1_of = None
+        if "s1" in self.modalities and any(len(r) < 2 for r in rows):
+            s1_of = self._scan()[1]  # the S1 partner is named only in the S1 JSONs
+        items = []
+        for r in rows:
+            n = r[0]
+            it = {"name": n, "s2": None, "s1": None}
+            it["s2"] = next((t / n for t in s2_tops if (t / n).is_dir()), None)
+            if "s1" in self.modalities:
+                it["s1"] = (
+                    next((t / r[1] for t in s1_tops if (t / r[1]).is_dir()), None)
+                    if len(r) > 1
+                    else s1_of.get(n)
+                )
+            missing = [m for m in self.modalities if it[m] is None]
+            if missing:
+                raise DatasetError(
+                    f"bigearthnet {self.split}: patch {n} of the split file has no "
+                    f"{'/'.join(m.upper() for m in missing)} folder under {self.root}"
+                )
+            items.append(it)
+        return items
 
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
-        meta = it["s2"] or it["s1"]
-        labels = json.loads(Path(meta).read_text()).get("labels")
+        folder = Path(it["s2"] or it["s1"])
+        meta = folder / f"{folder.name}_labels_metadata.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"bigearthnet: no {meta}")
+        labels = json.loads(meta.read_text()).get("labels")
         if not isinstance(labels, list):
             raise DatasetError(f"{meta}: 'labels' must be a list of class names")
         if self.nomenclature == 19:
             labels = to_19(labels)
-        s = self._read({m: Path(it[m]).parent if it[m] else None for m in self.modalities})
+        s = self._read({m: it[m] for m in self.modalities})
         s["label"] = one_hot(labels, self.classes, str(meta))
         return s
 
