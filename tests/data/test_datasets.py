@@ -4,6 +4,7 @@ name, splits from the dataset's own files, one-line errors for misreads, plot().
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import fakes
@@ -466,3 +467,15 @@ def test_bigearthnet_split_file_with_s1_partners_and_missing_patches(tmp_path):
     f.write_text("S2A_MSIL2A_20170613T101031_99_99\n")
     with pytest.raises(DatasetError, match="99_99 of the split file has no S2 folder"):
         get_dataset("bigearthnet")(root, "train", split_file=f)
+
+
+def test_bigearthnet_label_json_errors_name_the_file(tmp_path):
+    root = fakes.make("bigearthnet", tmp_path)
+    ds = get_dataset("bigearthnet")(root, "val")
+    meta = next(ds.items[0]["s2"].glob("*_labels_metadata.json"))
+    meta.write_text(json.dumps({"labels": "Pastures"}))
+    with pytest.raises(DatasetError, match="labels_metadata.json: 'labels' must be a list"):
+        ds[0]
+    meta.write_text("{not json")
+    with pytest.raises(DatasetError, match="labels_metadata.json: unreadable JSON"):
+        ds[0]

@@ -19,12 +19,6 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
 from skysense.tasks.downstream.datasets import boxes as B
-from skysense.tasks.downstream.datasets.bigearthnet import read_multilabel_json
-from skysense.tasks.downstream.datasets.class_folders import (
-    ClassFolderDataset,
-    find_class_folders,
-    split_items,
-)
 from skysense.tasks.downstream.datasets.common import IGNORE_INDEX, collate
 from skysense.tasks.downstream.datasets.dense import DenseCrops, DenseScene, class_weights
 from skysense.tasks.downstream.datasets.masks import read_label_mask
@@ -139,20 +133,6 @@ def test_detection_crops_flip_boxes_with_the_image():
 # ------------------------------------------------------------------------ multi-label JSON
 
 
-def test_multilabel_json(tmp_path):
-    p = tmp_path / "x_labels_metadata.json"
-    p.write_text(
-        json.dumps({"labels": ["Coniferous forest", "Pastures"], "acquisition_date": "2017-06-13"})
-    )
-    assert read_multilabel_json(p) == ["Coniferous forest", "Pastures"]
-    p.write_text(json.dumps({"labels": "Pastures"}))
-    with pytest.raises(ValueError, match="list of class names"):
-        read_multilabel_json(p)
-    p.write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable JSON"):
-        read_multilabel_json(p)
-
-
 # -------------------------------------------------------------------------- label masks
 
 
@@ -202,6 +182,9 @@ def test_label_mask_without_georeference_must_match_the_shape(tmp_path):
 
 
 def test_class_folders(tmp_path):
+    from skysense.data.datasets import DatasetError
+    from skysense.data.datasets.classification import ClassFolders
+
     rng = np.random.default_rng(0)
     for c, n in (("forest", 3), ("urban", 2)):
         (tmp_path / c).mkdir()
@@ -212,16 +195,15 @@ def test_class_folders(tmp_path):
                 crs=None,
             )
     (tmp_path / "urban" / "notes.txt").write_text("not an image")
-    items, classes = find_class_folders(tmp_path)
-    assert classes == ["forest", "urban"] and [k for _, k in items] == [0, 0, 0, 1, 1]
-    train, val = split_items(items, 0.34, seed=0)
-    assert sorted(k for _, k in val) == [0, 1] and len(train) == 3
-    ds = ClassFolderDataset(items, size=32)
-    s = ds[4]
+    train = ClassFolders(tmp_path, "train", val_fraction=0.34, size=32)
+    val = ClassFolders(tmp_path, "val", val_fraction=0.34, size=32)
+    assert train.classes == ["forest", "urban"] and train.sensors == {"hr": "hr_rgb"}
+    assert sorted(it["label"] for it in val.items) == [0, 1] and len(train) == 3
+    s = val[1]
     assert s["hr"].shape == (3, 32, 32) and s["label"].item() == 1
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty holds no image"):
-        find_class_folders(tmp_path)
+    with pytest.raises(DatasetError, match="empty holds no image"):
+        ClassFolders(tmp_path, "train")
 
 
 # --------------------------------------------------------------------- dense crops, collate

@@ -228,7 +228,10 @@ class BigEarthNet(_BigEarthNetBase):
         meta = folder / f"{folder.name}_labels_metadata.json"
         if not meta.is_file():
             raise FileNotFoundError(f"bigearthnet: no {meta}")
-        labels = json.loads(meta.read_text()).get("labels")
+        try:
+            labels = json.loads(meta.read_text()).get("labels")
+        except ValueError as e:
+            raise DatasetError(f"{meta}: unreadable JSON ({e})") from None
         if not isinstance(labels, list):
             raise DatasetError(f"{meta}: 'labels' must be a list of class names")
         if self.nomenclature == 19:
