@@ -316,6 +316,44 @@ def test_a_fixed_file_is_picked_up_on_the_next_run(tmp_path):
     assert manifest_rows(dst, "SELECT COUNT(*) FROM samples")[0][0] == n0 + 18
 
 
+def test_a_repaired_file_in_a_place_with_tiles_is_picked_up(tmp_path):
+    """One acquisition of a place is truncated: the place is ingested without it. Once the file
+    is repaired the next run redoes that place, and the result equals a fresh ingest's."""
+    src = source(tmp_path / "src", 2)
+    broken = sorted((src / "place_01" / "20170802").glob("*_B02.tif"))[0]
+    good = broken.read_bytes()
+    truncate(broken)
+    dst = tmp_path / "dst"
+    first = cli(tmp_path, src, dst, TILE, "plots=0")
+    assert first.returncode == 1 and str(broken) in first.stdout, first.stdout
+    assert manifest_rows(dst, "SELECT COUNT(*) FROM samples WHERE s2_dates='2017-06-13'") == [(9,)]
+    broken.write_bytes(good)
+    again = cli(tmp_path, src, dst, TILE, "plots=0")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 redone: files changed" in again.stdout and "bad files: none" in again.stdout
+    fresh = cli(tmp_path, src, tmp_path / "fresh", TILE, "plots=0")
+    assert fresh.returncode == 0
+    from skysense.data.manifest import Manifest
+    from skysense.data.shards import ShardReader
+
+    def by_name(d):
+        m = Manifest(d)
+        r = ShardReader(m)
+        rows = m.query("SELECT name, shard, offset, lat, lon, s2_dates, s2_valid FROM samples")
+        return {n: (rest, np.asarray(r.arrays(s)["s2"][o])) for n, s, o, *rest in rows}, m
+
+    a, ma = by_name(dst)
+    b, mb = by_name(tmp_path / "fresh")
+    assert a.keys() == b.keys() and len(a) == 18
+    for n in a:
+        assert a[n][0] == b[n][0]
+        np.testing.assert_array_equal(a[n][1], b[n][1])
+    assert len(ma) == 18  # ids renumbered 0..17 (Manifest checks)
+    for k, v in mb.band_stats.items():
+        assert ma.band_stats[k]["count"] == v["count"]
+        assert ma.band_stats[k]["mean"] == pytest.approx(v["mean"], rel=1e-9)
+
+
 def test_nothing_usable_lists_the_bad_files_and_fails_in_one_line(tmp_path):
     src = tmp_path / "src"
     files = s2_place(src / "only" / "20170613")

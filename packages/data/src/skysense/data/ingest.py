@@ -107,6 +107,7 @@ class IngestReport:
     n_places: int = 0
     n_places_skipped: int = 0
     n_tiles_dropped: int = 0
+    n_places_redone: int = 0
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     resumed: bool = False
@@ -127,7 +128,13 @@ class IngestReport:
             [
                 f"manifest: {self.manifest}",
                 f"samples: {self.n_samples} in {self.n_shards} shard(s) from {self.n_places} "
-                f"place(s) ({self.n_places_skipped} already done), {self.n_tiles_dropped} "
+                f"place(s) ({self.n_places_skipped} already done"
+                + (
+                    f", {self.n_places_redone} redone: files changed"
+                    if self.n_places_redone
+                    else ""
+                )
+                + f"), {self.n_tiles_dropped} "
                 f"tile(s) dropped as entirely nodata, {self.seconds:.1f} s",
                 self.format_bad_files(),
             ]
@@ -197,7 +204,9 @@ def ingest(
         gdal["GDAL_CACHEMAX"] = GDAL_CACHE_MB
     with rasterio.Env(**gdal):
         t0 = time.perf_counter()
-        src, dst = Path(src), Path(dst)
+        # Absolute, so that the files recorded in the manifest compare equal on the next run
+        # whatever the working folder (symbolic links are kept as written).
+        src, dst = Path(os.path.abspath(src)), Path(dst)
         if not src.exists():
             raise FileNotFoundError(errno.ENOENT, "source folder not found", str(src))
         mpath = dst / FILENAME
@@ -302,6 +311,14 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
                     f"ingested from {owner}; ingest the two sources into separate folders",
                     field="src",
                 )
+        # A committed place whose sources changed (a bad file repaired or replaced, a file
+        # added) is redone: its samples are forgotten and it is aligned again.
+        changed = writer.changed_places(groups)
+        if changed:
+            n = writer.drop_places(changed)
+            log.info("redoing %d place(s) whose files changed (%d samples)", len(changed), n)
+            done = writer.done_groups()
+            report.n_places_redone = len(changed)
         writer.forget_bad_files(done)
         complete = bool(writer.get_meta("complete"))
         if not groups:

@@ -356,7 +356,10 @@ def align_place(
                     res.spill = None
                 return res
             except _AcquisitionFailed as e:
-                bad.append((str(e.path), f"unreadable or truncated: {e.reason}"))
+                reason = e.reason
+                if not reason.startswith(("unreadable", "no CRS")):
+                    reason = f"unreadable or truncated: {reason}"
+                bad.append((str(e.path), reason))
                 for m, acqs in group.acquisitions.items():
                     group.acquisitions[m] = [a for a in acqs if a is not e.acq]
                 src.close()
@@ -389,6 +392,12 @@ def _align_place(group, plan, cfg, split, label, src, bad, spill) -> PlaceResult
     try:
         grid = place_grid(group, plan, cfg, src, bad)
     except BadInputError as e:
+        # A file that fails to open drops its acquisition only (the place is redone without
+        # it), not the whole place.
+        for acqs in group.acquisitions.values():
+            for a in acqs:
+                if any(str(f) == str(e.path) for f in a.files):
+                    raise _AcquisitionFailed(a, e.path, e.reason) from None
         bad.append((e.path, e.reason))
         return res
     mods = [m for m in group.modalities if group.acquisitions.get(m)]

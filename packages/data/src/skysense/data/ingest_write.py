@@ -222,7 +222,14 @@ class ShardStream:
         steps = {m: int(arrays[f"{m}_step"].shape[1]) for m in mods if m != "hr"}
         shard = {"id": sid, "path": rel.as_posix(), "n": len(tiles), "steps": steps}
         rows = [sample_row(self.n_samples + i, sid, i, t, mods) for i, t in enumerate(tiles)]
-        stats = shard_stats(arrays, mods)
+        # Statistics per place within the shard, so that a place redone later takes its own out.
+        by_place: dict[str, list[int]] = {}
+        for i, t in enumerate(tiles):
+            by_place.setdefault(t["grp"], []).append(i)
+        stats = []
+        for grp, idx in by_place.items():
+            part = arrays if len(idx) == len(tiles) else {k: v[idx] for k, v in arrays.items()}
+            stats += [(*s, grp) for s in shard_stats(part, mods)]
         del arrays
         self.writer.commit([(shard, rows, stats)], self.pending)
         self.pending = []

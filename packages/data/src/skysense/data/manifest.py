@@ -19,10 +19,11 @@ Tables:
   grid and the source folder it came from (to re-read the
   sources, as the benchmark's baseline does), ``acquisitions(grp, modality, step, sensor, days,
   files)``: the source files of each step.
-- ``shard_stats`` (per shard, for resuming) and ``band_stats(modality, band, count, mean, std,
+- ``shard_stats`` (per shard and place, for resuming and for redoing a place) and ``band_stats(modality, band, count, mean, std,
   min, max)``: per-band statistics over the usable pixels of the stored tiles.
-- ``bad_files(path, reason, grp)``: the per-file report of bad inputs, one row per file (``grp``:
-  the place that found it while being aligned; NULL for files that discovery already refused).
+- ``bad_files(path, reason, grp, size, mtime_ns)``: the per-file report of bad inputs, one row
+  per file (``grp``: the place that found it while being aligned, NULL for files that discovery
+  refused; ``size``, ``mtime_ns``: the file as it was, so that the next ingest sees a fix).
   ``classes(idx, name)``.
 
 Paths read from the manifest are confined: a shard path must resolve inside the manifest's
@@ -60,11 +61,12 @@ CREATE TABLE IF NOT EXISTS acquisitions(
     days INTEGER, files TEXT, PRIMARY KEY(grp, modality, step));
 CREATE TABLE IF NOT EXISTS shard_stats(
     shard INTEGER, modality TEXT, band TEXT, count INTEGER, sum REAL, sumsq REAL,
-    min REAL, max REAL);
+    min REAL, max REAL, grp TEXT);
 CREATE TABLE IF NOT EXISTS band_stats(
     modality TEXT, band TEXT, count INTEGER, mean REAL, std REAL, min REAL, max REAL,
     PRIMARY KEY(modality, band));
-CREATE TABLE IF NOT EXISTS bad_files(path TEXT PRIMARY KEY, reason TEXT, grp TEXT);
+CREATE TABLE IF NOT EXISTS bad_files(
+    path TEXT PRIMARY KEY, reason TEXT, grp TEXT, size INTEGER, mtime_ns INTEGER);
 CREATE TABLE IF NOT EXISTS classes(idx INTEGER PRIMARY KEY, name TEXT);
 """
 
@@ -77,6 +79,15 @@ def manifest_path(path) -> Path:
     """``path`` itself if it is a file, else ``path/manifest.sqlite``."""
     p = Path(path)
     return p / FILENAME if p.is_dir() else p
+
+
+def _stat(path) -> tuple[int | None, int | None]:
+    """(size, mtime_ns) of a file, (None, None) when it is gone."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 class ManifestWriter:
@@ -93,10 +104,16 @@ class ManifestWriter:
 
     def _migrate(self) -> None:
         """Columns that manifests of earlier ingests lack."""
-        for table, col in (("groups", "src"), ("bad_files", "grp")):
+        for table, col, kind in (
+            ("groups", "src", "TEXT"),
+            ("bad_files", "grp", "TEXT"),
+            ("bad_files", "size", "INTEGER"),
+            ("bad_files", "mtime_ns", "INTEGER"),
+            ("shard_stats", "grp", "TEXT"),
+        ):
             have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
             if col not in have:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT")
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
 
     def close(self):
         self.db.close()
@@ -155,8 +172,10 @@ class ManifestWriter:
                         [tuple(s[c] for c in cols) for s in samples],
                     )
                 self.db.executemany(
-                    "INSERT INTO shard_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(shard["id"], *s) for s in stats],
+                    "INSERT INTO shard_stats "
+                    "(shard, modality, band, count, sum, sumsq, min, max, grp) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(shard["id"], *s) if len(s) == 8 else (shard["id"], *s, None) for s in stats],
                 )
             last = shards[-1][0]["id"] if shards else (-1 if last_shard is None else last_shard)
             for g in groups:
@@ -197,9 +216,63 @@ class ManifestWriter:
         """Record bad files (the first reason of a file is kept: one row per file)."""
         with self.db:
             self.db.executemany(
-                "INSERT OR IGNORE INTO bad_files (path, reason, grp) VALUES (?, ?, ?)",
-                [(p, r, grp) for p, r in bad],
+                "INSERT OR IGNORE INTO bad_files (path, reason, grp, size, mtime_ns) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(p, r, grp, *_stat(p)) for p, r in bad],
             )
+
+    def changed_places(self, groups) -> set[str]:
+        """Of the committed places among ``groups`` (discovered now, with ``name`` and
+        ``files``), those whose sources changed since: a file that was bad has changed or gone,
+        or discovery now finds a file the place was made without (a repaired band, say)."""
+        done = set(self.done_groups())
+        out: set[str] = set()
+        for path, grp, size, mtime in self.db.execute(
+            "SELECT path, grp, size, mtime_ns FROM bad_files WHERE grp IS NOT NULL"
+        ):
+            if grp in done and _stat(path) != (size, mtime):
+                out.add(grp)
+        for g in groups:
+            if g.name not in done or g.name in out:
+                continue
+            known = {
+                r[0] for r in self.db.execute("SELECT path FROM bad_files WHERE grp=?", (g.name,))
+            }
+            for (files,) in self.db.execute(
+                "SELECT files FROM acquisitions WHERE grp=?", (g.name,)
+            ):
+                d = json.loads(files)
+                known.update([d["stack"]] if "stack" in d else list(d.get("bands", {}).values()))
+                known.update(p for p, _ in d.get("masks", []))
+            if any(str(f) not in known for f in g.files):
+                out.add(g.name)
+        return out
+
+    def drop_places(self, names) -> int:
+        """Forget committed places (to redo them): their samples, statistics and records. Their
+        tiles stay in the shards, unreferenced; the sample ids left are renumbered 0..n-1.
+        Returns the number of samples dropped."""
+        names = list(names)
+        if not names:
+            return 0
+        with self.db:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS _drop(grp TEXT PRIMARY KEY)")
+            self.db.execute("DELETE FROM _drop")
+            self.db.executemany("INSERT OR IGNORE INTO _drop VALUES (?)", [(n,) for n in names])
+            n = self.db.execute("DELETE FROM samples WHERE grp IN (SELECT grp FROM _drop)").rowcount
+            for table in ("shard_stats", "groups", "acquisitions", "bad_files"):
+                self.db.execute(f"DELETE FROM {table} WHERE grp IN (SELECT grp FROM _drop)")
+            # Renumber in two passes (negative first) so that no id collides on the way.
+            self.db.execute(
+                "CREATE TEMP TABLE _ids AS SELECT id AS old, "
+                "ROW_NUMBER() OVER (ORDER BY id) - 1 AS new FROM samples"
+            )
+            self.db.execute(
+                "UPDATE samples SET id = -1 - (SELECT new FROM _ids WHERE old = samples.id)"
+            )
+            self.db.execute("UPDATE samples SET id = -1 - id")
+            self.db.execute("DROP TABLE _ids")
+        return n
 
     def bad_files(self) -> list[tuple[str, str]]:
         return self.db.execute("SELECT path, reason FROM bad_files ORDER BY path").fetchall()
