@@ -479,3 +479,18 @@ def test_bigearthnet_label_json_errors_name_the_file(tmp_path):
     meta.write_text("{not json")
     with pytest.raises(DatasetError, match="labels_metadata.json: unreadable JSON"):
         ds[0]
+
+
+def test_mados_bands_by_wavelength_and_sparse_labels(tmp_path):
+    from fakes.segmentation import mados_value
+
+    root = fakes.make("mados", tmp_path)
+    ds = get_dataset("mados")(root, "train")
+    assert [it["name"] for it in ds.items] == ["Scene_0_1", "Scene_1_1"]
+    for s in (ds[0], ds[1]):  # Scene_1: Sentinel-2B wavelengths (1614, 2202 nm)
+        assert s["s2"].shape == (1, 10, 36, 36)
+        raw = _raw(s["s2"][0], "s2_l2a")
+        for j, b in enumerate(get_sensor("s2_l2a").model_bands):
+            assert raw[j, 20, 20] == pytest.approx(10000 * mados_value(b), abs=0.5), b
+        assert not s["s2_pixel_valid"][0, 0, 0]
+        assert set(s["mask"].unique().tolist()) == {0, 6, 255}  # debris, water, unlabelled

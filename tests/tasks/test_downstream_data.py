@@ -301,6 +301,7 @@ FINETUNE = {
     "fair1m": ["task=detection", "data.crop=64"],
     "fmow_s2": ["task=classification", "task.features=s2", "data.size=32"],
     "hls_burn_scars": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
+    "mados": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
 }
 
 

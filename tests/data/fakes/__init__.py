@@ -24,6 +24,7 @@ from fakes.multilabel import make_bigearthnet_v1, make_bigearthnet_v2
 from fakes.segmentation import (
     make_hls_burn_scars,
     make_isaid,
+    make_mados,
     make_pastis,
     make_potsdam,
     make_sen1floods11,
@@ -48,6 +49,7 @@ MAKERS = {
     "fair1m": make_fair1m,
     "fmow_s2": make_fmow_s2,
     "hls_burn_scars": make_hls_burn_scars,
+    "mados": make_mados,
 }
 
 

@@ -153,3 +153,45 @@ def make_hls_burn_scars(root: Path, size: int = 32) -> Path:
         mask[:2] = -1
         write_tif(root / folder / f"{stem}.mask.tif", mask, "EPSG:32610", t)
     return root
+
+
+MADOS_WAVELENGTHS = {  # nm -> (resolution folder, the band it is)
+    442: (60, "B1"), 492: (10, "B2"), 559: (10, "B3"), 665: (10, "B4"), 704: (20, "B5"),
+    739: (20, "B6"), 780: (20, "B7"), 833: (10, "B8"), 864: (20, "B8A"), 1610: (20, "B11"),
+    2186: (20, "B12"),
+}  # fmt: skip
+
+
+def mados_value(band: str) -> float:
+    """Reflectance the fake MADOS writes for ``band`` (away from the NaN corner)."""
+    return 0.01 * (list(b for _, b in MADOS_WAVELENGTHS.values()).index(band) + 1)
+
+
+def make_mados(root: Path, size: int = 36) -> Path:
+    """MADOS: ``Scene_<k>/{10,20,60}/Scene_<k>_L2R_rhorc_<nm>_<crop>.tif`` (float32 reflectance,
+    NaN corner), ``Scene_<k>/10/Scene_<k>_L2R_cl_<crop>.tif`` (uint8 0 unlabelled, 1..15) and
+    ``splits/{train,val,test}_X.txt``; Scene_1 carries Sentinel-2B wavelengths (1614, 2202 nm);
+    36 px instead of 240."""
+    for scene, crops in (("Scene_0", (1, 2)), ("Scene_1", (1,))):
+        for crop in crops:
+            for nm, (res, band) in MADOS_WAVELENGTHS.items():
+                nm_file = {1610: 1614, 2186: 2202}.get(nm, nm) if scene == "Scene_1" else nm
+                n = size * 10 // res
+                a = np.full((n, n), mados_value(band), np.float32)
+                a[0, 0] = np.nan
+                t = Affine(res, 0, 200_000.0, 0, -res, 4_500_000.0)
+                write_tif(root / scene / str(res) / f"{scene}_L2R_rhorc_{nm_file}_{crop}.tif", a,
+                          "EPSG:32634", t)  # fmt: skip
+            cl = np.zeros((size, size), np.uint8)
+            cl[4:12, 4:20] = 7  # Marine Water
+            cl[20:24, 10:14] = 1  # Marine Debris
+            t = Affine(10, 0, 200_000.0, 0, -10, 4_500_000.0)
+            write_tif(root / scene / "10" / f"{scene}_L2R_cl_{crop}.tif", cl, "EPSG:32634", t)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for s, names in (
+        ("train", "Scene_0_1\nScene_1_1"),
+        ("val", "Scene_0_2"),
+        ("test", "Scene_0_2"),
+    ):
+        (root / "splits" / f"{s}_X.txt").write_text(names + "\n")
+    return root

@@ -35,10 +35,11 @@ REGISTRY = {
     "fair1m": "detection:FAIR1M",
     "fmow_s2": "fmow:FMoWSentinel",
     "hls_burn_scars": "hls:HLSBurnScars",
+    "mados": "mados:MADOS",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
-MISSING = ("dynamicearthnet", "mados")
+MISSING = ("dynamicearthnet",)
 
 
 def get_dataset(name: str) -> type[RemoteSensingDataset]:
