@@ -337,6 +337,47 @@ def _header(dry: bool) -> str:
     )
 
 
+def compiled_kernels(dry: bool) -> str:
+    """The Triton kernels this run compiled on the card present: per kernel and launch
+    (blocks, warps, stages), the driver's registers per thread and spills, shared memory and
+    the resulting warps per SM (``skysense.kernels.aot.occupancy`` with the card's limits)."""
+    if dry:
+        return "## Compiled kernels\n\n(none: the interpreter compiles nothing)\n"
+    from skysense.kernels import aot, triton_attention, triton_losses
+
+    cc = aot.native_target()
+    lines = [
+        f"## Compiled kernels on {aot.TARGETS[cc]['name']}",
+        "",
+        "| kernel | blocks | warps | stages | regs | spills | smem KiB | warps/SM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mod in (triton_attention, triton_losses):
+        for name in sorted(dir(mod)):
+            fn = getattr(mod, name)
+            if not name.endswith("_kernel") or not hasattr(fn, "device_caches"):
+                continue
+            for caches in fn.device_caches.values():
+                for k in caches[0].values():
+                    try:
+                        consts = {
+                            fn.arg_names[i[0]]: v
+                            for i, v in k.src.constants.items()
+                            if fn.arg_names[i[0]].startswith("BLOCK_")
+                        }
+                        blocks = "x".join(str(consts[b]) for b in sorted(consts))
+                        md = k.metadata
+                        occ, lim = aot.occupancy(k.n_regs, md.shared, md.num_warps, cc)
+                        lines.append(
+                            f"| {name} | {blocks} | {md.num_warps} | {md.num_stages} | "
+                            f"{k.n_regs} | {k.n_spills} | {md.shared / 1024:.1f} | "
+                            f"{occ} ({lim}) |"
+                        )
+                    except Exception as e:  # Triton internals moved: say so, keep the rest
+                        lines.append(f"| {name} | ? | | | | | | {type(e).__name__}: {e} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU tensors, Triton interpreter, tiny")
@@ -389,6 +430,10 @@ def main(argv=None) -> int:
             if not args.dry_run:
                 torch.cuda.empty_cache()
     text = _header(args.dry_run) + "\n" + chk.table() + "\n"
+    try:
+        text += "\n" + compiled_kernels(args.dry_run)
+    except Exception as e:  # the figures are a bonus; the checks above decide the exit code
+        text += f"\n## Compiled kernels\n\nnot read: {type(e).__name__}: {e}\n"
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

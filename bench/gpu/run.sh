@@ -4,9 +4,13 @@
 # extension), -encoders, -losses and -tasks from this working tree without their dependencies,
 # then run both checks and print one report:
 #   check_kernels.py   the Triton kernels against their references and baselines;
+#   aot_report         every Triton launch of the tables compiled for this card: registers,
+#                      spills, shared memory, warps per SM, and the driver's own figures
+#                      (python -m skysense.kernels.aot_report --native);
 #   check_pretrain.py  the full pre-training step at the base and huge presets (samples/s, MFU
 #                      against the bf16 matmul rate of the same run, peak memory).
-# With $OUT set, the tables land in $OUT/gpu-kernels.txt, $OUT/gpu-pretrain.txt and together in
+# With $OUT set, the tables land in $OUT/gpu-kernels.txt, $OUT/gpu-compile.md,
+# $OUT/gpu-pretrain.txt and together in
 # $OUT/gpu-report.md. Well under 10 minutes (each check has its own time limit).
 #   bash bench/gpu/run.sh [--dry-run]
 #   KERNELS_ARGS="--only attention" PRETRAIN_ARGS="--presets base" bash bench/gpu/run.sh
@@ -43,6 +47,16 @@ here=$PWD
     "${dry[@]}" --out "$out/gpu-kernels.txt" ${KERNELS_ARGS:-} )
 rc_k=$?
 echo "run.sh: kernels check exit $rc_k at $(( $(date +%s) - t0 ))s"
+if [ ${#dry[@]} -eq 0 ]; then
+    compile_args=(--native --workers "${COMPILE_WORKERS:-8}")
+else  # no card: one small kernel for sm_90, to know the path works
+    compile_args=(--targets 90 --only sk_write --workers 1)
+fi
+( cd / && timeout "${COMPILE_TIMEOUT:-90}" "$PY" -m skysense.kernels.aot_report \
+    "${compile_args[@]}" --out "$out/gpu-compile" > "$out/gpu-compile.log" 2>&1 )
+rc_c=$?
+tail -n 5 "$out/gpu-compile.log"
+echo "run.sh: compile table exit $rc_c at $(( $(date +%s) - t0 ))s"
 # shellcheck disable=SC2086
 ( cd / && timeout "${PRETRAIN_TIMEOUT:-330}" "$PY" "$here/bench/gpu/check_pretrain.py" \
     "${dry[@]}" --out "$out/gpu-pretrain.txt" ${PRETRAIN_ARGS:-} )
@@ -50,12 +64,12 @@ rc_p=$?
 echo "run.sh: pre-training check exit $rc_p at $(( $(date +%s) - t0 ))s"
 
 {
-    for f in gpu-kernels.txt gpu-pretrain.txt; do
+    for f in gpu-kernels.txt gpu-compile.md gpu-pretrain.txt; do
         if [ -s "$out/$f" ]; then cat "$out/$f"; else echo "# $f: not written (see the log above)"; fi
         echo
     done
-    echo "run.sh: kernels exit $rc_k, pre-training exit $rc_p, $(( $(date +%s) - t0 ))s in all"
+    echo "run.sh: kernels exit $rc_k, compile table exit $rc_c, pre-training exit $rc_p, $(( $(date +%s) - t0 ))s in all"
 } > "$out/gpu-report.md"
 echo "================================================================================"
 cat "$out/gpu-report.md"
-[ "$rc_k" -eq 0 ] && [ "$rc_p" -eq 0 ]
+[ "$rc_k" -eq 0 ] && [ "$rc_c" -eq 0 ] && [ "$rc_p" -eq 0 ]

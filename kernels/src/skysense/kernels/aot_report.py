@@ -146,11 +146,9 @@ def versions() -> dict:
     import triton
     from triton import knobs
 
-    ptxas = (
-        subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True)
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if "release" in ln] or out.stdout.splitlines()
+    ptxas = "ptxas " + (lines[-1].split("release")[-1].strip(" ,") if lines else "?")
     return {"triton": triton.__version__, "ptxas": ptxas}
 
 
@@ -177,7 +175,7 @@ def main(argv=None) -> int:
     v = versions()
     header = (
         f"# Triton kernels compiled ahead of time ({', '.join(TARGETS[c]['name'] for c in ccs)})"
-        f"\n\n`python -m skysense.kernels.aot --level {args.level}"
+        f"\n\n`python -m skysense.kernels.aot_report --level {args.level}"
         f"{' --native' if args.native else ''}`: {len(results)} compilations in {wall:.0f} s "
         f"with {args.workers} workers, Triton {v['triton']}, {v['ptxas']}."
     )

@@ -7,8 +7,15 @@ A table maps the kernel's *class* of problem (the head dim or feature tile round
 power of two, the operand width in bytes) to a :class:`Launch`: block sizes (constexprs),
 ``num_warps`` and ``num_stages``. A launcher then only shrinks the row / column blocks to the
 problem's lengths (``clamp``: never below 16, the smallest ``tl.dot`` tile), which lowers
-registers and shared memory; the tier compiles every table entry and every shrunken block the
-length clamp can produce for it.
+registers and shared memory. ``make test`` compiles every table entry at full size for sm_80
+and sm_90 with the heaviest flags (two biases with gradients and a padding mask for
+attention); the committed table (bench/results/gpu-compile.md, ``aot_report --level full``)
+adds the clamped blocks of short sequences, every bias / mask combination, fp16 and TF32.
+
+How the entries were chosen: the largest tiles that neither spill registers nor exceed
+sm_80's shared memory on either target with the heaviest flags, head dims 44 (unaligned
+strides cost registers) and the power of two it pads to; ptxas's figures per entry are in
+bench/results/gpu-compile.md.
 
 Under the Triton interpreter the launchers use few, large blocks (the interpreter pays per
 program and per loop step) unless :func:`gpu_blocks` is on: then they take the GPU entries
@@ -124,38 +131,38 @@ def _L(warps: int, stages: int, **blocks: int) -> Launch:
 # bench/results/gpu-compile.md for registers, shared memory and occupancy).
 
 ATTN_FWD: dict[tuple[int, int], Launch] = {
-    (16, 2): _L(4, 3, BLOCK_M=128, BLOCK_N=64),
-    (32, 2): _L(4, 3, BLOCK_M=128, BLOCK_N=64),
-    (64, 2): _L(8, 3, BLOCK_M=128, BLOCK_N=64),
+    (16, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (32, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (64, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
     (128, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
     (256, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=32),
-    (16, 4): _L(4, 3, BLOCK_M=64, BLOCK_N=64),
-    (32, 4): _L(4, 3, BLOCK_M=64, BLOCK_N=64),
-    (64, 4): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
-    (128, 4): _L(8, 2, BLOCK_M=64, BLOCK_N=32),
+    (16, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=32),
+    (32, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=32),
+    (64, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=32),
+    (128, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=32),
     (256, 4): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
 }
 ATTN_BWD_DKDV: dict[tuple[int, int], Launch] = {
-    (16, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
-    (32, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
-    (64, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
+    (16, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (32, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (64, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=32),
     (128, 2): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
-    (256, 2): _L(8, 2, BLOCK_M=32, BLOCK_N=32),
-    (16, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=64),
-    (32, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=64),
-    (64, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
-    (128, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=32),
+    (256, 2): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
+    (16, 4): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
+    (32, 4): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
+    (64, 4): _L(8, 1, BLOCK_M=16, BLOCK_N=32),
+    (128, 4): _L(4, 1, BLOCK_M=16, BLOCK_N=32),
     (256, 4): _L(8, 1, BLOCK_M=16, BLOCK_N=32),
 }
 ATTN_BWD_DQ: dict[tuple[int, int], Launch] = {
-    (16, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
-    (32, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
-    (64, 2): _L(4, 2, BLOCK_M=64, BLOCK_N=64),
+    (16, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (32, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=64),
+    (64, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=32),
     (128, 2): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
     (256, 2): _L(8, 2, BLOCK_M=32, BLOCK_N=32),
-    (16, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=64),
-    (32, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=64),
-    (64, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
+    (16, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
+    (32, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
+    (64, 4): _L(4, 2, BLOCK_M=32, BLOCK_N=32),
     (128, 4): _L(8, 2, BLOCK_M=32, BLOCK_N=32),
     (256, 4): _L(8, 1, BLOCK_M=16, BLOCK_N=32),
 }
@@ -183,26 +190,26 @@ def attention_launch(kernel: str, head_dim: int, dtype_name: str, nq: int, nk: i
 
 NCE_LSE = {
     2: _L(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64),
-    4: _L(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=32),
+    4: _L(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=32),
 }
 NCE_GRAD = {
-    2: _L(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=128),
-    4: _L(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_D=32, BLOCK_DO=128),
+    2: _L(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=128),
+    4: _L(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_D=32, BLOCK_DO=128),
 }
 PROTO_FWD = {
     2: _L(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64),
-    4: _L(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=32),
+    4: _L(4, 3, BLOCK_M=64, BLOCK_K=32, BLOCK_D=32),
 }
 PROTO_DX = {
-    2: _L(4, 2, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, BLOCK_DO=128),
-    4: _L(4, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_D=32, BLOCK_DO=128),
+    2: _L(8, 2, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, BLOCK_DO=128),
+    4: _L(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_D=32, BLOCK_DO=128),
 }
 PROTO_DW = {
-    2: _L(4, 2, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, BLOCK_DO=128),
-    4: _L(4, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_D=32, BLOCK_DO=128),
+    2: _L(8, 2, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64, BLOCK_DO=128),
+    4: _L(4, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_D=32, BLOCK_DO=64),
 }
 # Sinkhorn reads the scores once per pass, no tl.dot: one entry for every dtype.
-SINKHORN = {0: _L(4, 2, BLOCK_N=64, BLOCK_K=128)}
+SINKHORN = {0: _L(8, 2, BLOCK_N=64, BLOCK_K=128)}
 LOSSES = {
     "nce_lse": NCE_LSE,
     "nce_grad": NCE_GRAD,
