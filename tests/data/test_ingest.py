@@ -643,3 +643,14 @@ def test_enospc_in_a_shard_names_the_file_and_leaves_no_tmp(tmp_path, monkeypatc
     assert (
         not list((tmp_path / "dst").rglob("*.tmp")) and not (tmp_path / "dst" / ".spill").exists()
     )
+
+
+def test_a_damaged_manifest_is_a_manifest_error_naming_it(tmp_path):
+    src = tmp_path / "src"
+    _write_places(src, 1)
+    rep = ingest(src, tmp_path / "dst", IngestConfig(tile_size=24), progress=False)
+    data = rep.manifest.read_bytes()
+    rep.manifest.write_bytes(data[:2048])  # cut short: its pages are gone
+    with pytest.raises(ManifestError, match="not a readable manifest") as e:
+        Manifest(rep.manifest)
+    assert str(rep.manifest) in str(e.value)

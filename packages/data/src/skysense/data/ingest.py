@@ -25,9 +25,10 @@ manifest and compared on the next run (another source or other settings are an e
 
 Resumable: a rerun skips the places already committed and redoes the rest (tiles of a half-done
 place that reached a committed shard are not written again), so a killed ingest resumes to the
-same result. Every run examines the source again: a place that gave no tile because of bad
-files is tried again, so a fixed file is picked up, and the bad-file list is rebuilt (one line
-per file, path and reason). Bad inputs (unreadable or truncated file, band count or dtype
+same result. Every run examines the source again, so the bad-file list (one line per file, path
+and reason) is never stale: a place that gave no tile because of bad files is tried again, and
+a committed place whose files changed (a bad file repaired, a band file added) is redone (its
+samples are dropped from the manifest, their tiles stay unreferenced in the shards). Bad inputs (unreadable or truncated file, band count or dtype
 wrong for the sensor, no CRS, no overlap between sensors, place entirely nodata, unparseable
 date) are listed in the report and the manifest's ``bad_files``; the good files finish.
 Environment faults (an unwritable folder, a full disk) raise ``OSError`` naming the path, after

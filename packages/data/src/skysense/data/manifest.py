@@ -368,6 +368,10 @@ class Manifest:
                 for m, b, n, mu, sd, lo, hi in db.execute("SELECT * FROM band_stats")
             }
             self.bad_files = db.execute("SELECT path, reason FROM bad_files").fetchall()
+        except sqlite3.Error as e:
+            raise ManifestError(f"{self.path}: not a readable manifest ({e})") from None
+        except (ValueError, TypeError) as e:  # a meta value or steps record that is not JSON
+            raise ManifestError(f"{self.path}: damaged manifest ({e})") from None
         finally:
             db.close()
         for rec in self.shards.values():
