@@ -216,6 +216,8 @@ def test_shared_oscd_city_with_date_2_on_another_grid(shared_data, tmp_path):
 
 
 def test_shared_oscd_cities_read_through_the_class(shared_data):
+    with pytest.raises(DatasetError, match="no split file .*train.txt; name the cities .*rennes"):
+        get_dataset("oscd")(shared_data / "oscd", "train")  # this copy has no split files
     ds = get_dataset("oscd")(shared_data / "oscd", "val", cities=["paris", "nantes"])
     for i in range(len(ds)):
         s = ds[i]

@@ -102,12 +102,15 @@ class OSCD(RemoteSensingDataset):
             names = _city_list(self.split_file)
         else:
             f = self.images / self.split_files[split]
-            if f.is_file():
-                names = _city_list(f)
-            else:
-                names = sorted(
+            if not f.is_file():
+                labelled = sorted(
                     p.name for p in self.images.iterdir() if p.is_dir() and self._label(p.name)
                 )
+                raise DatasetError(
+                    f"oscd: no split file {f}; name the cities (data.train_cities / "
+                    f"data.val_cities; labelled here: {', '.join(labelled)})"
+                )
+            names = _city_list(f)
         self.items = [{"name": c} for c in names]
 
     def _label(self, city: str) -> Path | None:
