@@ -119,7 +119,11 @@ def build_encoder(
         # builds the structure it holds; names are mapped and loaded strictly by the encoders.
         kwargs = dict(overrides, checkpointing=True) if checkpointing else dict(overrides)
         encoder = build_skysense(preset, weights=checkpoint, strict=strict, **kwargs)
-        info.update(checkpoint=str(checkpoint), key="weights folder")
+        # the folder's structure is the model's: recorded, a fine-tuned file rebuilds it
+        from skysense.encoders.weights import structure_of
+
+        overrides = {**structure_of(Path(str(checkpoint)).expanduser(), preset), **overrides}
+        info.update(checkpoint=str(checkpoint), key="weights folder", overrides=overrides)
         return encoder, info
     if checkpoint:
         ckpt = torch_load(checkpoint)

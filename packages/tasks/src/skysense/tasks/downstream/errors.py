@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from skysense.tasks.errors import ConfigError
+from skysense.tasks.errors import ConfigError, is_input_error
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ def as_config_errors(what: str):
         yield
     except ConfigError:
         raise
+    except ValueError as e:
+        if is_input_error(e):  # already one line naming the file (checkpoints, data readers)
+            raise
+        log.debug("%s failed", what, exc_info=True)
+        raise ConfigError(what, f"{type(e).__name__}: {e}") from e
     except MissingMandatoryValue as e:
         raise ConfigError(
             str(e.full_key), "required (???): set it, e.g. on the command line"

@@ -69,21 +69,54 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file_object)`` into a temporary file beside ``path``, fsync, rename. On any
     failure (a full disk, a kill signal turned into an exception) the temporary file is removed
-    and ``path`` is as it was."""
+    and ``path`` is as it was; a write that failed for lack of space or permission raises that
+    OSError naming ``path`` (torch.save reports it as a RuntimeError of its own otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            guard = _Writer(f)
+            try:
+                write(guard)
+            except Exception as e:
+                if guard.error is not None and guard.error is not e:
+                    raise guard.error from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class _Writer:
+    """A write-only file object that remembers the OSError of a failed write (torch.save turns
+    it into a RuntimeError), and hashes what passes through when given a digest."""
+
+    def __init__(self, f, digest=None):
+        self._f, self._digest, self.error = f, digest, None
+
+    def write(self, data) -> int:
+        if self._digest is not None:
+            self._digest.update(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def resolve_inside(folder: str | Path, name: str, source: str | Path) -> Path:
@@ -126,11 +159,15 @@ def safe_load(path: str | Path, map_location="cpu"):
     except OSError:
         raise  # an environment fault (permissions, I/O): the command line names it
     except Exception as e:
-        raise CheckpointError(path, f"cannot be loaded: {_load_reason(e)}") from e
+        raise CheckpointError(path, f"cannot be loaded: {_load_reason(path, e)}") from e
 
 
-def _load_reason(e: Exception) -> str:
+def _load_reason(path: Path, e: Exception) -> str:
+    import zipfile
+
     text = " ".join(str(e).split())
+    if not zipfile.is_zipfile(path) and "Weights only load failed" not in text:
+        return f"truncated or not a torch file ({type(e).__name__})"
     if "Weights only load failed" in text or "Unsupported global" in text:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f" ({m.group(1)})" if m else ""
@@ -192,13 +229,13 @@ def save(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     ckpt_dir = Path(ckpt_dir)
     # Leftovers of a save that was killed: only one process writes checkpoints, so any
     # temporary file here is stale.
-    for stale in ckpt_dir.glob(".step_*.tmp"):
+    for stale in ckpt_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     path = ckpt_dir / f"step_{step:07d}.pt"
     digest = hashlib.sha256()
 
     def write(f):
-        torch.save(state, _HashingWriter(f, digest))
+        torch.save(state, _Writer(f, digest))
 
     atomic_write_bytes(path, write)
     line = f"{digest.hexdigest()}  {path.name}\n".encode()
@@ -209,20 +246,6 @@ def save(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
             p.unlink(missing_ok=True)
             _checksum_path(p).unlink(missing_ok=True)
     return path
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it (one pass over the bytes)."""
-
-    def __init__(self, f, digest):
-        self._f, self._digest = f, digest
-
-    def write(self, data) -> int:
-        self._digest.update(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
 
 
 def _checksum_path(path: Path) -> Path:

@@ -291,36 +291,40 @@ def train(cfg: DictConfig, run) -> dict:
     samples_done, t_start = 0, time.perf_counter()
     last_path = ckpt.latest(ckpt_dir)
     loss_value = history[-1]["loss"] if history else float("nan")
-    for step in range(start_step, tcfg.max_steps):
-        views = to_device(next(it), info.device)
-        data_position += 1
-        rec = trainer.step(views, step)
-        samples_done += tcfg.batch_size
-        # The loss and terms of the global batch: each process's, averaged over processes.
-        mean = D.mean_over_processes({"loss": rec["loss"], **rec["terms"]})
-        loss_value = mean.pop("loss")
-        sps = samples_done / max(time.perf_counter() - t_start, 1e-9)
-        history.append(
-            {
-                "step": step + 1,
-                "loss": loss_value,
-                "lr": rec["lr"],
-                "terms": mean,
-                "samples_per_s": sps,
-            }
-        )
-        if writer is not None and (step + 1) % tcfg.log_every == 0:
-            writer.add_scalar("loss/total", loss_value, step + 1)
-            for k, v in mean.items():
-                writer.add_scalar(f"loss/{k}", v, step + 1)
-            for k in ("lr", "wd", "momentum", "grad_norm"):
-                writer.add_scalar(f"optim/{k}", rec[k], step + 1)
-            writer.add_scalar("throughput/samples_per_s", sps, step + 1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:.1f}")
-        bar.update(1)
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.max_steps:
-            last_path = save_checkpoint(ckpt_dir, step + 1, data_position, trainer, history, cfg)
-    bar.close()
+    try:  # the bar ends its line whatever happens, so a fault message starts on its own
+        for step in range(start_step, tcfg.max_steps):
+            views = to_device(next(it), info.device)
+            data_position += 1
+            rec = trainer.step(views, step)
+            samples_done += tcfg.batch_size
+            # The loss and terms of the global batch: each process's, averaged over processes.
+            mean = D.mean_over_processes({"loss": rec["loss"], **rec["terms"]})
+            loss_value = mean.pop("loss")
+            sps = samples_done / max(time.perf_counter() - t_start, 1e-9)
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": loss_value,
+                    "lr": rec["lr"],
+                    "terms": mean,
+                    "samples_per_s": sps,
+                }
+            )
+            if writer is not None and (step + 1) % tcfg.log_every == 0:
+                writer.add_scalar("loss/total", loss_value, step + 1)
+                for k, v in mean.items():
+                    writer.add_scalar(f"loss/{k}", v, step + 1)
+                for k in ("lr", "wd", "momentum", "grad_norm"):
+                    writer.add_scalar(f"optim/{k}", rec[k], step + 1)
+                writer.add_scalar("throughput/samples_per_s", sps, step + 1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:.1f}")
+            bar.update(1)
+            if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.max_steps:
+                last_path = save_checkpoint(
+                    ckpt_dir, step + 1, data_position, trainer, history, cfg
+                )
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t_start
     probe_trained = run.probe(trainer.teacher.encoder)
     summary = {
