@@ -270,3 +270,50 @@ def test_export_detection_program_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("skysense export: head.kind: detection cannot be exported")
     assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_released_files_to_a_finetuned_segmentation_model(tmp_path, release, capsys):
+    """The README's path on the tiny sizes: released backbone files -> convert -> finetune
+    (segmentation on GeoTIFF masks, encoder frozen) -> a model file whose encoder is the
+    release's, exactly."""
+    import numpy as np
+    from test_downstream_finetune import _cfg, _hr_scene
+
+    from skysense.tasks.downstream.checkpoint import load_finetuned
+    from skysense.tasks.downstream.run import finetune
+
+    paths = _per_module_files(release, tmp_path)  # unprefixed keys, module in the file name
+    renamed = tmp_path / "skysense_model_backbone_hr.pth"  # SkySense++'s name of the HR file
+    Path(paths[0]).rename(renamed)
+    assert main(["convert", str(renamed), *paths[1:], str(tmp_path / "w"), *TINY]) == 0
+    capsys.readouterr()
+    rng = np.random.default_rng(0)
+    scenes = [_hr_scene(tmp_path, f"t{i}", rng) for i in range(3)]
+    cfg = _cfg(
+        [
+            "task=segmentation",
+            "model=tiny",
+            f"checkpoint={tmp_path / 'w'}",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.root={tmp_path}",
+            "data.crop=64",
+            "data.classes=[background,square]",
+            "data.label_values={1: 0, 2: 1}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "task.freeze_encoder=true",
+            "task.eval.window=64",
+            "task.head.channels=8",
+        ]
+    )
+    cfg.data.train_scenes = scenes[:2]
+    cfg.data.val_scenes = scenes[2:]
+    summary = finetune(cfg)
+    assert "pretrained" in summary["table"]
+    model, meta = load_finetuned(tmp_path / "run" / "pretrained" / "model.pt")
+    assert meta["kind"] == "segmentation"
+    state, _ = load_weights(tmp_path / "w")
+    own = model.encoder.state_dict()
+    for k, v in state.items():
+        assert torch.equal(own[k], v), k

@@ -245,9 +245,14 @@ _RUNTIME_FIELDS = ("name", "checkpointing")
 
 def structure_of(path: str | os.PathLike, preset: str) -> dict:
     """The encoder config fields a weights folder was written with (``config.json``'s
-    ``model``), to build the model it fits; {} for a file or a folder without them.
+    ``model``) where they differ from ``preset``'s: the overrides that build the model it
+    fits; {} for a file or a folder without them.
 
     Raises ValueError when the folder was written for another preset than ``preset``."""
+    from dataclasses import asdict
+
+    from skysense.encoders.presets import PRESETS, preset_config
+
     p = Path(path)
     if not is_weights_dir(p) or not (p / CONFIG_FILE).is_file():
         return {}
@@ -263,4 +268,12 @@ def structure_of(path: str | os.PathLike, preset: str) -> dict:
             f"{p}: holds weights of preset '{theirs}', not '{preset}' (build it with "
             f"preset='{theirs}')"
         )
-    return {k: v for k, v in config["model"].items() if k not in _RUNTIME_FIELDS}
+    if preset not in PRESETS:
+        preset_config(preset)  # the unknown-preset error
+    theirs = asdict(
+        preset_config(
+            preset, **{k: v for k, v in config["model"].items() if k not in _RUNTIME_FIELDS}
+        )
+    )
+    base = PRESETS[preset]
+    return {k: v for k, v in theirs.items() if k not in _RUNTIME_FIELDS and v != base.get(k)}
