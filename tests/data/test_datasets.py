@@ -496,3 +496,19 @@ def test_mados_bands_by_wavelength_and_sparse_labels(tmp_path):
             assert raw[j, 20, 20] == pytest.approx(10000 * mados_value(b), abs=0.5), b
         assert not s["s2_pixel_valid"][0, 0, 0]
         assert set(s["mask"].unique().tolist()) == {0, 6, 255}  # debris, water, unlabelled
+
+
+def test_dynamicearthnet_planet_bgr_by_name_and_one_hot_labels(tmp_path):
+    root = fakes.make("dynamicearthnet", tmp_path)
+    cls = get_dataset("dynamicearthnet")
+    ds = cls(root, "train")
+    assert len(ds) == 2 and len(cls(root, "val")) == 1
+    s = ds[1]
+    assert s["hr"].shape == (3, 64, 64) and int(s["hr_doy"]) == 32  # 2018-02-01
+    raw = _raw(s["hr"], "hr_rgb")  # R G B from the file's B G R: B = 500 -> 42.5, G = 85
+    assert raw[2].mean() == pytest.approx(500 / 3000 * 255, abs=0.01)
+    assert raw[1].mean() == pytest.approx(1000 / 3000 * 255, abs=0.01)
+    assert set(s["mask"].unique().tolist()) == set(range(6)) | {255}  # snow & ice ignored
+    assert cls(root, "train", day=5)[0]["hr_doy"] == 5
+    with pytest.raises(NotImplementedError, match="only the Planet images"):
+        cls(root, "train", modalities=["hr", "s2"])

@@ -302,6 +302,7 @@ FINETUNE = {
     "fmow_s2": ["task=classification", "task.features=s2", "data.size=32"],
     "hls_burn_scars": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
     "mados": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
+    "dynamicearthnet": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
 }
 
 

@@ -22,6 +22,7 @@ from fakes.classification import (
 from fakes.detection import make_dior, make_fair1m
 from fakes.multilabel import make_bigearthnet_v1, make_bigearthnet_v2
 from fakes.segmentation import (
+    make_dynamicearthnet,
     make_hls_burn_scars,
     make_isaid,
     make_mados,
@@ -50,6 +51,7 @@ MAKERS = {
     "fmow_s2": make_fmow_s2,
     "hls_burn_scars": make_hls_burn_scars,
     "mados": make_mados,
+    "dynamicearthnet": make_dynamicearthnet,
 }
 
 

@@ -195,3 +195,28 @@ def make_mados(root: Path, size: int = 36) -> Path:
     ):
         (root / "splits" / f"{s}_X.txt").write_text(names + "\n")
     return root
+
+
+def make_dynamicearthnet(root: Path, size: int = 64) -> Path:
+    """DynamicEarthNet (Planet part): ``planet/<zone>/<aoi>/<cube>/PF-SR/<YYYY-MM-DD>.tif``
+    (4 uint16 bands B G R NIR, UTM 3 m; B = 500, G = 1000, R = 1500 + class pattern),
+    ``labels/<cube>/Labels/Raster/<id>/<id>-<YYYY>_<MM>_01.tif`` (7 uint8 bands, 255 where the
+    class is; some snow & ice) and ``{train,val,test}.txt``; 64 px instead of 1024."""
+    cube, lid = "1330_3107_13", "10N-122W-40N-L3H-SR"
+    planet = f"/planet/10N/27E-188N/{cube}/PF-SR"
+    lines = {"train": [], "val": [], "test": []}
+    for k, ym in enumerate(("2018-01", "2018-02", "2018-03", "2018-04")):
+        cls = _blocks(size, k, 7)
+        img = np.stack([np.full((size, size), 500), np.full((size, size), 1000),
+                        1500 + 100 * cls, np.full((size, size), 3000)]).astype(np.uint16)  # fmt: skip
+        t = Affine(3.0, 0, 550_000.0, 0, -3.0, 4_400_000.0)
+        for day in ("01", "05"):
+            write_tif(root / planet.lstrip("/") / f"{ym}-{day}.tif", img, "EPSG:32610", t)
+        y, m = ym.split("-")
+        lab_rel = f"/labels/{cube}/Labels/Raster/{lid}/{lid}-{y}_{m}_01.tif"
+        onehot = np.stack([(cls == c) * 255 for c in range(7)]).astype(np.uint8)
+        write_tif(root / lab_rel.lstrip("/"), onehot, "EPSG:32610", t)
+        lines[("train", "train", "val", "test")[k]].append(f"{planet} {lab_rel} {ym}")
+    for s, ls in lines.items():
+        (root / f"{s}.txt").write_text("\n".join(ls) + "\n")
+    return root

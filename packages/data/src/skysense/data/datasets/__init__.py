@@ -36,10 +36,11 @@ REGISTRY = {
     "fmow_s2": "fmow:FMoWSentinel",
     "hls_burn_scars": "hls:HLSBurnScars",
     "mados": "mados:MADOS",
+    "dynamicearthnet": "dynamicearthnet:DynamicEarthNet",
 }
 
 # Evaluation datasets of the spec without a reader yet (asking for one raises).
-MISSING = ("dynamicearthnet",)
+MISSING: tuple[str, ...] = ()
 
 
 def get_dataset(name: str) -> type[RemoteSensingDataset]:
