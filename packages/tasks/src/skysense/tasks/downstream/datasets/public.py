@@ -189,7 +189,11 @@ class DetectionScenes:
             raise IndexError(i)
         s = self.ds[i]
         rgb = _rgb(s, self.ds.sensors)
-        return DetectionScene(str(s.get("name", i)), s["hr"], s["boxes"], s["labels"], rgb, {})
+        scene = DetectionScene(str(s.get("name", i)), s["hr"], s["boxes"], s["labels"], rgb, {})
+        # Oriented datasets (DIOR-R, FAIR1M): the (M, 8) corners, for a rotated-box mAP
+        # (skysense.data.datasets.oriented.rotated_map).
+        scene.polygons = s.get("polygons")
+        return scene
 
 
 class BoxCrops(Dataset):
