@@ -177,20 +177,25 @@ def test_a_held_lock_stops_a_second_ingest_at_once(done, tmp_path):
 
 
 def test_two_concurrent_ingests_one_stops_the_other_finishes(tmp_path):
-    src = source(tmp_path / "src", 6)
+    src = source(tmp_path / "src", 2)
     dst = tmp_path / "dst"
-    # the first ingest is slowed down between shards, so the second starts while it runs
+    gate = tmp_path / "go"
+    # the first ingest waits after its first shard until the test opens the gate, so the
+    # second one starts while the first holds the folder
     code = textwrap.dedent(
         f"""
-        import sys, time
+        import os, sys, time
         from skysense.data import ingest as I
         orig = I.ShardStream._flush
-        def slow(self):
+        def gated(self):
             orig(self)
-            time.sleep(0.5)
-        I.ShardStream._flush = slow
+            open({str(tmp_path / "waiting")!r}, "w").close()
+            t = time.time()
+            while not os.path.exists({str(gate)!r}) and time.time() - t < 120:
+                time.sleep(0.05)
+        I.ShardStream._flush = gated
         from skysense.tasks import cli
-        sys.exit(cli.main(["ingest", {str(src)!r}, {str(dst)!r}, "{TILE}", "shard_size=2",
+        sys.exit(cli.main(["ingest", {str(src)!r}, {str(dst)!r}, "{TILE}", "shard_size=4",
                            "plots=0"]))
         """
     )
@@ -203,20 +208,26 @@ def test_two_concurrent_ingests_one_stops_the_other_finishes(tmp_path):
     )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list((dst / "shards").glob("shard-*")):
+        while time.time() < deadline and not (tmp_path / "waiting").exists():
             time.sleep(0.05)
-        assert list((dst / "shards").glob("shard-*")), "the first ingest did not start"
-        second = cli(tmp_path, src, dst, TILE, "shard_size=2")
+        assert (tmp_path / "waiting").exists(), "the first ingest did not start"
+        before = checksums(dst, src)
+        t0 = time.monotonic()
+        second = cli(tmp_path, src, dst, TILE, "shard_size=4")
         one_line(second, ".ingest.lock", f"pid {first.pid}", rc=1)
+        assert time.monotonic() - t0 < 60  # at once, not after the first one
+        assert checksums(dst, src) == before
+        gate.touch()
         out, err = first.communicate(timeout=300)
     finally:
+        gate.touch()
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, err
-    fresh = cli(tmp_path, src, tmp_path / "fresh", TILE, "shard_size=2", "plots=0")
+    fresh = cli(tmp_path, src, tmp_path / "fresh", TILE, "shard_size=4", "plots=0")
     assert fresh.returncode == 0
     a, b = content(dst), content(tmp_path / "fresh")
-    assert a[0] == b[0]
+    assert a[0] == b[0] and len(a[0]) == 18
     for x, y in zip(a[1], b[1], strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -225,9 +236,9 @@ def test_two_concurrent_ingests_one_stops_the_other_finishes(tmp_path):
 
 
 def test_sigkill_during_ingest_then_rerun_gives_the_same_result(tmp_path):
-    src = source(tmp_path / "src", 8)
+    src = source(tmp_path / "src", 4)
     dst = tmp_path / "dst"
-    args = [str(SKYSENSE), "ingest", str(src), str(dst), TILE, "shard_size=4", "plots=0"]
+    args = [str(SKYSENSE), "ingest", str(src), str(dst), TILE, "shard_size=3", "plots=0"]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(tmp_path)
     )
@@ -244,12 +255,12 @@ def test_sigkill_during_ingest_then_rerun_gives_the_same_result(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     before = checksums(src)
-    rerun = cli(tmp_path, src, dst, TILE, "shard_size=4", "plots=0")
+    rerun = cli(tmp_path, src, dst, TILE, "shard_size=3", "plots=0")
     assert rerun.returncode == 0, rerun.stderr
     _no_tmp(dst)
-    fresh = cli(tmp_path, src, tmp_path / "fresh", TILE, "shard_size=4", "plots=0")
+    fresh = cli(tmp_path, src, tmp_path / "fresh", TILE, "shard_size=3", "plots=0")
     a, b = content(dst), content(tmp_path / "fresh")
-    assert a[0] == b[0] and len(a[0]) == 8 * 9
+    assert a[0] == b[0] and len(a[0]) == 4 * 9
     for x, y in zip(a[1], b[1], strict=True):
         np.testing.assert_array_equal(x, y)
     assert checksums(src) == before and fresh.returncode == 0
