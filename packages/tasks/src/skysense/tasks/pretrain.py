@@ -168,6 +168,35 @@ class Run:
         val = build_loader(self.manifest, "val", 16, backend="torch", seed=0, drop_last=False)
         return linear_probe(encoder, train, val, self.info.device)
 
+    def health_monitor(self, teacher):
+        """The label-free health signals on held samples (:mod:`training.health`): the first
+        64 training samples without augmentation, and the labelled splits for kNN where the
+        data has labels. None when ``trainer.health_every`` is 0."""
+        from skysense.data import build_loader
+        from skysense.tasks.training.health import HealthMonitor
+
+        if not self.cfg.trainer.health_every:
+            return None
+
+        def batches(split, limit=None):
+            out = []
+            loader = build_loader(
+                self.manifest, split, 16, backend="torch", seed=0, drop_last=False
+            )
+            for b in loader:
+                out.append(
+                    {k: v.to(self.info.device) if hasattr(v, "to") else v for k, v in b.items()}
+                )
+                if limit and len(out) >= limit:
+                    break
+            return out
+
+        held = batches("train", limit=4)
+        labelled = None
+        if "label" in held[0]:
+            labelled = (batches("train"), batches("val"))
+        return HealthMonitor(teacher, held, labelled)
+
     def tensorboard(self, run_dir):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -299,6 +328,9 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
                     flush=True,
                 )
             print(summary_line(summary), flush=True)
+            from skysense.tasks.training.health import health_line
+
+            print(health_line(summary.get("health")), flush=True)
     finally:
         D.shutdown()
     return 0

@@ -54,6 +54,7 @@ class PretrainTrainerConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     linear_probe: bool = True
+    health_every: int = 50
 
 
 @dataclass

@@ -286,6 +286,8 @@ def train(cfg: DictConfig, run) -> dict:
     if probe_random is not None:
         log.info("linear probe of the randomly initialised encoder: %.3f", probe_random)
 
+    monitor = run.health_monitor(trainer.teacher) if hasattr(run, "health_monitor") else None
+    health: dict | None = None
     writer = run.tensorboard(run_dir) if info.is_main else None
     bar = run.progress(total=tcfg.max_steps, initial=start_step, disable=not info.is_main)
     samples_done, t_start = 0, time.perf_counter()
@@ -317,7 +319,18 @@ def train(cfg: DictConfig, run) -> dict:
                 for k in ("lr", "wd", "momentum", "grad_norm"):
                     writer.add_scalar(f"optim/{k}", rec[k], step + 1)
                 writer.add_scalar("throughput/samples_per_s", sps, step + 1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:.1f}")
+            every = tcfg.get("health_every", 0)
+            if monitor is not None and ((step + 1) % every == 0 or step + 1 == tcfg.max_steps):
+                temp = trainer.student.loss.teacher_temp_at(step)
+                health = monitor(temp, step + 1)
+                history[-1]["health"] = health
+                for k, v in health.items():
+                    if writer is not None:
+                        writer.add_scalar(f"health/{k}", v, step + 1)
+            postfix = {"loss": f"{loss_value:.4f}", "sps": f"{sps:.1f}"}
+            if health is not None:
+                postfix["rankme"] = f"{health['rankme']:.1f}"
+            bar.set_postfix(**postfix)
             bar.update(1)
             if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.max_steps:
                 last_path = save_checkpoint(
@@ -335,6 +348,7 @@ def train(cfg: DictConfig, run) -> dict:
         "checkpoint": str(last_path) if last_path else None,
         "probe_random_init": probe_random,
         "probe_pretrained": probe_trained,
+        "health": health,
         "effective_batch": tcfg.batch_size,
         "world_size": info.world_size,
     }
