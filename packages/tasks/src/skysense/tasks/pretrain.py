@@ -173,7 +173,7 @@ class Run:
         64 training samples without augmentation, and the labelled splits for kNN where the
         data has labels. None when ``trainer.health_every`` is 0."""
         from skysense.data import build_loader
-        from skysense.tasks.training.health import HealthMonitor
+        from skysense.tasks.training.health import HealthMonitor, preserved_rng
 
         if not self.cfg.trainer.health_every:
             return None
@@ -191,10 +191,11 @@ class Run:
                     break
             return out
 
-        held = batches("train", limit=4)
-        labelled = None
-        if "label" in held[0]:
-            labelled = (batches("train"), batches("val"))
+        with preserved_rng():  # reading the held set must not move training's random streams
+            held = batches("train", limit=4)
+            labelled = None
+            if "label" in held[0]:
+                labelled = (batches("train"), batches("val"))
         return HealthMonitor(teacher, held, labelled)
 
     def tensorboard(self, run_dir):

@@ -22,9 +22,12 @@ time, read without augmentation), from the teacher:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +129,20 @@ def health_signals(teacher, batches: list[dict], temp: float, labelled=None) -> 
     return sig
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without moving the random streams of training (torch, CUDA, numpy, Python):
+    measuring health must not change what a resumed run computes."""
+    py, npy = random.getstate(), np.random.get_state()  # noqa: NPY002 (the global state)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)  # noqa: NPY002
+
+
 class HealthMonitor:
     """Runs :func:`health_signals` on a fixed held set and warns once per collapsing signal."""
 
@@ -134,7 +151,8 @@ class HealthMonitor:
         self.warned: set[str] = set()
 
     def __call__(self, temp: float, step: int) -> dict[str, float]:
-        sig = health_signals(self.teacher, self.held, temp, self.labelled)
+        with preserved_rng():
+            sig = health_signals(self.teacher, self.held, temp, self.labelled)
         for name, (side, limit, why) in THRESHOLDS.items():
             value = sig[name]
             bad = value < limit if side == "below" else value > limit
