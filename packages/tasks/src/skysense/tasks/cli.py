@@ -12,6 +12,7 @@ are imported only when their sub-command runs, so ``--help`` is fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -243,10 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"skysense {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `skysense ... | head` closed the pipe: nothing left to say
+        _silence_stdout()
+        return 0
     except Exception as e:
         if os.environ.get("SKYSENSE_DEBUG") == "1":
             raise
         return report_fault(name, e, argv)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's exit flush does not fail on the closed pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
