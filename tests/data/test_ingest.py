@@ -654,3 +654,57 @@ def test_a_damaged_manifest_is_a_manifest_error_naming_it(tmp_path):
     with pytest.raises(ManifestError, match="not a readable manifest") as e:
         Manifest(rep.manifest)
     assert str(rep.manifest) in str(e.value)
+
+
+def _sparse_s1(path: Path, n: int = 2048) -> None:
+    """A sparse tiled S1 stack (blocks of 256, nodata NaN): two data squares, the rest absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(
+        driver="GTiff", width=n, height=n, count=2, dtype="float32", crs="EPSG:32633",
+        transform=Affine(10, 0, 404_400.0, 0, -10, 5_342_400.0), nodata=float("nan"),
+        tiled=True, blockxsize=256, blockysize=256, SPARSE_OK=True,
+    )  # fmt: skip
+    a = np.linspace(-12, -8, 300 * 300, dtype=np.float32).reshape(300, 300)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.set_band_description(1, "VV")
+        ds.set_band_description(2, "VH")
+        ds.update_tags(ACQUISITION_DATE="2017-06-13")
+        for r, c in ((300, 700), (1500, 200)):  # not on block edges
+            ds.write(np.stack([a, a - 7]), window=rasterio.windows.Window(c, r, 300, 300))
+
+
+@pytest.mark.parametrize("crs", ["auto", "EPSG:32632"])  # aligned reads; reprojected warps
+def test_absent_blocks_of_a_sparse_file_are_skipped_with_the_same_result(
+    tmp_path, monkeypatch, crs
+):
+    src = tmp_path / "src"
+    _sparse_s1(src / "place" / "S1A_IW_GRDH_20170613_db.tif")
+    cfg = IngestConfig(tile_size=32, crs=crs, block_pixels=1 << 16)
+    calls = []
+    orig = io._absent
+
+    def counting(*a, **k):
+        calls.append(orig(*a, **k))
+        return calls[-1]
+
+    monkeypatch.setattr(io, "_absent", counting)
+    fast = ingest(src, tmp_path / "fast", cfg, progress=False)
+    assert any(calls) and not all(calls)  # empty blocks skipped, the data read
+    monkeypatch.setattr(io, "_absent", lambda *a, **k: False)
+    slow = ingest(src, tmp_path / "slow", cfg, progress=False)
+    assert fast.n_samples == slow.n_samples > 0
+    a, b = _content_s1(fast.manifest), _content_s1(slow.manifest)
+    assert a[0] == b[0]
+    for x, y in zip(a[1], b[1], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _content_s1(manifest: Path):
+    m = Manifest(manifest)
+    r = ShardReader(m)
+    rows = m.query("SELECT name, lat, lon, s1_valid FROM samples ORDER BY id")
+    pix = [
+        (np.asarray(r.arrays(s)["s1"][o]), np.asarray(r.arrays(s)["s1_mask"][o]))
+        for s, o in zip(m.samples.shard, m.samples.offset)
+    ]
+    return rows, [p for pair in pix for p in pair]

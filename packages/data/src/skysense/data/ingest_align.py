@@ -503,7 +503,10 @@ def _spill_blocks(group, plan, cfg, src, res: PlaceResult, ratios, valid_total, 
                         raise _AcquisitionFailed(
                             acq, acq.files[0], f"{type(e).__name__}: {e}"
                         ) from None
-                    valid_total[m][k] += int(has_data.sum())
+                    n_valid = int(has_data.sum())
+                    valid_total[m][k] += n_valid
+                    if n_valid == 0:
+                        continue  # no piece of this block holds data (sparse places)
                     stored = to_store(m, data, has_data)
                     del data
                     # "clear" says something only where there is data.

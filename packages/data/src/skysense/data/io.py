@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from skysense.data.dates import (
     date_from_tags,
     parse_date,
 )
-from skysense.data.geo import Grid, warp
+from skysense.data.geo import Grid, bounds_in, warp
 from skysense.data.sensors import SensorSpec, get_sensor
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,38 @@ def _nodata(ds, band: int, spec: SensorSpec, override=None) -> float | None:
     return None
 
 
+def _absent(ds, band: int, grid: Grid, nd: float | None, margin: int = 8) -> bool:
+    """True when no block of ``band`` under ``grid`` (plus ``margin`` source pixels, for the
+    resampling kernels) is stored in the file: a sparse GeoTIFF (``SPARSE_OK``) leaves empty
+    blocks out and GDAL reads them as the band's nodata value (0 without one). Only then, and
+    when that fill value is what ``nd`` calls nodata, is the read skipped; a large sparse place
+    costs what its data costs, not its area."""
+    if nd is None or ds.driver != "GTiff":
+        return False
+    declared = ds.nodatavals[band - 1] if ds.nodatavals else None
+    fill = 0.0 if declared is None else float(declared)
+    if not (fill == nd or (np.isnan(fill) and np.isnan(nd))):
+        return False
+    try:
+        left, bottom, right, top = bounds_in(grid.bounds, grid.crs, ds.crs)
+    except Exception:  # noqa: BLE001 - no shortcut when the footprint does not transform
+        return False
+    inv = ~ds.transform
+    pts = [inv @ (x, y) for x in (left, right) for y in (bottom, top)]
+    c0 = max(0, math.floor(min(p[0] for p in pts)) - margin)
+    c1 = min(ds.width, math.ceil(max(p[0] for p in pts)) + margin)
+    r0 = max(0, math.floor(min(p[1] for p in pts)) - margin)
+    r1 = min(ds.height, math.ceil(max(p[1] for p in pts)) + margin)
+    if c1 <= c0 or r1 <= r0:
+        return False
+    bh, bw = ds.block_shapes[band - 1]
+    for i in range(r0 // bh, (r1 - 1) // bh + 1):
+        for j in range(c0 // bw, (c1 - 1) // bw + 1):
+            if ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=band) not in (None, "", "0"):
+                return False
+    return True
+
+
 def read_band(
     ds,
     band: int,
@@ -201,7 +234,11 @@ def read_band(
     """Band ``band`` (1-based) of an open dataset on ``grid`` (default: its own grid), float32
     in the sensor's units after the band's scale and offset; NaN where there is no data."""
     grid = grid or Grid.of(ds)
-    x = warp(ds, band, grid, resampling=resampling, src_nodata=_nodata(ds, band, spec, nodata))
+    nd = _nodata(ds, band, spec, nodata)
+    if _absent(ds, band, grid, nd):
+        # Sparse GeoTIFF: no block under the grid is in the file, so all would read as nodata.
+        return np.full(grid.shape, np.nan, np.float32)
+    x = warp(ds, band, grid, resampling=resampling, src_nodata=nd)
     scale, offset = scale_offset(ds, band)
     if scale != 1.0 or offset != 0.0:
         x = x * np.float32(scale) + np.float32(offset)
