@@ -56,7 +56,7 @@ def record(name: str, ours, ref) -> float:
 SWIN = dict(embed=16, depths=(2, 2, 6, 2), heads=(1, 2, 4, 8), extra_norm_every=3)
 
 
-def _swin_pair(mm, window: int, prefix: str = "backbone_gep"):
+def _swin_pair(mm, window: int, prefix: str = "backbone_gep", window_mode: str = "masked"):
     ref = randomise(mm.ref_swin(window=window, img_size=128, **SWIN)).double()
     ref.eval()  # mmpretrain's train() returns None: no chaining
     ours = SwinTransformerV2(
@@ -65,6 +65,7 @@ def _swin_pair(mm, window: int, prefix: str = "backbone_gep"):
         num_heads=SWIN["heads"],
         window_size=window,
         extra_norm_period=SWIN["extra_norm_every"],
+        window_mode=window_mode,
     )
     holder = Holder(hr_encoder=ours).double().eval()
     load_released(prefixed(ref, prefix), holder)
@@ -93,26 +94,139 @@ def test_swin_v2_every_stage(mm, window, size, prefix):
     assert diff < TOL, diff
 
 
-@pytest.mark.parametrize(
-    "size, what",
-    [
-        ((96, 192), "stage 4 is 3 x 6 tokens: one side equals the window"),
-        ((192, 320), "stage 1 is 48 x 80 tokens: 80 is not a multiple of the window"),
-    ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="known divergence (window 3): on a map one side of which equals the window, "
-    "mmpretrain (like the original Swin) shifts neither side where skysense shifts the longer "
-    "one; where a map is not a multiple of the window, mmpretrain attends to its zero padding "
-    "where skysense masks it",
-)
-def test_swin_v2_edge_sizes_differ(mm, size, what):
-    ref, ours = _swin_pair(mm, 3)
+# Window 3 at sizes whose stage maps the window does not tile (stage maps in brackets).
+EDGE_SIZES = [
+    ((96, 192), "stage 4 is 3 x 6 tokens: one side equals the window"),  # 24x48 .. 3x6
+    ((192, 320), "stage 1 is 48 x 80 tokens: 80 is not a multiple of the window"),
+    ((160, 224), "no stage a multiple of the window: 40x56, 20x28, 10x14, 5x7"),
+    ((96, 96), "stage 4 is 3 x 3 tokens: one unshifted window"),
+    ((224, 96), "portrait, 56x24 .. 7x3: the shorter side equals the window"),
+]
+
+
+@pytest.mark.parametrize("size, what", EDGE_SIZES, ids=[f"{h}x{w}" for (h, w), _ in EDGE_SIZES])
+def test_swin_v2_release_mode_at_edge_sizes(mm, size, what):
+    """swin_window_mode="release" is mmpretrain's ShiftWindowMSA at the sizes where it differs
+    from the default mode: zero padding attended to, no shift once a side equals the window."""
+    torch.manual_seed(0)
+    ref, ours = _swin_pair(mm, 3, window_mode="release")
     x = torch.randn(1, 3, *size, dtype=torch.float64)
     with torch.no_grad():
-        diff = record(f"swin window 3 input {size} [known divergence: {what}]", ours(x), ref(x))
+        want = ref(x)
+        got = ours(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+    diff = record(f"swin window 3 input {size}, release mode [{what}]", got, want)
     assert diff < TOL, diff
+
+
+def _float64_coords_tables(ref: nn.Module) -> None:
+    """Rebuild mmpretrain's float32 ``relative_coords_table`` buffers in float64 from their
+    formula (offsets in [-(w-1), w-1] / (w-1) * 8, then sign(t) log2(1 + |t|) / 3)."""
+    for name, buf in ref.named_buffers():
+        if name.endswith("relative_coords_table"):
+            wh, ww = (buf.shape[1] + 1) // 2, (buf.shape[2] + 1) // 2
+            dy = torch.arange(1 - wh, wh, dtype=torch.float64) / max(wh - 1, 1) * 8
+            dx = torch.arange(1 - ww, ww, dtype=torch.float64) / max(ww - 1, 1) * 8
+            t = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)[None]
+            t = torch.sign(t) * torch.log2(t.abs() + 1.0) / 3.0
+            assert torch.allclose(buf, t, atol=1e-6)  # the same table, float32 rounded
+            buf.copy_(t)
+
+
+def test_swin_v2_release_mode_with_the_largest_logit_scale(mm):
+    """Logit scales at their clamp (100), the sharpest softmax, at sizes no stage tiles. The
+    sharp softmax amplifies the reference's float32 coordinate table to ~1e-4 over 12 blocks,
+    so the reference gets that table in float64 here (then the two agree to ~1e-11). (Random
+    weights rarely make the release's -100 shift mask differ from an exclusion; the test
+    against ShiftWindowMSA below builds inputs where it does.)"""
+    torch.manual_seed(0)
+    ref, ours = _swin_pair(mm, 3, window_mode="release")
+    with torch.no_grad():
+        _float64_coords_tables(ref)
+        for m in (ref, ours):
+            for name, p in m.named_parameters():
+                if name.endswith("logit_scale"):
+                    p.fill_(5.0)  # > log 100: clamped to 100 on both sides
+    x = torch.randn(1, 3, 160, 224, dtype=torch.float64)
+    with torch.no_grad():
+        name = "swin window 3 input (160, 224), release mode, logit scale 100, float64 table"
+        diff = record(name, ours(x), ref(x))
+    assert diff < TOL, diff
+
+
+@pytest.mark.parametrize("size", [(6, 6), (5, 7)])
+def test_release_shift_mask_against_shift_window_msa(mm, size):
+    """One shifted-window attention against mmpretrain's ShiftWindowMSA(WindowMSAV2) on inputs
+    built so that the regions a shifted window must keep apart matter: queries read channel 0,
+    keys channel 1, which is +1 on the tokens that the roll wraps (the first row and column)
+    and -1 elsewhere. With logit scale 100, a query's own region gives logits near -100 and
+    the wrapped tokens near 0 after the release's -100 mask: the release's output is mostly
+    the wrapped tokens' values, where an excluding mask (default mode) gives none of them."""
+    from mmpretrain.models.utils import ShiftWindowMSA, WindowMSAV2
+
+    from skysense.encoders.window_attention import WindowAttentionV2
+
+    dim = 4
+    ref = ShiftWindowMSA(dim, 1, 3, shift_size=1, window_msa=WindowMSAV2, cpb_mlp_hidden_dims=16)
+    ref = randomise(ref).double().eval()
+    with torch.no_grad():
+        w = torch.zeros(3 * dim, dim, dtype=torch.float64)
+        w[0, 0] = 1.0  # q = (x0, 0, 0, 0) + q_bias
+        w[dim, 1] = 1.0  # k = (x1, 0, 0, 0): cosine logits are +-1 times the scale
+        w[2 * dim :] = torch.randn(dim, dim, dtype=torch.float64)  # v: random
+        ref.w_msa.qkv.weight.copy_(w)
+        ref.w_msa.q_bias.zero_()
+        ref.w_msa.logit_scale.fill_(5.0)  # clamped to log 100
+    state = {k.removeprefix("w_msa."): v for k, v in ref.state_dict().items()}
+    state = {k: v for k, v in state.items() if "relative_" not in k}  # buffers: ours are tables
+    H, W = size
+    x = torch.zeros(2, H, W, dim, dtype=torch.float64)
+    x[..., 0] = 1.0
+    x[..., 1] = -1.0
+    x[:, :1, :, 1] = 1.0  # rows and columns wrapped by the roll of 1
+    x[:, :, :1, 1] = 1.0
+    x[..., 2:] = torch.randn(2, H, W, dim - 2, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x.reshape(2, H * W, dim), (H, W)).view(2, H, W, dim)
+        got = {}
+        for mode in ("release", "masked"):
+            ours = WindowAttentionV2(dim, 1, (3, 3), shift=True, cpb_hidden=16, mode=mode)
+            ours = ours.double().eval()
+            ours.load_state_dict(state, strict=True)
+            got[mode] = ours(x)
+    diff = record(
+        f"ShiftWindowMSA alone {size}, release mode, regions that matter", [got["release"]], [want]
+    )
+    assert diff < TOL, diff
+    assert float((got["masked"] - want).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("size, what", EDGE_SIZES[:3], ids=["3x6", "48x80", "40x56"])
+def test_swin_v2_masked_mode_differs_at_edge_sizes(mm, size, what):
+    """The default mode (padding masked out, the longer side of a small map shifted) is not
+    the release's at these sizes: the same weights give different outputs."""
+    torch.manual_seed(0)
+    ref, ours = _swin_pair(mm, 3, window_mode="masked")
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(ours(x), ref(x)))
+    MAX_DIFFS[f"swin window 3 input {size}, masked mode (differs by design) [{what}]"] = diff
+    assert diff > 1e-3, diff
+
+
+def test_swin_v2_release_refuses_maps_below_the_window(mm):
+    """mmpretrain (pad_small_map=False) refuses a map shorter than the window; release mode
+    runs it (that side clipped to one window, nothing shifted): no reference to compare."""
+    torch.manual_seed(0)
+    ref, ours = _swin_pair(mm, 3, window_mode="release")
+    x = torch.randn(1, 3, 64, 128, dtype=torch.float64)  # stage 4 is 2 x 4 tokens
+    with torch.no_grad(), pytest.raises(AssertionError, match="smaller than the window"):
+        ref(x)
+    with torch.no_grad():
+        out = ours(x)
+    assert out[3].shape == (1, 8 * SWIN["embed"], 2, 4)
+    assert all(torch.isfinite(o).all() for o in out)
 
 
 VIT = dict(img_size=16, patch=4, dims=32, layers=4, heads=2, out_indices=(0, 1, 2, 3))

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES = ("hr", "s2", "s1")
 DTPE_MODES = ("all", "s2")
+SWIN_WINDOW_MODES = ("masked", "release")  # skysense.encoders.window_attention.WINDOW_MODES
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class SkySenseConfig:
     swin_drop_path_rate: float = 0.2  # stochastic depth, max over blocks (choice: uncertain)
     swin_cpb_hidden: int = 512  # hidden width of the continuous position-bias MLP
     swin_norm_eps: float = 1e-5  # LayerNorm epsilon of the Swin (mmcls default)
+    # Windows on maps they do not tile: "masked" (padding masked out; a side longer than the
+    # window still shifts) or "release" (the released weights' mmpretrain code, exactly:
+    # padding attended to, no shift once a side equals the window). `skysense convert` sets
+    # "release"; results differ only where an input's stage maps are not window multiples.
+    swin_window_mode: str = "masked"
     # --- g_MS, g_SAR: ViT (two instances, separate weights) --------------------------------
     vit_patch_size: int = 4  # patch size on the S1/S2 tiles
     vit_dim: int = 1024  # token width
@@ -129,6 +135,11 @@ class SkySenseConfig:
             raise ValueError(f"{where}: vit_taps {self.vit_taps} outside 0..{self.vit_depth - 1}")
         if self.dtpe_mode not in DTPE_MODES:
             raise ValueError(f"{where}: dtpe_mode must be one of {DTPE_MODES}")
+        if self.swin_window_mode not in SWIN_WINDOW_MODES:
+            raise ValueError(
+                f"{where}: swin_window_mode must be one of {SWIN_WINDOW_MODES}, got "
+                f"{self.swin_window_mode!r}"
+            )
         if self.geo_regions % self.geo_lat_bands:
             raise ValueError(
                 f"{where}: geo_regions {self.geo_regions} is not a multiple of "

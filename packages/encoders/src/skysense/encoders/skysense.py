@@ -50,6 +50,7 @@ class SkySense(nn.Module):
                 extra_norm_period=cfg.swin_extra_norm_period,
                 cpb_hidden=cfg.swin_cpb_hidden,
                 norm_eps=cfg.swin_norm_eps,
+                window_mode=cfg.swin_window_mode,
             )
             if "hr" in mods
             else None

@@ -59,6 +59,7 @@ class SwinV2Block(nn.Module):
 
     Args:
         dim, num_heads, window_size, shift, cpb_hidden: see :class:`WindowAttentionV2`.
+        window_mode: ``"masked"`` or ``"release"``, the attention's ``mode``.
         mlp_ratio: MLP hidden width over ``dim``.
         drop_path: stochastic-depth probability.
         extra_norm: add ``norm3`` at the end of the main branch.
@@ -76,9 +77,10 @@ class SwinV2Block(nn.Module):
         extra_norm: bool = False,
         cpb_hidden: int = 512,
         norm_eps: float = 1e-5,
+        window_mode: str = "masked",
     ):
         super().__init__()
-        self.attn = WindowAttentionV2(dim, num_heads, window_size, shift, cpb_hidden)
+        self.attn = WindowAttentionV2(dim, num_heads, window_size, shift, cpb_hidden, window_mode)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -110,6 +112,7 @@ class SwinV2Stage(nn.Module):
         extra_norm_period: int,
         cpb_hidden: int,
         norm_eps: float,
+        window_mode: str = "masked",
     ):
         super().__init__()
         self.downsample = PatchMerging(in_dim, norm_eps) if downsample else None
@@ -126,6 +129,7 @@ class SwinV2Stage(nn.Module):
                 extra_norm=bool(extra_norm_period) and (i + 1) % extra_norm_period == 0,
                 cpb_hidden=cpb_hidden,
                 norm_eps=norm_eps,
+                window_mode=window_mode,
             )
             for i in range(depth)
         )
@@ -159,6 +163,10 @@ class SwinTransformerV2(nn.Module):
             (0 = none; 6 for Swin V2-H).
         cpb_hidden: hidden width of the continuous position-bias MLP.
         norm_eps: LayerNorm epsilon.
+        window_mode: how windows meet maps they do not tile: ``"masked"`` (padding masked
+            out, the longer side of a small map still shifted) or ``"release"`` (exactly the
+            released weights' mmpretrain code: padding attended to, no shift once a side
+            equals the window); see :mod:`skysense.encoders.window_attention`.
     """
 
     def __init__(
@@ -174,12 +182,14 @@ class SwinTransformerV2(nn.Module):
         extra_norm_period: int = 0,
         cpb_hidden: int = 512,
         norm_eps: float = 1e-5,
+        window_mode: str = "masked",
     ):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"SwinTransformerV2: {len(depths)} depths but {len(num_heads)} heads")
         ws = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
         self.in_chans = in_chans
+        self.window_mode = window_mode
         self.patch_size = patch_size
         self.num_stages = len(depths)
         self.dims = tuple(embed_dim * 2**i for i in range(self.num_stages))
@@ -202,6 +212,7 @@ class SwinTransformerV2(nn.Module):
                     extra_norm_period=extra_norm_period,
                     cpb_hidden=cpb_hidden,
                     norm_eps=norm_eps,
+                    window_mode=window_mode,
                 )
             )
         self.out_norms = nn.ModuleList(nn.LayerNorm(d, eps=norm_eps) for d in self.dims)

@@ -3,6 +3,17 @@ continuous relative position bias, in plain or shifted windows.
 
 Layout conventions: feature maps are channels-last ``(B, H, W, C)``; windows are cut
 image-major, so window ``w`` of image ``b`` is row ``b * nW + w`` of the windowed batch.
+
+Two window modes (:data:`WINDOW_MODES`) differ only on maps that the window does not tile:
+- ``"masked"`` (default): a map not a multiple of the window is zero-padded and the padding
+  masked out; a side no longer than the window is one (clipped) window along it, unshifted,
+  while a longer side still shifts.
+- ``"release"``: the behaviour of the released weights' code (OpenMMLab mmpretrain 1.2
+  ``ShiftWindowMSA`` with ``pad_small_map=False``): the zero padding is attended to like any
+  token; when the map's shorter side equals the window, neither side is shifted (and the full
+  window is kept, the longer side padded); the shift mask adds -100 rather than excluding
+  tokens. mmpretrain refuses a map whose shorter side is below the window (an assertion);
+  here such a side is clipped to one window as in ``"masked"`` mode, and nothing is shifted.
 """
 
 from __future__ import annotations
@@ -20,6 +31,10 @@ from skysense.kernels import attention
 # region, or padding). Finite so that a fused kernel's online softmax never meets -inf - -inf;
 # cosine logits are bounded by 100 + 16, so exp(-1e4) is exactly 0 in every float dtype used.
 MASKED = -1.0e4
+# What the release's code adds to token pairs of different shifted-window regions (mmpretrain's
+# ShiftWindowMSA): finite and not always negligible next to logits scaled by up to 100.
+RELEASE_MASKED = -100.0
+WINDOW_MODES = ("masked", "release")
 # Upper bound of the learned logit scale (Swin V2: 1 / 0.01).
 MAX_LOGIT_SCALE = math.log(100.0)
 NORM_EPS = 1e-12  # as F.normalize
@@ -64,16 +79,27 @@ def window_reverse(windows: torch.Tensor, wh: int, ww: int, H: int, W: int) -> t
 
 
 def effective_window(
-    H: int, W: int, window: tuple[int, int], shift: bool
+    H: int, W: int, window: tuple[int, int], shift: bool, mode: str = "masked"
 ) -> tuple[int, int, int, int]:
-    """Window (wh, ww) and shift (sh, sw) used on an H x W map.
+    """Window (wh, ww) and shift (sh, sw) used on an H x W map in window ``mode``.
 
-    A map no larger than the window along a dimension is one window along it, unshifted (a
-    shift would only wrap the map onto itself). Larger maps keep the configured window and
-    shift by half of it; sizes that are not a multiple of the window are padded (and the
-    padding masked out).
+    ``"masked"``: a map no larger than the window along a dimension is one window along it,
+    unshifted (a shift would only wrap the map onto itself). Larger maps keep the configured
+    window and shift by half of it; sizes that are not a multiple of the window are padded
+    (and the padding masked out).
+
+    ``"release"``: as mmpretrain, a map whose side equals the window along either dimension
+    is not shifted at all; the window keeps its size unless a side is below it (clipped to
+    that side; the release's code refuses such maps).
     """
     wh, ww = window
+    if mode == "release":
+        small = wh >= H or ww >= W  # a side equals (or is below) the window
+        sh = wh // 2 if shift and not small else 0
+        sw = ww // 2 if shift and not small else 0
+        return min(wh, H), min(ww, W), sh, sw
+    if mode != "masked":
+        raise ValueError(f"window mode must be one of {WINDOW_MODES}, got {mode!r}")
     sh = wh // 2 if shift and wh < H else 0
     sw = ww // 2 if shift and ww < W else 0
     return min(wh, H), min(ww, W), sh, sw
@@ -125,28 +151,42 @@ def window_tables(
 # A mask is nW x N x N floats (67 MB for a 2048 px tile's first stage): keep a few sizes.
 @_cached(maxsize=16)
 def window_mask(
-    H: int, W: int, wh: int, ww: int, sh: int, sw: int, device=None, dtype=torch.float32
+    H: int,
+    W: int,
+    wh: int,
+    ww: int,
+    sh: int,
+    sw: int,
+    device=None,
+    dtype=torch.float32,
+    mode: str = "masked",
 ) -> torch.Tensor | None:
     """Additive mask (nW, N, N) for windows cut from the padded, rolled H x W map, or None.
 
     The map is padded at the bottom/right to (Hp, Wp), multiples of the window, then rolled by
     (-sh, -sw). Two tokens of one window may attend to each other only when they belong to the
     same window of the shifted partition in the original frame (the roll wraps the first sh
-    rows next to the last ones; they are kept apart) and neither is padding. In the original
-    frame the shifted partition groups row y into (y + wh - sh) // wh, likewise columns.
+    rows next to the last ones; they are kept apart) and, in ``"masked"`` mode, neither is
+    padding; pairs kept apart get :data:`MASKED`. In the original frame the shifted partition
+    groups row y into (y + wh - sh) // wh, likewise columns.
+
+    ``"release"`` mode: the padding is an ordinary token (the regions are those of the padded
+    map), pairs kept apart get :data:`RELEASE_MASKED`, and an unshifted map has no mask.
     """
     Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
-    if sh == 0 and sw == 0 and Hp == H and Wp == W:
+    release = mode == "release"
+    if sh == 0 and sw == 0 and (release or (Hp == H and Wp == W)):
         return None
     oy = (torch.arange(Hp, device=device) + sh) % Hp  # original row of each rolled row
     ox = (torch.arange(Wp, device=device) + sw) % Wp
     gy = (oy + wh - sh) // wh
     gx = (ox + ww - sw) // ww
-    pad = (oy[:, None] >= H) | (ox[None, :] >= W)
-    label = (gy[:, None] * (Wp // ww + 2) + gx[None, :]) * 2 + pad.long()
+    label = gy[:, None] * (Wp // ww + 2) + gx[None, :]
+    if not release:
+        label = label * 2 + ((oy[:, None] >= H) | (ox[None, :] >= W)).long()
     lw = window_partition(label[None, :, :, None], wh, ww)[..., 0]  # (nW, N)
     mask = torch.zeros(lw.shape[0], wh * ww, wh * ww, device=device, dtype=dtype)
-    return mask.masked_fill(lw[:, :, None] != lw[:, None, :], MASKED)
+    return mask.masked_fill(lw[:, :, None] != lw[:, None, :], RELEASE_MASKED if release else MASKED)
 
 
 class WindowAttentionV2(nn.Module):
@@ -165,6 +205,8 @@ class WindowAttentionV2(nn.Module):
         window_size: configured window (wh, ww).
         shift: shift the windows by half a window (odd blocks of a stage).
         cpb_hidden: hidden width of the position-bias MLP (512 in Swin V2).
+        mode: window mode, ``"masked"`` or ``"release"`` (see the module docstring); it
+            changes outputs only on maps the window does not tile, never the parameters.
     """
 
     def __init__(
@@ -174,8 +216,11 @@ class WindowAttentionV2(nn.Module):
         window_size: tuple[int, int],
         shift: bool = False,
         cpb_hidden: int = 512,
+        mode: str = "masked",
     ):
         super().__init__()
+        if mode not in WINDOW_MODES:
+            raise ValueError(f"WindowAttentionV2: mode must be one of {WINDOW_MODES}, got {mode!r}")
         if dim % num_heads:
             raise ValueError(f"WindowAttentionV2: width {dim} not divisible by {num_heads} heads")
         self.dim = dim
@@ -183,6 +228,7 @@ class WindowAttentionV2(nn.Module):
         self.head_dim = dim // num_heads
         self.window_size = (int(window_size[0]), int(window_size[1]))
         self.shift = bool(shift)
+        self.mode = mode
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, cpb_hidden), nn.ReLU(inplace=True), nn.Linear(cpb_hidden, num_heads, False)
@@ -203,7 +249,7 @@ class WindowAttentionV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, dim) float -> (B, H, W, dim)."""
         B, H, W, C = x.shape
-        wh, ww, sh, sw = effective_window(H, W, self.window_size, self.shift)
+        wh, ww, sh, sw = effective_window(H, W, self.window_size, self.shift, self.mode)
         Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
         if Hp != H or Wp != W:
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
@@ -222,11 +268,11 @@ class WindowAttentionV2(nn.Module):
         k = F.normalize(k, dim=-1, eps=NORM_EPS)
 
         # One (1, heads, N, N) position bias for every window plus, where windows are shifted
-        # or padded, one (nW, 1, N, N) mask per window, applied periodically over the
+        # (or, in masked mode, padded), one (nW, 1, N, N) mask per window, applied periodically over the
         # image-major windowed batch (window b reads mask[b % nW]); neither is materialised
         # B * nW times by the fused kernel.
         bias = [self.relative_bias(wh, ww)[None]]
-        mask = window_mask(H, W, wh, ww, sh, sw, x.device, bias[0].dtype)
+        mask = window_mask(H, W, wh, ww, sh, sw, x.device, bias[0].dtype, self.mode)
         if mask is not None:
             bias.append(mask[:, None])
         out = attention(
@@ -246,5 +292,6 @@ class WindowAttentionV2(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, shift={self.shift}"
+            f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, "
+            f"shift={self.shift}, mode={self.mode}"
         )
