@@ -6,8 +6,8 @@ Run by bench/test_bench_peers.py, ours with the project's .venv, the peer with
 
     python infer_run.py {ours|terratorch} MODEL.pt SCENE.tif OUT.tif WINDOW OVERLAP BATCH
 
-Prints one JSON line: wall seconds of the run, the rise of the resident peak during it (MiB),
-the forwards' window count, versions. The model is loaded (and every import done) before the
+Prints one JSON line: wall and CPU seconds (process time, all threads) of the run, the rise of
+the resident peak during it (MiB), the forwards' window count, versions. The model is loaded (and every import done) before the
 measure, so both sides time reading, normalising, tiling, the forwards, blending and writing.
 
 The peer is what a TerraTorch user writes for a scene that fits in memory: read the scene,
@@ -99,9 +99,9 @@ def main() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the resident peak restarts from the current resident size
     before = _status("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     extra = run()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     rise = _status("VmHWM") - before
     print(
         "RESULT "
@@ -109,6 +109,7 @@ def main() -> None:
             {
                 "side": side,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "rss_rise_mib": rise,
                 "forward_windows": counted["windows"],
                 "versions": versions,

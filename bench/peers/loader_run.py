@@ -8,10 +8,12 @@ Run by bench/test_bench_peers.py (ours with the project's .venv, TorchGeo with .
 CONFIG: ``side`` ("ours" | "torchgeo"), ``sampler`` ("grid" | "random"), ``manifest`` (ours),
 ``raw`` (the GeoTIFF folder, TorchGeo), ``tile`` (Sentinel px), ``stride`` (px between places,
 grid), ``crop`` (random), ``batch`` (samples per batch), ``samples`` (per epoch), ``epochs``
-(timed, after one untimed), ``dump`` (optional .npz: the first batch's pixels for the check).
+(timed, after one untimed), ``dump`` (optional .npz: the first ``dump_batches`` batches' pixels,
+for the check), ``dataset`` ("embedded" or "bigearthnet": TorchGeo's classes for its layout).
 
-Prints one JSON line: seconds per timed epoch, the resident peak's rise over the whole run after
-the imports (building the dataset, every epoch: MiB), the samples per epoch, versions.
+Prints one JSON line: wall and CPU seconds (process time) per timed epoch, the resident peak's
+rise over the whole run after the imports (building the dataset, every epoch: MiB), the samples
+per epoch, versions.
 
 TorchGeo side, as its 0.10 documentation has it: RasterDataset subclasses per file layout
 (stacks and per-band files of S2, stacks and per-polarisation files of S1, joined by ``|``),
@@ -132,6 +134,64 @@ def _torchgeo(cfg):
     return loader, versions, dump_first
 
 
+def _torchgeo_bigearthnet(cfg):
+    """BigEarthNet's per-band S2 and per-polarisation S1 patches. They lie in several UTM zones;
+    one dataset per zone keeps every patch in its own CRS (one dataset would warp every file to
+    the first file's CRS), and each patch is one chip: GriddedPatchSampler over its footprint."""
+    import glob
+    import importlib.metadata as md
+    from collections import defaultdict
+
+    import rasterio
+    from torch.utils.data import DataLoader
+    from torchgeo.datasets import IntersectionDataset, RasterDataset, stack_samples
+    from torchgeo.samplers import GriddedPatchSampler
+
+    class BenS2(RasterDataset):
+        filename_glob = "S2*_B02.tif"
+        filename_regex = r"^S2[AB]_MSIL2A_(?P<date>\d{8})T\d+_\d+_\d+_(?P<band>B[0-9][0-9A])\.tif$"
+        separate_files = True
+        all_bands = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+
+    class BenS1(RasterDataset):
+        filename_glob = "S1*_VV.tif"
+        filename_regex = r"^S1[AB]_IW_GRDH_1SDV_(?P<date>\d{8})T\d+_\w+?_(?P<band>VV|VH)\.tif$"
+        separate_files = True
+        all_bands = ("VV", "VH")
+
+    zones = defaultdict(lambda: {"s2": [], "s1": []})
+    for m, pattern in (("s2", "S2*_B02.tif"), ("s1", "S1*_VV.tif")):
+        for f in sorted(glob.glob(f"{cfg['raw']}/**/{pattern}", recursive=True)):
+            with rasterio.open(f) as src:
+                zones[src.crs.to_string()][m].append(f)
+
+    def keep_apart(samples):
+        return {
+            "s2": samples[0]["image"],
+            "s1": samples[1]["image"],
+            "bounds": samples[0]["bounds"],
+        }
+
+    loaders = []
+    for files in zones.values():
+        s2 = BenS2(files["s2"], res=10.0, time_series=True)
+        s1 = BenS1(files["s1"], res=10.0, time_series=True)
+        ds = IntersectionDataset(s2, s1, spatial_only=True, collate_fn=keep_apart)
+        chips = [
+            c for g in s2.index.geometry for c in GriddedPatchSampler(ds, size=cfg["tile"], roi=g)
+        ]
+        loaders.append(
+            DataLoader(ds, batch_size=cfg["batch"], sampler=chips, collate_fn=stack_samples)
+        )
+
+    class Zones:
+        def __iter__(self):
+            for lo in loaders:
+                yield from lo
+
+    return Zones(), {"torchgeo": md.version("torchgeo")}, lambda batch: {"dates": []}
+
+
 def _ours(cfg):
     from skysense.data.loader import build_loader
 
@@ -168,21 +228,28 @@ def main() -> None:
         f.write("5")
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    loader, v, dump_first = (_torchgeo if cfg["side"] == "torchgeo" else _ours)(cfg)
+    if cfg["side"] == "ours":
+        make = _ours
+    else:
+        make = _torchgeo_bigearthnet if cfg.get("dataset") == "bigearthnet" else _torchgeo
+    loader, v, dump_first = make(cfg)
     versions.update(v)
     build = time.perf_counter() - t0
-    first, n = None, 0
+    first, n = [], 0
     for batch in loader:  # the untimed epoch: file handles opened, caches warm
-        first = batch if first is None else first
+        if len(first) < cfg.get("dump_batches", 1):
+            first.append(batch)
         n += len(batch["s2"]) if "view1" not in batch else 2 * len(batch["view1"]["s2"])
-    times = []
+    times, cpu = [], []
     for _ in range(cfg["epochs"]):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _batch in loader:
             pass
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     rise = _status("VmHWM") - before
     if cfg.get("dump"):
+        first = {k: torch.cat([b[k] for b in first]) for k in first[0]}
         flat = first if "view1" not in first else {
             f"{v}.{k}": x for v in first for k, x in first[v].items()
         }  # fmt: skip
@@ -194,6 +261,7 @@ def main() -> None:
             {
                 "side": cfg["side"],
                 "epoch_seconds": times,
+                "epoch_cpu_seconds": cpu,
                 "build_seconds": build,
                 "samples": n,
                 "rss_rise_mib": rise,
