@@ -143,6 +143,23 @@ def preserved_rng():
             np.random.set_state(npy)  # noqa: NPY002
 
 
+@contextlib.contextmanager
+def _gathered(module):
+    """FSDP gathers a root module's own parameters around its ``forward`` only; the signals
+    call the teacher's encoder directly, so gather them for the block (every process runs it:
+    the sharded blocks all-gather as they go)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 class HealthMonitor:
     """Runs :func:`health_signals` on a fixed held set and warns once per collapsing signal."""
 
@@ -151,7 +168,7 @@ class HealthMonitor:
         self.warned: set[str] = set()
 
     def __call__(self, temp: float, step: int) -> dict[str, float]:
-        with preserved_rng():
+        with preserved_rng(), _gathered(self.teacher):
             sig = health_signals(self.teacher, self.held, temp, self.labelled)
         for name, (side, limit, why) in THRESHOLDS.items():
             value = sig[name]
