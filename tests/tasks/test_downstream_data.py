@@ -281,7 +281,7 @@ from skysense.tasks import cli  # noqa: E402
 _SMALL = ["train.max_steps=2", "train.batch_size=2", "train.eval_batch_size=2", "train.threads=1"]
 _DENSE_EVAL = ["task.eval.window=32", "task.eval.overlap=0"]
 FINETUNE = {
-    "eurosat_ms": ["task=classification", "task.features=s2"],
+    "eurosat_ms": ["task=classification"],
     "eurosat_rgb": ["task=classification", "data.size=32"],
     "aid": ["task=classification", "data.size=32"],
     "resisc45": ["task=classification", "data.size=32"],
@@ -289,8 +289,8 @@ FINETUNE = {
     "bigearthnet_v2": ["task=multilabel_classification", "data.crop=32"],
     "oscd": ["task=change_detection", "data.train_cities=null", "data.val_cities=null"]
     + _DENSE_EVAL,
-    "levir_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
-    "whu_cd": ["task=change_detection", "task.features=hr", "data.crop=32"] + _DENSE_EVAL,
+    "levir_cd": ["task=change_detection", "data.crop=32"] + _DENSE_EVAL,
+    "whu_cd": ["task=change_detection", "data.crop=32"] + _DENSE_EVAL,
     "potsdam": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
     "isaid": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
     "sen1floods11": ["task=multimodal_segmentation", "data.crop=16"] + _DENSE_EVAL,
@@ -299,9 +299,9 @@ FINETUNE = {
     "dior": ["task=detection", "data.crop=64"],
     "dior_r": ["task=detection", "data.crop=64"],
     "fair1m": ["task=detection", "data.crop=64"],
-    "fmow_s2": ["task=classification", "task.features=s2", "data.size=32"],
-    "hls_burn_scars": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
-    "mados": ["task=segmentation", "task.features=s2", "data.crop=16"] + _DENSE_EVAL,
+    "fmow_s2": ["task=classification", "data.size=32"],
+    "hls_burn_scars": ["task=segmentation", "data.crop=16"] + _DENSE_EVAL,
+    "mados": ["task=segmentation", "data.crop=16"] + _DENSE_EVAL,
     "dynamicearthnet": ["task=segmentation", "data.crop=32"] + _DENSE_EVAL,
 }
 
@@ -329,6 +329,8 @@ def test_finetune_two_steps_on_each_public_dataset(name, tmp_path):
         assert summary["data_info"]["val"] >= 1
     m = json.loads((run / "random" / "metrics.json").read_text())
     assert all(np.isfinite(h["loss"]) for h in m["history"]) and len(m["history"]) == 2
+    if name in ("dior_r", "fair1m"):  # oriented ground truth: rotated-box AP50 reported too
+        assert 0.0 <= m["metrics"]["rotated_mAP50"] <= 1.0
 
 
 def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
@@ -343,11 +345,19 @@ def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
     assert data.inputs["sensors"] == {"s2": "s2_l1c"}
     # data.size (128) resizes HR images only: the S2 patches keep their 64 x 64 10 m pixels.
     assert data.train[0]["s2"].shape == (1, 10, 64, 64)
-    # The task's default features (hr) on S2 data: one line naming the fix.
+    # Class folders default to the images' own modality: S2 stacks feed the S2 encoder.
+    default = cli.compose(cli.COMMANDS["finetune"].config, base[1:] + [f"run_dir={tmp_path}"])
+    assert default.task.features == "auto"
+    # HR features asked for on S2 data: one line naming the fix.
     with pytest.raises(cli.ConfigError, match="task.features.*only \\['s2'\\]"):
         from skysense.tasks.downstream.run import finetune
 
-        finetune(cli.compose(cli.COMMANDS["finetune"].config, base[1:] + [f"run_dir={tmp_path}"]))
+        finetune(
+            cli.compose(
+                cli.COMMANDS["finetune"].config,
+                base[1:] + ["task.features=hr", f"run_dir={tmp_path}"],
+            )
+        )
     # An RGB sensor declared for them: one line naming the file and both band lists.
     assert cli.main(base + ["data.sensor=hr_rgb", f"run_dir={tmp_path}"] + _SMALL) != 0
     err = capsys.readouterr().err
@@ -366,7 +376,7 @@ def test_hr_change_pairs_finetune_evaluate_and_infer(tmp_path):
 
     root = fakes.make("levir_cd", tmp_path / "levir")
     run = tmp_path / "run"
-    base = ["task=change_detection", "task.features=hr", "data=levir_cd", f"data.root={root}"]
+    base = ["task=change_detection", "data=levir_cd", f"data.root={root}"]
     base += [f"run_dir={run}", *_DENSE_EVAL, "train.threads=1"]
     assert cli.main(["finetune", *base, "data.crop=32", *_SMALL]) == 0
     assert cli.main(["evaluate", *base]) == 0

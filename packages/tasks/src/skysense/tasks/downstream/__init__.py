@@ -11,8 +11,10 @@ Command line (Hydra overrides; configs in ``skysense/tasks/conf``)::
 
 Tasks (``conf/task``): classification, linear_probe, multilabel_classification,
 multimodal_classification, segmentation, multimodal_segmentation, change_detection, detection,
-timeseries_classification. Data (``conf/data``): oscd, bigearthnet, osbs (box CSV/JSON),
-class_folders, geotiff_masks, and the data package's embedded / shards manifests.
+timeseries_classification. Data (``conf/data``): the public datasets of
+:mod:`skysense.data.datasets` read from their distributed layouts (``data=<name>
+data.root=...``; the README's table lists them), osbs (box CSV/JSON), class_folders,
+geotiff_masks, and the data package's embedded / shards manifests.
 
 Modules, one concept each: :mod:`metrics` (tested metric definitions), :mod:`heads` (UperNet,
 FCN, change head, pyramid neck, Faster R-CNN + FPN), :mod:`features` (which encoder outputs a
