@@ -233,3 +233,18 @@ def _content_s1(manifest: Path):
         for s, o in zip(m.samples.shard, m.samples.offset)
     ]
     return rows, [p for pair in pix for p in pair]
+
+
+def test_an_array_name_with_a_path_in_shard_json_is_refused(tmp_path):
+    import json
+
+    src = tmp_path / "src"
+    _write_places(src, 1)
+    rep = ingest(src, tmp_path / "dst", IngestConfig(tile_size=24), progress=False)
+    info_path = tmp_path / "dst" / "shards" / "shard-000000" / "shard.json"
+    info = json.loads(info_path.read_text())
+    info["arrays"]["../../../outside"] = info["arrays"]["s2"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ManifestError, match="not a plain name") as e:
+        ShardReader(Manifest(rep.manifest)).arrays(0)
+    assert str(info_path) in str(e.value)

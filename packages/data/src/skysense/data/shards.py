@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_]+")
 HAS_DATA, CLEAR = 1, 2
 STEP_ABSENT, STEP_UNUSABLE, STEP_USABLE = 0, 1, 2
 STORE_DTYPE = {"hr": np.uint8, "s2": np.uint16, "s1": np.float32}
@@ -192,6 +194,12 @@ class ShardReader:
         if not info_path.is_file():
             raise FileNotFoundError(f"{d}: shard missing or incomplete (no shard.json)")
         info = json.loads(info_path.read_text())
+        for name in info["arrays"]:
+            # Names come from a file: a name with a path in it would read outside the shard.
+            if not _ARRAY_NAME.fullmatch(str(name)):
+                from skysense.data.manifest import ManifestError
+
+                raise ManifestError(f"{info_path}: array name {name!r} is not a plain name")
         arrs = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in info["arrays"]}
         self._open[shard] = arrs
         if len(self._open) > self.max_open:
