@@ -72,6 +72,11 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "skysense.tasks.bench", "run the benchmark suite and compare with the reference", "bench"
     ),
+    "benchmark": Command(
+        "skysense.tasks.benchmark",
+        "run a suite of dataset x task x protocol entries over seeds, checkpoints and baselines",
+        "benchmark",
+    ),
     "encoders": Command(
         "skysense.tasks.summary",
         "print an encoder preset's summary (parameter counts)",

@@ -1,0 +1,187 @@
+"""The evaluation protocols of a benchmark entry: one function per protocol, each scoring one
+model (a checkpoint, the random-init encoder or a baseline) with one seed.
+
+- ``linear_probe``: frozen features (pooled per image, per pixel for dense data) -> logistic
+  regression solved to convergence (L-BFGS, float64), the L2 weight picked from ``l2_grid`` on
+  a validation split carved from the training rows (whole scenes / blocks for dense data); the
+  change threshold picked on the same validation rows (GEO-Bench's linear probe).
+- ``knn``: the same rows, a weighted k-NN vote (k = ``knn_k``, cosine similarity).
+- ``finetune``: the existing full fine-tuning with layer-wise lr decay
+  (:func:`skysense.tasks.downstream.run.finetune`) with the entry's ``task`` and ``overrides``.
+- ``frozen_upernet``: the same path with the encoder frozen (UperNet head of the segmentation
+  and change tasks, AdamW lr 1e-4, weight decay 0.05, sliding-window evaluation; PANGAEA's
+  recipe, except that the lr follows the fine-tuning cosine schedule, not multi-step).
+- ``frozen_upernet_ltae``, ``siamese``: not implemented (NotImplementedError, in the report).
+
+Every protocol returns ``{"score": headline, "metric": name, "plateaued": bool | None,
+"scores": {...}, ...}``. ``label_fraction`` < 1 keeps that share of the training rows
+(stratified, chosen by the seed); fine-tuning protocols do not take it yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from skysense.tasks.benchmark import probes
+
+log = logging.getLogger(__name__)
+
+FEATURE_PROTOCOLS = {"linear_probe": "linear", "knn": "knn"}
+TRAIN_PROTOCOLS = ("finetune", "frozen_upernet")
+PLANNED = ("frozen_upernet_ltae", "siamese")
+PROTOCOLS = (*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS, *PLANNED)
+
+
+def check_protocol(name: str) -> None:
+    if name in PLANNED:
+        raise NotImplementedError(
+            f"protocol {name!r} is not implemented yet (implemented: "
+            f"{[*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS]})"
+        )
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; known: {list(PROTOCOLS)}")
+
+
+def per_group_scores(fs, probs, threshold: float) -> dict:
+    """Scores of each test scene (``fs.test_group_names``) from the test probabilities."""
+    if fs.test_groups is None or not fs.test_group_names:
+        return {}
+    out = {}
+    for i, name in enumerate(fs.test_group_names):
+        sel = fs.test_groups == i
+        if sel.any():
+            s = probes.score(fs.kind, probs[sel], fs.test_y[sel], len(fs.classes), threshold)
+            out[name] = {k: v for k, v in s.items() if k != "confusion_matrix"}
+    return out
+
+
+def _fit(entry, kind, n_classes, x, y, groups, test, seed, method) -> dict:
+    keep = probes.stratified_subset(y, float(entry.label_fraction), seed)
+    y = y[keep]
+    groups = groups[keep] if groups is not None else None
+    tr, va = probes.split_validation(y, groups, float(entry.val_fraction), seed)
+    x = x[keep]
+    return probes.run_probe(
+        method,
+        kind,
+        n_classes,
+        (x[tr], y[tr]),
+        (x[va], y[va]),
+        test,
+        tuple(entry.l2_grid),
+        int(entry.knn_k),
+        int(entry.max_iter),
+    )
+
+
+def folds(y: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
+    """``k`` disjoint index sets covering the rows: stratified by class for (N,) labels (each
+    class dealt round-robin after a seeded shuffle), a seeded random split for multi-label."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    if y.ndim > 1:
+        return [perm[f::k].sort().values for f in range(k)]
+    order = perm[torch.argsort(y[perm], stable=True)]  # shuffled within each class
+    return [order[f::k].sort().values for f in range(k)]
+
+
+def cross_validated(entry, fs, seed: int, method: str) -> dict:
+    """Train and test rows pooled, ``entry.cv_folds`` folds: each row predicted by a probe fit
+    (with its own validation split) on the other folds; scored over all rows."""
+    if fs.kind not in ("classification", "multilabel"):
+        raise ValueError(f"cv_folds applies to image classification, not {fs.kind} data")
+    x = torch.cat([fs.train_x, fs.test_x])
+    y = torch.cat([fs.train_y, fs.test_y])
+    probs, fits = None, []
+    for test in folds(y, int(entry.cv_folds), seed):
+        train = torch.ones(len(y), dtype=torch.bool)
+        train[test] = False
+        tr = torch.nonzero(train).flatten()
+        r = _fit(entry, fs.kind, len(fs.classes), x[tr], y[tr], None, (x[test], y[test]),
+                 seed, method)  # fmt: skip
+        p = r.pop("test_probs")
+        probs = torch.zeros(len(y), p.shape[1]) if probs is None else probs
+        probs[test] = p
+        fits.append({k: v for k, v in r.items() if k != "test"})
+    res = {
+        "method": method,
+        "cv_folds": int(entry.cv_folds),
+        "folds": fits,
+        "converged": all(f.get("converged") for f in fits),
+        "test": probes.score(fs.kind, probs, y, len(fs.classes)),
+    }
+    res["test_probs"] = probs
+    return res
+
+
+def probe_protocol(entry, fs, seed: int, method: str) -> dict:
+    """``method`` (linear / knn) on a :class:`sources.FeatureSet` with ``seed``'s label subset
+    and validation split (or ``entry.cv_folds``-fold cross-validation)."""
+    if entry.get("cv_folds"):
+        res = cross_validated(entry, fs, seed, method)
+        res.pop("test_probs")
+        probs = None
+    else:
+        test = (fs.test_x, fs.test_y)
+        res = _fit(entry, fs.kind, len(fs.classes), fs.train_x, fs.train_y, fs.train_groups,
+                   test, seed, method)  # fmt: skip
+        probs = res.pop("test_probs")
+    if probs is not None:
+        res["per_scene"] = per_group_scores(fs, probs, res["test"].get("threshold", 0.5))
+    res["score"] = probes.headline(fs.kind, res["test"])
+    res["metric"] = probes.HEADLINE[fs.kind]
+    # k-NN has no optimisation to plateau; the linear probe's L-BFGS reached its tolerance or not
+    res["plateaued"] = bool(res.get("converged")) if method == "linear" else None
+    res["scores"] = res.pop("test")
+    return res
+
+
+def plateaued(losses: list[float], window: float = 0.2, tol: float = 0.05) -> bool | None:
+    """Whether a loss curve has flattened: the mean of its last ``window`` share differs from
+    the mean of the share before it by less than ``tol`` of the latter (None: too short)."""
+    k = max(1, int(len(losses) * window))
+    if len(losses) < 2 * k or len(losses) < 4:
+        return None
+    last, before = float(np.mean(losses[-k:])), float(np.mean(losses[-2 * k : -k]))
+    return abs(before - last) <= tol * max(abs(before), 1e-12)
+
+
+def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int,
+                   out_dir: Path) -> dict:  # fmt: skip
+    """``finetune`` / ``frozen_upernet`` through downstream.run.finetune: ``base_cfg`` is the
+    composed finetune config of the entry (task, data, overrides)."""
+    from skysense.tasks.downstream.run import HEADLINE, finetune
+
+    if float(entry.label_fraction) < 1.0:
+        raise NotImplementedError(
+            f"label_fraction < 1 with the {protocol} protocol (the probes take it)"
+        )
+    over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
+            "compare_random_init": False}  # fmt: skip
+    if protocol == "frozen_upernet":
+        over["task"] = {"freeze_encoder": True}
+        over["optim"] = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 1.0}
+    cfg = OmegaConf.merge(base_cfg, over)
+    summary = finetune(cfg)
+    run = next(iter(summary["runs"].values()))
+    kind = summary["kind"]
+    metric = HEADLINE[kind][0]
+    hist = json.loads((out_dir / run["init"] / "metrics.json").read_text()).get("history") or []
+    return {
+        "score": float(run["metrics"].get(metric, math.nan) or math.nan),
+        "metric": metric,
+        "plateaued": plateaued([h["loss"] for h in hist]),
+        "scores": {k: v for k, v in run["metrics"].items() if k != "confusion_matrix"},
+        "loss_first": run["loss_first"],
+        "loss_last": run["loss_last"],
+        "steps": run["steps"],
+        "model": run["model"],
+        "data_info": summary.get("data_info"),
+    }
