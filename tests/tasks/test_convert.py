@@ -60,8 +60,14 @@ def test_combined_release_converts_and_loads_strictly(tmp_path, release, capsys)
     src = config["sources"][0]
     assert src["file"] == "release.pth" and len(src["sha256"]) == 64
 
+    # the release's Swin windows (mmpretrain: padding attended to, no shift at window-sized
+    # sides) are recorded, so a model built from the folder behaves like the release
+    assert config["model"]["swin_window_mode"] == "release"
+
     model = build_skysense("tiny", weights=folder)  # strict: every key of every part
     assert model.cfg.swin_cpb_hidden == 512 and model.cfg.fusion_norm_eps == 1e-5
+    assert model.cfg.swin_window_mode == "release"
+    assert {b.attn.mode for st in model.hr_encoder.stages for b in st.blocks} == {"release"}
     # values arrive where they belong (the class token's position row is dropped)
     torch.testing.assert_close(
         model.s2_encoder.pos_embed, release["backbone_s2.pos_embed"][:, 1:], rtol=0, atol=0
@@ -126,10 +132,58 @@ def test_convert_needs_dst(tmp_path, release, capsys):
     assert "dst" in capsys.readouterr().err
 
 
+def test_the_window_mode_is_a_choice_and_a_fine_tune_keeps_it(tmp_path, release, capsys):
+    """`release.swin_window_mode=masked` converts for the default windows instead; a weights
+    folder's window mode reaches build_encoder's recorded overrides (a fine-tuned model file
+    rebuilds it), and the two folders' models differ where the window does not tile a map."""
+    from skysense.tasks.downstream.checkpoint import build_encoder
+
+    torch.save({"state_dict": release}, tmp_path / "release.pth")
+    src = str(tmp_path / "release.pth")
+    assert main(["convert", src, str(tmp_path / "rel"), *TINY]) == 0
+    assert (
+        main(["convert", src, str(tmp_path / "msk"), *TINY, "release.swin_window_mode=masked"]) == 0
+    )
+    capsys.readouterr()
+    assert load_weights(tmp_path / "msk")[1]["model"]["swin_window_mode"] == "masked"
+    enc, info = build_encoder("tiny", {}, tmp_path / "rel")
+    assert info["overrides"]["swin_window_mode"] == "release"
+    assert enc.cfg.swin_window_mode == "release"
+    masked, info = build_encoder("tiny", {}, tmp_path / "msk")
+    assert "swin_window_mode" not in info["overrides"]  # the preset's default
+    x = torch.randn(1, 3, 96, 160)  # stage maps 24x40 .. 3x5: 3 and 5 are not multiples of 4
+    with torch.no_grad():
+        a = enc.hr_encoder.eval()(x)
+        b = masked.hr_encoder.eval()(x)
+    assert torch.equal(a[0], b[0])  # 24 x 40 tokens: tiled by window 4, no difference
+    assert float((a[3] - b[3]).abs().max()) > 1e-3
+
+
+def test_build_encoder_builds_the_folders_preset_with_a_warning(tmp_path, release, capsys, caplog):
+    """A weights folder written for another preset than asked: its own preset is built (as a
+    pre-training checkpoint's is), with a warning, instead of an error."""
+    from skysense.tasks.downstream.checkpoint import build_encoder
+
+    torch.save({"state_dict": release}, tmp_path / "release.pth")
+    assert main(["convert", str(tmp_path / "release.pth"), str(tmp_path / "w"), *TINY]) == 0
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="skysense.tasks.downstream.checkpoint"):
+        enc, info = build_encoder("small", {}, tmp_path / "w")
+    assert info["preset"] == "tiny" and enc.cfg.swin_embed_dim == 32
+    assert "holds preset 'tiny'; building that (not 'small')" in caplog.text
+    state, _ = load_weights(tmp_path / "w")
+    own = enc.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())
+
+
 # --- round trips: export format=safetensors, convert, load ---------------------------------
 
 RELEASE_STRUCTURE = dict(
-    vit_cls_token=False, vit_final_norm=False, fusion_norm_eps=1e-5, swin_cpb_hidden=512
+    vit_cls_token=False,
+    vit_final_norm=False,
+    fusion_norm_eps=1e-5,
+    swin_cpb_hidden=512,
+    swin_window_mode="release",
 )
 
 

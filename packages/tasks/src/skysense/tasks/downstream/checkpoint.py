@@ -103,7 +103,10 @@ def build_encoder(
 
     With a checkpoint, the encoder is rebuilt from the checkpoint's own ``config["model"]``
     (preset and overrides; a different ``preset`` argument is overridden, with a warning) and
-    its ``key`` state dict ("teacher" or "student") is loaded strictly.
+    its ``key`` state dict ("teacher" or "student") is loaded strictly. A weights folder
+    (``skysense convert`` / ``export format=safetensors``) builds the preset its
+    ``config.json`` names (likewise with a warning) and its structure fields, under
+    ``overrides``.
 
     Returns:
         (encoder, info): info holds ``preset``, ``overrides``, ``checkpoint``, ``key`` and the
@@ -117,6 +120,16 @@ def build_encoder(
     if checkpoint and _is_weights_dir(checkpoint):
         # A weights folder (skysense convert / export format=safetensors): its config.json
         # builds the structure it holds; names are mapped and loaded strictly by the encoders.
+        theirs = _folder_preset(checkpoint)
+        if theirs is not None and theirs != preset:
+            log.warning(
+                "weights folder %s holds preset %r; building that (not %r)",
+                checkpoint,
+                theirs,
+                preset,
+            )
+            preset = theirs
+            info["preset"] = preset
         kwargs = dict(overrides, checkpointing=True) if checkpointing else dict(overrides)
         encoder = build_skysense(preset, weights=checkpoint, strict=strict, **kwargs)
         # the folder's structure is the model's: recorded, a fine-tuned file rebuilds it
@@ -165,6 +178,19 @@ def build_encoder(
     if state is not None:
         info["report"] = load_state(encoder, state, f"checkpoint {checkpoint} [{key!r}]", strict)
     return encoder, info
+
+
+def _folder_preset(path) -> str | None:
+    """The preset a weights folder's ``config.json`` names, or None (none named, unreadable:
+    the encoders' loader then says what is wrong)."""
+    import json
+
+    try:
+        config = json.loads((Path(str(path)).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    preset = config.get("preset") if isinstance(config, dict) else None
+    return preset if isinstance(preset, str) else None
 
 
 def is_finetuned(path) -> bool:
