@@ -248,3 +248,27 @@ def test_an_array_name_with_a_path_in_shard_json_is_refused(tmp_path):
     with pytest.raises(ManifestError, match="not a plain name") as e:
         ShardReader(Manifest(rep.manifest)).arrays(0)
     assert str(info_path) in str(e.value)
+
+
+def test_a_place_whose_missing_band_file_appears_is_redone(tmp_path):
+    import datetime as dt
+
+    from test_ingest import _s2_per_band
+
+    src = tmp_path / "src"
+    _s2_per_band(src / "field" / "20210405", dt.date(2021, 4, 5))
+    _s2_per_band(src / "field" / "20210610", dt.date(2021, 6, 10))
+    b3 = next((src / "field" / "20210610").glob("*_B03.tif"))
+    kept = b3.read_bytes()
+    b3.unlink()
+    cfg = IngestConfig(tile_size=24)
+    first = ingest(src, tmp_path / "dst", cfg, progress=False)
+    assert not first.ok and all("lacks band(s) B3" in r for _, r in first.bad_files)
+    m = Manifest(first.manifest)
+    assert {r[0] for r in m.query("SELECT s2_dates FROM samples")} == {"2021-04-05"}
+    b3.write_bytes(kept)
+    again = ingest(src, tmp_path / "dst", cfg, progress=False)
+    assert again.ok and again.n_places_redone == 1 and again.n_samples == first.n_samples
+    m = Manifest(again.manifest)
+    assert {r[0] for r in m.query("SELECT s2_dates FROM samples")} == {"2021-04-05,2021-06-10"}
+    assert m.query("SELECT MIN(id), MAX(id) FROM samples") == [(0, len(m) - 1)]

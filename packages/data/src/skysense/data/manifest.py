@@ -232,8 +232,11 @@ class ManifestWriter:
         ):
             if grp in done and _stat(path) != (size, mtime):
                 out.add(grp)
+        # Places recorded by an ingest that did not record its source (an earlier version) may
+        # name their files relative to another working folder: only their bad files are checked.
+        recorded = {r[0] for r in self.db.execute("SELECT grp FROM groups WHERE src IS NOT NULL")}
         for g in groups:
-            if g.name not in done or g.name in out:
+            if g.name not in recorded or g.name in out:
                 continue
             known = {
                 r[0] for r in self.db.execute("SELECT path FROM bad_files WHERE grp=?", (g.name,))
