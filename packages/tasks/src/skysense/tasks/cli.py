@@ -215,8 +215,25 @@ def _help(name: str, cmd: Command, overrides: list[str]) -> str:
     for group, opts in config_groups(cmd.config).items():
         lines.append(f"  {group}: {', '.join(opts)}")
     cfg = compose(cmd.config, overrides)
+    lines += _commented_keys(cmd.config, overrides)
     lines += ["", "composed config:", OmegaConf.to_yaml(cfg).rstrip()]
     return "\n".join(lines)
+
+
+def _commented_keys(config: str, overrides: list[str]) -> list[str]:
+    """The primary config file and the files of the groups chosen on the command line
+    (``task=X``, ``suite=X``, ``data=X``), as written: every key with its comment."""
+    root = resources.files(CONFIG_MODULE)
+    files = [(f"{config}.yaml", root / f"{config}.yaml")]
+    for o in overrides:
+        group, _, option = o.partition("=")
+        entry = root / group / f"{option}.yaml"
+        if "." not in group and option and entry.is_file():
+            files.append((f"{group}/{option}.yaml", entry))
+    out = []
+    for name, f in files:
+        out += ["", f"keys of {name} (with their meaning):", f.read_text().rstrip()]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,12 +62,15 @@ def per_group_scores(fs, probs, threshold: float) -> dict:
     return out
 
 
-def _fit(entry, kind, n_classes, x, y, groups, test, seed, method) -> dict:
+def _fit(entry, kind, n_classes, x, y, groups, test, seed, method, natural=None) -> dict:
     keep = probes.stratified_subset(y, float(entry.label_fraction), seed)
     y = y[keep]
     groups = groups[keep] if groups is not None else None
     tr, va = probes.split_validation(y, groups, float(entry.val_fraction), seed)
     x = x[keep]
+    if natural is not None:  # fit on the balanced rows, validate at the true class rates
+        natural = natural[keep]
+        tr, va = tr[~natural[tr]], va[natural[va]]
     return probes.run_probe(
         method,
         kind,
@@ -131,7 +134,7 @@ def probe_protocol(entry, fs, seed: int, method: str) -> dict:
     else:
         test = (fs.test_x, fs.test_y)
         res = _fit(entry, fs.kind, len(fs.classes), fs.train_x, fs.train_y, fs.train_groups,
-                   test, seed, method)  # fmt: skip
+                   test, seed, method, fs.train_natural)  # fmt: skip
         probs = res.pop("test_probs")
     if probs is not None:
         res["per_scene"] = per_group_scores(fs, probs, res["test"].get("threshold", 0.5))

@@ -13,7 +13,8 @@ blocks, for validation splits that do not leak neighbours) and test rows.
 - dense tasks (segmentation, change: OSCD and the public segmentation sets): one row per
   sampled pixel (at most ``pixels_per_scene`` training pixels of each scene, half of them
   change pixels where there are enough; test: every labelled pixel, or a uniform sample of
-  ``max_test_pixels``); the encoder row is the source's map at the pixel's token (change:
+  ``max_test_pixels``; change: a second, uniform sample of each training scene for
+  validation, so the threshold is chosen at the true change rate); the encoder row is the source's map at the pixel's token (change:
   ``[f1, f2, |f1 - f2|]``), the spectral row the pixel's bands (series: mean and std over
   time; change: ``[x1, x2, x2 - x1]``).
 - ``eolearn_slovenia``: see :mod:`skysense.tasks.benchmark.slovenia`.
@@ -51,6 +52,9 @@ class FeatureSet:
     info: dict = field(default_factory=dict)
     test_groups: Tensor | None = None
     test_group_names: list[str] | None = None
+    # (N,) bool: training rows sampled at the data's own class rates (None: all of them); the
+    # others are class-balanced samples for fitting
+    train_natural: Tensor | None = None
 
 
 # ------------------------------------------------------------------ featurisers
@@ -184,13 +188,23 @@ def sample_pixels(mask: Tensor, n: int | None, balance: bool, seed: int) -> tupl
 
 
 def dense_rows(featuriser, scenes, cfg, device, n_per_scene, change: bool, balance: bool):
-    xs, ys, gs = [], [], []
+    """Rows, labels, scene ids and the ``natural`` flag of the sampled pixels of every scene.
+    With ``balance``, each scene gives a class-balanced sample (natural False: what the probe
+    fits) and a uniform one of the same size (natural True: where the L2 weight and the
+    threshold are chosen, at the true change rate)."""
+    xs, ys, gs, nat = [], [], [], []
     for i, sc in enumerate(scenes):
         rows, cols = sample_pixels(sc.mask, n_per_scene, balance, seed=i)
+        flags = torch.full((len(rows),), not balance)
+        if balance:
+            r2, c2 = sample_pixels(sc.mask, n_per_scene, False, seed=10_000 + i)
+            rows, cols = torch.cat([rows, r2]), torch.cat([cols, c2])
+            flags = torch.cat([flags, torch.ones(len(r2), dtype=torch.bool)])
         xs.append(pixel_rows(featuriser, sc, rows, cols, cfg.source, cfg.window, device, change))
         ys.append(sc.mask[rows, cols].long())
         gs.append(torch.full((len(rows),), i, dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys), torch.cat(gs)
+        nat.append(flags)
+    return torch.cat(xs), torch.cat(ys), torch.cat(gs), torch.cat(nat)
 
 
 # ------------------------------------------------------------------ entries -> rows
@@ -236,12 +250,14 @@ def feature_set(entry, data_cfg, featuriser, device) -> FeatureSet:
         change = kind == "change"
         dcfg = OmegaConf.create({"source": "s2" if src == "pooled" else src,
                                  "window": int(entry.window)})  # fmt: skip
-        xt, yt, gt = dense_rows(featuriser, train.eval, dcfg, device,
-                                int(entry.pixels_per_scene), change, change)  # fmt: skip
-        xs, ys, gs = dense_rows(featuriser, test.eval, dcfg, device,
-                                entry.get("max_test_pixels"), change, False)  # fmt: skip
+        xt, yt, gt, nat = dense_rows(featuriser, train.eval, dcfg, device,
+                                     int(entry.pixels_per_scene), change, change)  # fmt: skip
+        xs, ys, gs, _ = dense_rows(featuriser, test.eval, dcfg, device,
+                                   entry.get("max_test_pixels"), change, False)  # fmt: skip
         info["scenes"] = {"train": [s.name for s in train.eval],
                           "test": [s.name for s in test.eval]}  # fmt: skip
         k = "change" if change else "pixels"
-        return FeatureSet(k, test.classes, xt, yt, gt, xs, ys, info, gs, info["scenes"]["test"])
+        fs = FeatureSet(k, test.classes, xt, yt, gt, xs, ys, info, gs, info["scenes"]["test"])
+        fs.train_natural = nat if change else None
+        return fs
     raise NotImplementedError(f"benchmark probes on {kind} data ({data_cfg.name}) are not wired")

@@ -93,6 +93,7 @@ def evaluate_dense(
     model.eval()
     cm = M.ConfusionMatrix(n_classes, ignore_index=IGNORE_INDEX)
     preds = []
+    per_scene = {}
     for s in tqdm(scenes, desc="evaluate", unit="scene", leave=False):
         h, w = s.mask.shape
         prob = predict_scene(
@@ -101,12 +102,21 @@ def evaluate_dense(
         pred = prob.argmax(0)
         cm.update(pred, s.mask)
         preds.append(pred)
+        # per-scene (per-city) scores beside the pooled ones
+        one = M.confusion_matrix(pred, s.mask, n_classes, IGNORE_INDEX)
+        sc = M.segmentation_scores(one)
+        if kind == "change":
+            sc.update({f"change_{k}": v for k, v in M.binary_scores(one, positive=1).items()})
+            sc["predicted_change_share"] = float((pred[s.mask != IGNORE_INDEX] == 1).float().mean())
+            sc["true_change_share"] = float((s.mask[s.mask != IGNORE_INDEX] == 1).float().mean())
+        per_scene[str(s.name)] = sc
     mat = cm.compute()
     scores = M.segmentation_scores(mat)
     if kind == "change":
         scores.update({f"change_{k}": v for k, v in M.binary_scores(mat, positive=1).items()})
     scores["per_class_IoU"] = M.per_class_iou(mat).tolist()
     scores["per_class_F1"] = M.per_class_f1(mat).tolist()
+    scores["per_scene"] = per_scene
     return scores, mat, preds
 
 

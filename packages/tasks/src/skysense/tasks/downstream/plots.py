@@ -94,10 +94,10 @@ def plot_dense_predictions(
     path,
     kind: str,
     classes: Sequence[str],
-    n: int = 3,
+    n: int | None = None,
     title: str = "",
 ) -> Path:
-    """For up to ``n`` scenes: the image(s), the ground truth and the prediction.
+    """For every scene (or the first ``n``): the image(s), the ground truth and the prediction.
 
     Change: date 1, date 2, truth, and errors (white TP, red FP, blue FN). Segmentation: the
     image, the truth and the prediction in one colour per class (grey = ignored)."""

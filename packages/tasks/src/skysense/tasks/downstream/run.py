@@ -389,6 +389,11 @@ def summary_table(summary: dict) -> str:
             + " | ".join(cells)
             + f" | {r['loss_first']:.4f} -> {r['loss_last']:.4f} | {r['steps']} | {r['train_seconds']:.0f} |"
         )
+    lines += [
+        "",
+        "loss first -> last: the mean training loss over the first and over the last fifth of "
+        "the steps.",
+    ]
     return "\n".join(lines)
 
 
