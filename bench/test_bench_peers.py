@@ -18,15 +18,19 @@ Figures (ratio > 1: this project better):
   the shards ingested from the same files, at the same batch size and tile: whole 24 px tiles,
   one per place, every date (grid); random 16 px crops, every date (random). The grid batches
   are checked to hold the same pixels (each TorchGeo chip matched to its place by its bounds and
-  each step by its date: S2 within 1 DN, S1 within 1e-4 dB) before anything is timed.
+  each step by its date: S2 within 1 DN, S1 within 1e-4 dB) before anything is timed. Full
+  mode adds BigEarthNet's six S2 + S1 patches from ../shared/data (three UTM zones: a TorchGeo
+  dataset per zone, one 120 px chip per patch), pixels checked likewise.
 - downstream: windows/s and the resident peak's rise of TerraTorch's ``tiled_inference`` over
   this project's tiny segmentation model (same network, same softmax) against ``skysense infer``
   on generated 1536^2, 4096^2 and 8192^2 scenes (quick: 256^2), window 128, overlap 16, batches
   of 8; the two class maps are checked to agree on >= 95 % of the pixels (the blend weights
   differ in the overlaps).
 
-Each figure also records its round-to-round spread ((max - min) / median of the per-round
-ratios) as an "info" figure: the measured noise that the guard's tolerance has to cover.
+Speed ratios are CPU-time ratios (wall clock in the note): wall time moved past the guard's
+tolerance with the other core busy, CPU time did not (bench/README.md, "Peers", has the numbers).
+Each speed figure also records the round-to-round spread ((max - min) / median of the per-round
+ratios) of both clocks as "info" figures: the measured noise the guard's tolerance has to cover.
 """
 
 from __future__ import annotations
@@ -156,8 +160,9 @@ def _check_same_pixels(manifest: Path, dump: Path) -> int:
     ours = next(iter(lo))
     row = {int(s): i for i, s in enumerate(ours["sample_id"])}
     # S2 within 1 DN: the 20 m bands of per-band files, resampled to 10 m by each side (the 10 m
-    # bands agree exactly); S1 within float32 rounding of the normalisation.
-    tol = {"s2": 1.0, "s1": 1e-4}
+    # bands agree exactly), plus the float32 rounding of our normalisation undone (measured up
+    # to 1.0001); S1 within that rounding.
+    tol = {"s2": 1.01, "s1": 1e-4}
     for j, b in enumerate(a["bounds"]):
         # bounds: [xmin, xmax, xres, ymin, ymax, yres, tmin, tmax, tres]; a place by its corner
         g = origin[(round(float(b[0])), round(float(b[4])))]
