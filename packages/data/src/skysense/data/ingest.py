@@ -312,17 +312,9 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
                     f"ingested from {owner}; ingest the two sources into separate folders",
                     field="src",
                 )
-        # A committed place whose sources changed (a bad file repaired or replaced, a file
-        # added) is redone: its samples are forgotten and it is aligned again.
-        changed = writer.changed_places(groups)
-        if changed:
-            n = writer.drop_places(changed)
-            log.info("redoing %d place(s) whose files changed (%d samples)", len(changed), n)
-            done = writer.done_groups()
-            report.n_places_redone = len(changed)
-        writer.forget_bad_files(done)
         complete = bool(writer.get_meta("complete"))
         if not groups:
+            writer.forget_bad_files(done)
             writer.add_bad_files(_once(bad))
             report.bad_files = writer.bad_files()
             if complete and writer.n_samples():
@@ -336,10 +328,10 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         plan_rec = dataclasses.asdict(plan) | {"modalities": list(plan.modalities)}
         stored_plan = writer.get_meta("plan")
         if stored_plan is not None and stored_plan != plan_rec:
-            changed = [k for k in plan_rec if stored_plan.get(k) != plan_rec[k]]
+            diff = [k for k in plan_rec if stored_plan.get(k) != plan_rec[k]]
             raise IngestConflictError(
-                f"{mpath}: the sources give another plan than the ingest there ({changed[0]}: "
-                f"{stored_plan.get(changed[0])!r} there, {plan_rec[changed[0]]!r} here); "
+                f"{mpath}: the sources give another plan than the ingest there ({diff[0]}: "
+                f"{stored_plan.get(diff[0])!r} there, {plan_rec[diff[0]]!r} here); "
                 "overwrite=true to start afresh",
                 field="src",
             )
@@ -355,6 +347,17 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
                 f"{stored_classes}; ingest them into separate folders",
                 field="labels_file",
             )
+        # Every check passed: from here on DST changes. A committed place whose sources changed
+        # (a bad file repaired or replaced, a file added) is redone: its samples are forgotten
+        # (the manifest marked unfinished in the same transaction) and it is aligned again.
+        changed = writer.changed_places(groups)
+        if changed:
+            n = writer.drop_places(changed)
+            log.info("redoing %d place(s) whose files changed (%d samples)", len(changed), n)
+            done = writer.done_groups()
+            complete = False
+            report.n_places_redone = len(changed)
+        writer.forget_bad_files(done)
         todo = [g for g in groups if g.name not in done]
         report.n_places = len(groups)
         report.n_places_skipped = len(groups) - len(todo)

@@ -275,6 +275,7 @@ class ManifestWriter:
             )
             self.db.execute("UPDATE samples SET id = -1 - id")
             self.db.execute("DROP TABLE _ids")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('complete', 'false')")
         return n
 
     def bad_files(self) -> list[tuple[str, str]]:
