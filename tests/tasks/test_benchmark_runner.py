@@ -90,3 +90,39 @@ def test_benchmark_suite_end_to_end(tmp_path):
     assert "| eolearn_slovenia/pixels/linear_probe | spectral | mIoU |" in md
     assert "data absent" in md and "not implemented" in md
     assert all(not math.isnan(r["score"]) for r in ok["models"]["spectral"]["runs"])
+
+
+def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
+    """The pangaea suite's HLS entries (frozen encoder + UperNet through the fine-tuning path,
+    the 10 % linear probe on per-pixel features) with roots from config, on a fake in the
+    distributed layout; the suite's other entries are absent or not implemented."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    import fakes
+
+    datasets = tmp_path / "datasets"
+    fakes.make("hls_burn_scars", datasets / "hls_burn_scars")
+    out = tmp_path / "run"
+    small = ["'train.max_steps=2'", "'train.batch_size=2'", "'task.eval.window=32'",
+             "'task.eval.overlap=0'", "'data.crop=16'"]  # fmt: skip
+    rc = main(["benchmark", "suite=pangaea", f"run_dir={out}", f"datasets_root={datasets}",
+               "seeds=[0]", "n_boot=200", "baselines=[spectral,unet]",
+               "entry_defaults.l2_grid=[1e-2]", "entry_defaults.window=32",
+               f"suite.entries.0.overrides=[{','.join(small)}]"])  # fmt: skip
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    by_id = {r["id"]: r for r in rep["entries"]}
+    fro = by_id["hls_burn_scars/segmentation/frozen_upernet"]
+    lp = by_id["hls_burn_scars/segmentation/linear_probe@0.1"]
+    assert fro["status"] == "ok" and lp["status"] == "ok"
+    run = fro["models"]["random init"]["runs"][0]
+    assert run["metric"] == "mIoU" and 0.0 <= run["score"] <= 1.0
+    assert run["steps"] == 2
+    assert "per_scene" in run["scores"]  # per-scene scores of the dense evaluation
+    assert "not implemented" in fro["models"]["unet"]["runs"][0]["error"]
+    probe = lp["models"]["random init"]["runs"][0]
+    assert probe["metric"] == "mIoU" and probe["n_train"] > 0
+    assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"
+    assert by_id["oscd/change_detection/siamese"]["status"] == "not implemented"

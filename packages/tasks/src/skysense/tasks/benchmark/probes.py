@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from skysense.tasks.downstream import metrics as M
 
 HEADLINE = {"classification": "OA", "pixels": "mIoU", "change": "change_F1", "multilabel": "mAP"}
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def standardiser(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,7 +51,7 @@ def fit_logistic(
     n_out: int,
     l2: float,
     multilabel: bool = False,
-    max_iter: int = 500,
+    max_iter: int = 1000,
     tol: float = 1e-6,
 ) -> dict:
     """Logistic regression on ``x`` (N, D) (already standardised), float64.
@@ -199,7 +199,7 @@ def run_probe(
     test: tuple[Tensor, Tensor],
     l2_grid=L2_GRID,
     k: int = 20,
-    max_iter: int = 500,
+    max_iter: int = 1000,
 ) -> dict:
     """Fit ``method`` ("linear" or "knn") on ``train``, choose the L2 weight (linear) and the
     change threshold on ``val``, score on ``test``. Each split is (x (N, D) float, y).

@@ -77,7 +77,11 @@ def entry_configs(cfg, e) -> tuple[DictConfig | None, DictConfig]:
 
 
 def data_present(data_cfg) -> bool:
-    if data_cfg.name in ("embedded", "shards") or not data_cfg.get("root"):
+    if data_cfg.name in ("embedded", "shards"):
+        return True
+    if OmegaConf.is_missing(data_cfg, "root"):
+        return False
+    if not data_cfg.get("root"):
         return True
     return Path(str(data_cfg.root)).expanduser().exists()
 
@@ -164,7 +168,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
         # plain (non-struct) copies: an entry may add keys (data_args) the defaults lack
         e = OmegaConf.merge(
             OmegaConf.create(OmegaConf.to_container(cfg.entry_defaults)),
-            OmegaConf.create(OmegaConf.to_container(raw)),
+            OmegaConf.create(OmegaConf.to_container(raw, resolve=True)),
         )
         eid = entry_id(e)
         rec = {"id": eid, "data": e.data, "task": e.task, "protocol": e.protocol,
@@ -175,6 +179,10 @@ def run_benchmark(cfg: DictConfig) -> dict:
             base, data_cfg = entry_configs(cfg, e)
         except NotImplementedError as err:
             rec.update(status="not implemented", reason=str(err))
+            continue
+        except Exception as err:  # a bad entry is reported; the suite goes on
+            rec.update(status="config error", reason=f"{type(err).__name__}: {err}")
+            log.error("%s: %s", eid, rec["reason"])
             continue
         if not data_present(data_cfg):
             rec.update(status="data absent", reason=f"data.root {data_cfg.get('root')} not found")
