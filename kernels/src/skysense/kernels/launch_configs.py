@@ -43,6 +43,9 @@ class Launch:
     blocks: tuple[tuple[str, int], ...]
     num_warps: int = 4
     num_stages: int = 2
+    # Registers per thread ptxas may use; None = its own choice. ptxas caps some of these
+    # kernels at 128 registers to raise occupancy and spills instead: 255 lets it take them.
+    maxnreg: int | None = None
 
     @property
     def meta(self) -> dict[str, int]:
@@ -54,12 +57,13 @@ class Launch:
 
     def with_blocks(self, **blocks: int) -> Launch:
         merged = {**self.meta, **blocks}
-        return Launch(tuple(merged.items()), self.num_warps, self.num_stages)
+        return Launch(tuple(merged.items()), self.num_warps, self.num_stages, self.maxnreg)
 
     @property
     def label(self) -> str:
         b = "x".join(str(v) for _, v in self.blocks)
-        return f"{b} w{self.num_warps} s{self.num_stages}"
+        r = f" r{self.maxnreg}" if self.maxnreg else ""
+        return f"{b} w{self.num_warps} s{self.num_stages}{r}"
 
 
 @dataclass
@@ -79,13 +83,17 @@ class Call:
 
 
 def call_meta(launch: Launch, **constexprs) -> dict:
-    """Constexprs, the launch's blocks, num_warps and num_stages as one keyword dict."""
-    return {
+    """Constexprs, the launch's blocks, num_warps, num_stages (and maxnreg where the entry
+    sets one) as one keyword dict."""
+    meta = {
         **constexprs,
         **launch.meta,
         "num_warps": launch.num_warps,
         "num_stages": launch.num_stages,
     }
+    if launch.maxnreg:
+        meta["maxnreg"] = launch.maxnreg
+    return meta
 
 
 def pow2(x: int) -> int:
@@ -121,8 +129,8 @@ def gpu_blocks_forced() -> bool:
     return getattr(_state, "gpu", False)
 
 
-def _L(warps: int, stages: int, **blocks: int) -> Launch:
-    return Launch(tuple(blocks.items()), warps, stages)
+def _L(warps: int, stages: int, maxnreg: int | None = None, **blocks: int) -> Launch:
+    return Launch(tuple(blocks.items()), warps, stages, maxnreg)
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -148,9 +156,9 @@ ATTN_BWD_DKDV: dict[tuple[int, int], Launch] = {
     (64, 2): _L(8, 2, BLOCK_M=64, BLOCK_N=32),
     (128, 2): _L(8, 2, BLOCK_M=32, BLOCK_N=64),
     (256, 2): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
-    (16, 4): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
-    (32, 4): _L(8, 1, BLOCK_M=32, BLOCK_N=32),
-    (64, 4): _L(8, 1, BLOCK_M=16, BLOCK_N=32),
+    (16, 4): _L(8, 1, 255, BLOCK_M=32, BLOCK_N=32),
+    (32, 4): _L(8, 1, 255, BLOCK_M=32, BLOCK_N=32),
+    (64, 4): _L(8, 1, 255, BLOCK_M=16, BLOCK_N=32),
     (128, 4): _L(4, 1, BLOCK_M=16, BLOCK_N=32),
     (256, 4): _L(8, 1, BLOCK_M=16, BLOCK_N=32),
 }
