@@ -156,6 +156,22 @@ def plateaued(losses: list[float], window: float = 0.2, tol: float = 0.05) -> bo
     return abs(before - last) <= tol * max(abs(before), 1e-12)
 
 
+def budget_steps(entry, cfg, seed: int) -> int | None:
+    """``entry.epochs`` passes over the training samples in optimizer steps, clamped to
+    [``min_steps``, ``max_steps``] (None without ``epochs``: the task's ``train.max_steps``)."""
+    if not entry.get("epochs"):
+        return None
+    from skysense.tasks.downstream.data import build_task_data
+
+    info = build_task_data(cfg.data, 1, seed, cfg.task.get("features")).info
+    n = info.get("train")
+    n = len(n) if isinstance(n, (list, tuple)) else int(n or 0)
+    if n <= 0:
+        raise ValueError(f"epochs: the data reports no training sample count ({info})")
+    steps = math.ceil(float(entry.epochs) * n / int(cfg.train.batch_size))
+    return int(min(max(steps, int(entry.min_steps)), int(entry.max_steps)))
+
+
 def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int,
                    out_dir: Path) -> dict:  # fmt: skip
     """``finetune`` / ``frozen_upernet`` through downstream.run.finetune: ``base_cfg`` is the
@@ -172,6 +188,9 @@ def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed:
         over["task"] = {"freeze_encoder": True}
         over["optim"] = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 1.0}
     cfg = OmegaConf.merge(base_cfg, over)
+    budget = budget_steps(entry, cfg, seed)
+    if budget is not None:
+        cfg.train.max_steps = budget
     summary = finetune(cfg)
     run = next(iter(summary["runs"].values()))
     kind = summary["kind"]
@@ -185,6 +204,7 @@ def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed:
         "loss_first": run["loss_first"],
         "loss_last": run["loss_last"],
         "steps": run["steps"],
+        "budget": f"{entry.epochs} epochs" if budget is not None else "task default",
         "model": run["model"],
         "data_info": summary.get("data_info"),
     }
