@@ -126,3 +126,29 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     assert probe["metric"] == "mIoU" and probe["n_train"] > 0
     assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"
     assert by_id["oscd/change_detection/siamese"]["status"] == "not implemented"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_shared_oscd_change_probe_threshold_on_validation(shared_data, tmp_path):
+    """OSCD change at frozen per-pixel features: the threshold chosen on a held-out training
+    city at its true change rate (the precision/recall curve kept), per-city test scores."""
+    out = tmp_path / "run"
+    entry = ("{data: oscd, task: change_detection, protocol: linear_probe, features: s2, "
+             "val_fraction: 0.25, pixels_per_scene: 300, max_test_pixels: 20000, "
+             f"data_args: {{root: '{shared_data / 'oscd'}'}}}}")  # fmt: skip
+    rc = main(["benchmark", f"suite.entries=[{entry}]", "suite.name=oscd", f"run_dir={out}",
+               "seeds=[0]", "n_boot=200", "entry_defaults.l2_grid=[1e-2]"])  # fmt: skip
+    assert rc == 0
+    rec = json.loads((out / "report.json").read_text())["entries"][0]
+    assert rec["status"] == "ok"
+    for model in ("random init", "spectral"):
+        run = rec["models"][model]["runs"][0]
+        assert run["metric"] == "change_F1" and not math.isnan(run["score"])
+        assert set(run["per_scene"]) == {"paris", "rennes"}
+        curve = run["val_pr_curve"]
+        assert len(curve["threshold"]) == len(curve["precision"]) == 101
+        assert 0.0 < run["scores"]["threshold"] < 1.0
+        # fitted on balanced pixels, thresholded at the true rate: no flood of false changes
+        assert run["scores"]["predicted_change_share"] < 0.10
+        assert run["n_val"] > 0 and run["n_train"] > run["n_val"]
