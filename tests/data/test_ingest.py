@@ -232,8 +232,8 @@ def _bad_inputs(src: Path) -> dict[str, str]:
         nodata=0,
     )
     expect["S2A_MSIL2A_20210107.tif"] = "entirely nodata"
+    # An undated single image is a valid place of unknown date (tests/data/test_undated.py).
     io.write_geotiff(src / "nodate" / "S2A_MSIL2A_scene.tif", stack, crs=UTM, transform=t)
-    expect["S2A_MSIL2A_scene.tif"] = "unparseable date"
     io.write_geotiff(src / "baddate" / "S2A_MSIL2A_20211345.tif", stack, crs=UTM, transform=t)
     expect["S2A_MSIL2A_20211345.tif"] = "unparseable date"
     return expect
@@ -251,7 +251,7 @@ def test_every_bad_input_is_reported_and_the_good_ones_finish(tmp_path, capsys):
     assert not rep.ok
     m = Manifest(rep.manifest)
     groups = {r[0] for r in m.query("SELECT DISTINCT grp FROM samples")}
-    assert groups == {"good", "apart"}  # apart's S2 is fine; its far-away S1 is reported
+    assert groups == {"good", "apart", "nodate"}  # apart's S2 is fine; its far S1 is reported
     (dates,) = m.query("SELECT s2_dates FROM samples WHERE grp='good'")[0]
     assert dates == "2021-04-05,2021-08-08"  # per-band set and stack of one place
     assert {Path(p).name for p, _ in m.bad_files} >= set(expect)

@@ -190,8 +190,10 @@ class BatchAssembler:
                 st = s.params.steps[m]
                 k = len(st)
                 if k:
-                    days = s.days[m][st].astype(np.int64) + s.params.jitter[m]
-                    doy[i, :k] = day_of_year(days)
+                    raw = s.days[m][st].astype(np.int64)
+                    days = raw + s.params.jitter[m]
+                    # days 0 is "date unknown" (an undated image): day of year 0, no jitter.
+                    doy[i, :k] = np.where(raw == 0, 0, day_of_year(days))
                     index[i, :k] = st
                     usable[i, :k] = s.usable[m][st]
             out[B.doy_key(m)] = doy

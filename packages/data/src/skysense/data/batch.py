@@ -11,7 +11,7 @@ key                 shape, dtype                       meaning
 ``hr_doy``          (B,) int64                         day of year of the HR image (0 = unknown)
 ``hr_pixel_valid``  (B, H, W) bool                     False on nodata
 ``s2``              (B, T2, 10, hs, ws) float32        Sentinel-2 series, normalised
-``s2_doy``          (B, T2) int64                      day of year 1..366 (0 on padded steps)
+``s2_doy``          (B, T2) int64                      day of year 1..366 (0: padded, or date unknown)
 ``s2_valid``        (B, T2) bool                       False for padded or unusable steps
 ``s2_pixel_valid``  (B, T2, hs, ws) bool               False on nodata / cloud
 ``s1`` ...          (B, T1, 2, hs, ws) ...             Sentinel-1 VV, VH (dB), likewise
@@ -176,12 +176,8 @@ def _validate_one(batch: dict, view: bool) -> None:
             t = _tensor(batch, k, dtype, 2)
             _check(tuple(t.shape) == (B, T), k, f"shape {tuple(t.shape)}, expected ({B}, {T})")
         doy = batch[doy_key(m)]
+        # 0 on a valid step: an image of unknown date (its DTPE row is zero in the encoder).
         _check(bool(((doy >= 0) & (doy <= 366)).all()), doy_key(m), "day of year outside 0..366")
-        _check(
-            bool((doy[batch[valid_key(m)]] > 0).all()),
-            doy_key(m),
-            "a valid step has day of year 0 (unknown dates must be marked invalid)",
-        )
         if pixel_valid_key(m) in batch:
             pv = _tensor(batch, pixel_valid_key(m), torch.bool, 4)
             _check(

@@ -318,12 +318,8 @@ def _probe(path: Path, root: Path, cfg) -> tuple[FileInfo | None, str]:
                 info.date = read_date(p, cfg.date_pattern, tags=ds.tags())
             except DateError as e:
                 raise BadInputError(p, f"unparseable date: {e}") from None
-            if info.date is None and info.modality in ("s2", "s1") and info.kind != "mask":
-                raise BadInputError(
-                    p,
-                    "unparseable date: none in the file name, its folders, tags or sidecar "
-                    "files (set `date_pattern`)",
-                )
+            # No date found: kept as a single acquisition of unknown date (most classification
+            # datasets have none); a series with an undated step is refused in _acquisitions.
             info.key = _group_key(p, root, cfg)
     except BadInputError as e:
         return None, e.reason
@@ -461,8 +457,22 @@ def _acquisitions(files: list[FileInfo], bad: list, cfg) -> dict[str, list[Acqui
             bad.append((str(m.path), f"cloud mask of {m.date} matches no Sentinel-2 acquisition"))
             continue
         target[0].masks.append((m.path, m.mask_kind))
-    for m in acqs:
+    for m in list(acqs):
+        undated = [a for a in acqs[m] if a.date is None]
+        if undated and len(acqs[m]) > 1:
+            # One image of unknown date is a valid sample; a series needs every step's date.
+            for a in undated:
+                for f in a.files:
+                    bad.append(
+                        (
+                            str(f),
+                            f"no date (none in the file name, its folders, tags or sidecar "
+                            f"files; set `date_pattern`), in a {m} series of {len(acqs[m])} "
+                            "acquisitions: a series needs every date",
+                        )
+                    )
+            acqs[m] = [a for a in acqs[m] if a.date is not None]
         acqs[m].sort(
             key=lambda a: (a.date or dt.date.min, str(a.stack or next(iter(a.bands.values()))))
         )
-    return dict(acqs)
+    return {m: a for m, a in acqs.items() if a}

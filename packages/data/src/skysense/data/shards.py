@@ -9,7 +9,7 @@ file               shape, dtype                  meaning
 ``s1.npy``         (N, T, h, w, 2) float32       Sentinel-1 VV, VH in dB (NaN = no data)
 ``hr.npy``         (N, H, W, 3) uint8            HR RGB
 ``<m>_mask.npy``   (N, T, h, w) / (N, H, W) u8   bit 0: has data, bit 1: clear (not cloud)
-``<m>_days.npy``   (N, T) / (N,) int32           acquisition date, days since 1970-01-01
+``<m>_days.npy``   (N, T) / (N,) int32           acquisition date, days since 1970-01-01 (0: unknown)
 ``<m>_step.npy``   (N, T) / (N,) uint8           0 padding, 1 present but unusable, 2 usable
 ``shard.json``     -                             N, the arrays' shapes and dtypes
 ================== ============================= =============================================

@@ -38,16 +38,14 @@ _INPUT_ERROR_MODULES = ("skysense.data", "skysense.tasks.training.checkpoint", "
 def is_input_error(e: BaseException) -> bool:
     """A fault of the input (exit 2), not of the environment or of the program: a ConfigError,
     or a ValueError defined or raised by the modules that read files."""
-    if isinstance(e, ConfigError):
-        return True
+    if isinstance(e, ConfigError) or (type(e).__module__ or "").startswith(_INPUT_ERROR_MODULES):
+        return True  # the errors those modules define (ManifestError, CheckpointError, ...)
     if not isinstance(e, ValueError):
         return False
     tb, where = e.__traceback__, ""
     while tb is not None:
         where, tb = tb.tb_frame.f_globals.get("__name__", ""), tb.tb_next
-    return (type(e).__module__ or "").startswith(_INPUT_ERROR_MODULES) or where.startswith(
-        _INPUT_ERROR_MODULES
-    )
+    return where.startswith(_INPUT_ERROR_MODULES)
 
 
 def describe(e: BaseException) -> str:
