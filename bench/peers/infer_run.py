@@ -33,6 +33,21 @@ def _status(field: str) -> float:
     raise RuntimeError(field)
 
 
+def _queued() -> float:
+    """Seconds this process's threads have waited on a run queue (ready, no CPU free): the share
+    of wall time that other processes on the machine take (/proc/self/task/*/schedstat)."""
+    import glob
+
+    total = 0
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[1])
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total / 1e9
+
+
 def main() -> None:
     side, model_path, scene, out = sys.argv[1:5]
     window, overlap, batch = (int(a) for a in sys.argv[5:8])
@@ -99,9 +114,10 @@ def main() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the resident peak restarts from the current resident size
     before = _status("VmRSS")
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, q0 = time.perf_counter(), time.process_time(), _queued()
     extra = run()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    queued = _queued() - q0
     rise = _status("VmHWM") - before
     print(
         "RESULT "
@@ -110,6 +126,7 @@ def main() -> None:
                 "side": side,
                 "seconds": seconds,
                 "cpu_seconds": cpu,
+                "queued_seconds": queued,
                 "rss_rise_mib": rise,
                 "forward_windows": counted["windows"],
                 "versions": versions,
