@@ -391,7 +391,7 @@ def _peer_need(side: int) -> int:
 
 
 @pytest.mark.parametrize("side", SIDES)
-def test_infer_vs_terratorch(report, infer_model, tmp_path, side):
+def test_infer_vs_terratorch(report, request, tmp_path, side):
     params = {"side": side, "window": WINDOW, "overlap": OVERLAP, "batch": INFER_BATCH}
     name_t = f"infer windows/s, {side}^2 scene, vs TerraTorch tiled_inference"
     name_m = f"infer peak RSS rise, {side}^2 scene, vs TerraTorch tiled_inference"
@@ -409,6 +409,7 @@ def test_infer_vs_terratorch(report, infer_model, tmp_path, side):
         report_absent(report, "downstream", name_t, why, params)
         report_absent(report, "downstream", name_m, why, params)
         return
+    infer_model = request.getfixturevalue("infer_model")  # built only where the peer runs
     scene = tmp_path / "scene.tif"
     _scene(scene, side)
     rounds = PEER_ROUNDS or (2 if side == 1536 else 1)  # 4096, 8192: one (minutes each)
