@@ -121,7 +121,9 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     assert run["metric"] == "mIoU" and 0.0 <= run["score"] <= 1.0
     assert run["steps"] == 2
     assert "per_scene" in run["scores"]  # per-scene scores of the dense evaluation
-    assert "not implemented" in fro["models"]["unet"]["runs"][0]["error"]
+    unet = fro["models"]["unet"]["runs"][0]  # the U-Net from scratch, same crops and steps
+    assert unet["metric"] == "mIoU" and 0.0 <= unet["score"] <= 1.0 and unet["steps"] == 2
+    assert "not implemented" in lp["models"]["unet"]["runs"][0]["error"]
     probe = lp["models"]["random init"]["runs"][0]
     assert probe["metric"] == "mIoU" and probe["n_train"] > 0
     assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"
@@ -152,3 +154,27 @@ def test_shared_oscd_change_probe_threshold_on_validation(shared_data, tmp_path)
         # fitted on balanced pixels, thresholded at the true rate: no flood of false changes
         assert run["scores"]["predicted_change_share"] < 0.10
         assert run["n_val"] > 0 and run["n_train"] > run["n_val"]
+
+
+def test_unet_baseline_shapes():
+    import torch
+
+    from skysense.tasks.benchmark.unet import UNet
+
+    s2 = torch.randn(2, 3, 10, 13, 15)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    seg = UNet(10, 4, "s2", change=False, width=8)
+    out = seg({"s2": s2, "s2_valid": valid})["logits"]
+    assert out.shape == (2, 4, 13, 15)  # odd sides padded inside, cropped back
+    # a padded step does not change the input: zeroing it leaves the logits as they were
+    s2b = s2.clone()
+    s2b[0, 2] = 0
+    seg.eval()
+    assert torch.allclose(seg({"s2": s2, "s2_valid": valid})["logits"],
+                          seg({"s2": s2b, "s2_valid": valid})["logits"])  # fmt: skip
+    chg = UNet(10, 2, "s2", change=True, width=8)
+    pair = {"t1": {"s2": s2[:, :1]}, "t2": {"s2": s2[:, 1:2]}}
+    out = chg(pair)["logits"]
+    assert out.shape == (2, 2, 13, 15)
+    out.sum().backward()
+    assert chg.enc1[0].weight.grad.abs().sum() > 0

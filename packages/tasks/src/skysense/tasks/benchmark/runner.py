@@ -133,7 +133,14 @@ class Featurisers:
 def run_one(cfg, e, base, data_cfg, feats, model, ckpt, seed, out: Path) -> dict:
     proto = e.protocol
     if ckpt == "unet":
-        raise NotImplementedError("the U-Net-from-scratch baseline is not implemented yet")
+        if base is None or proto not in protocols.TRAIN_PROTOCOLS:
+            raise NotImplementedError(
+                "the U-Net baseline runs beside the fine-tuning protocols (same crops, loss and "
+                f"steps), not beside {proto} on data={e.data}"
+            )
+        from skysense.tasks.benchmark.unet import unet_protocol
+
+        return unet_protocol(e, base, seed, out)
     if proto in protocols.FEATURE_PROTOCOLS or ckpt == SPECTRAL:
         method = protocols.FEATURE_PROTOCOLS.get(proto, "linear")
         fs = feats.feature_set(e, data_cfg, model, ckpt, seed)
