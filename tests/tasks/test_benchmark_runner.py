@@ -51,7 +51,8 @@ def test_benchmark_suite_end_to_end(tmp_path):
     for ext in ("md", "json", "png"):
         assert (out / f"report.{ext}").stat().st_size > 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["models"] == ["random init", "spectral"]
+    assert rep["models"] == ["random init", "spectral", "unet"]
+    assert set(rep["entries"][0]["models"]) == {"random init", "spectral"}  # no U-Net beside probes
     assert rep["note"].startswith("no checkpoints given")
     ok, planned, absent = rep["entries"][0], rep["entries"][2], rep["entries"][3]
     assert ok["id"] == "eolearn_slovenia/pixels/linear_probe"
@@ -123,7 +124,7 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     assert "per_scene" in run["scores"]  # per-scene scores of the dense evaluation
     unet = fro["models"]["unet"]["runs"][0]  # the U-Net from scratch, same crops and steps
     assert unet["metric"] == "mIoU" and 0.0 <= unet["score"] <= 1.0 and unet["steps"] == 2
-    assert "not implemented" in lp["models"]["unet"]["runs"][0]["error"]
+    assert "unet" not in lp["models"]  # no U-Net row beside a probe
     probe = lp["models"]["random init"]["runs"][0]
     assert probe["metric"] == "mIoU" and probe["n_train"] > 0
     assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"

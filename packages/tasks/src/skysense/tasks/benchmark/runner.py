@@ -130,6 +130,15 @@ class Featurisers:
         return self.rows[k]
 
 
+def unet_applies(e, base) -> bool:
+    """The U-Net runs beside the fine-tuning protocols of segmentation and change entries."""
+    return (
+        base is not None
+        and e.protocol in protocols.TRAIN_PROTOCOLS
+        and base.task.get("kind") in ("segmentation", "change")
+    )
+
+
 def run_one(cfg, e, base, data_cfg, feats, model, ckpt, seed, out: Path) -> dict:
     proto = e.protocol
     if ckpt == "unet":
@@ -196,6 +205,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
             log.warning("%s: data absent (%s)", eid, data_cfg.get("root"))
             continue
         for model, ckpt in models:
+            if ckpt == "unet" and not unet_applies(e, base):
+                continue  # the U-Net baseline has no row where it does not apply
             runs = []
             for seed in seeds:
                 out = run_dir / "runs" / eid.replace("/", "__") / model.replace(" ", "_")
