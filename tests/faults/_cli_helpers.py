@@ -33,13 +33,15 @@ def skysense(tmp_path: Path, *args, timeout: int = 600, **env_extra) -> subproce
     )
 
 
-def checksums(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots``: what a failed command must leave unchanged."""
+def checksums(*roots: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (but those named in ``ignore``): what a failed
+    command must leave unchanged."""
     out = {}
     for root in roots:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for p in files:
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.name not in ignore:
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

@@ -8,14 +8,14 @@ float32 files in dB as in BigEarthNet-S1. A 10 m band of ``n`` pixels is a few k
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from _cli_helpers import SKYSENSE, env, fault_line
+from _cli_helpers import checksums as _checksums
 from affine import Affine
 
 from skysense.data import io
@@ -23,8 +23,6 @@ from skysense.data.sensors import SENSORS
 
 UTM = "EPSG:32633"
 X0, Y0 = 404_400.0, 5_342_400.0  # a BigEarthNet patch corner (UTM 33N)
-ROOT = Path(__file__).resolve().parents[2]
-SKYSENSE = ROOT / ".venv" / "bin" / "skysense"
 
 
 def s2_place(
@@ -83,23 +81,9 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 
 def checksums(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots`` (what a failed command must leave unchanged)."""
-    out = {}
-    for root in roots:
-        if root.is_file():
-            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
-            continue
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.name != ".ingest.lock":
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def env(tmp_path: Path) -> dict:
-    e = dict(os.environ)
-    e["SKYSENSE_LOG_DIR"] = str(tmp_path / "logs")
-    e.pop("SKYSENSE_DEBUG", None)
-    return e
+    """sha256 of every file under ``roots`` but the lock file (what a failed command must leave
+    unchanged)."""
+    return _checksums(*roots, ignore=(".ingest.lock",))
 
 
 def cli(tmp_path: Path, *args, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
@@ -128,18 +112,7 @@ def python(tmp_path: Path, code: str, timeout: int = 300) -> subprocess.Complete
 def one_line(proc, *fragments: str, rc: int | None = None) -> str:
     """The command failed with exit code ``rc`` (any non-zero when None) and one line on stderr
     that starts with ``skysense ingest:`` and holds every fragment; no traceback anywhere."""
-    assert proc.returncode != 0, (proc.stdout, proc.stderr)
-    if rc is not None:
-        assert proc.returncode == rc, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    ours = [ln for ln in lines if ln.startswith("skysense ingest: ")]
-    # Log records (time-stamped) may come before; the fault itself is one line, the last.
-    assert len(ours) == 1 and lines[-1] == ours[0], proc.stderr
-    line = ours[0]
-    for f in fragments:
-        assert str(f) in line, (f, line)
-    return line
+    return fault_line(proc, "ingest", *fragments, rc=rc)
 
 
 def manifest_rows(dst: Path, sql: str) -> list[tuple]:

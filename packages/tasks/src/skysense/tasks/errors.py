@@ -38,6 +38,8 @@ _INPUT_ERROR_MODULES = ("skysense.data", "skysense.tasks.training.checkpoint", "
 def is_input_error(e: BaseException) -> bool:
     """A fault of the input (exit 2), not of the environment or of the program: a ConfigError,
     or a ValueError defined or raised by the modules that read files."""
+    if isinstance(e, OSError):
+        return False  # the environment (a lock held, permissions, space), whoever raised it
     if isinstance(e, ConfigError) or (type(e).__module__ or "").startswith(_INPUT_ERROR_MODULES):
         return True  # the errors those modules define (ManifestError, CheckpointError, ...)
     if not isinstance(e, ValueError):
