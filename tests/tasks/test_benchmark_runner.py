@@ -39,7 +39,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
         [
             entry + ", protocol: linear_probe}",
             entry + ", protocol: knn, label_fraction: 0.5}",
-            entry + ", protocol: siamese}",
+            entry + ", protocol: frozen_upernet_ltae}",
             "{data: oscd, task: change_detection, protocol: linear_probe, "
             f"data_args: {{root: '{tmp_path / 'absent'}'}}}}",
         ]
@@ -57,7 +57,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
     ok, planned, absent = rep["entries"][0], rep["entries"][2], rep["entries"][3]
     assert ok["id"] == "eolearn_slovenia/pixels/linear_probe"
     assert rep["entries"][1]["id"] == "eolearn_slovenia/pixels/knn@0.5"
-    assert planned["status"] == "not implemented" and "siamese" in planned["reason"]
+    assert planned["status"] == "not implemented" and "frozen_upernet_ltae" in planned["reason"]
     assert absent["status"] == "data absent"
     for model in ("random init", "spectral"):
         runs = ok["models"][model]["runs"]
@@ -128,7 +128,10 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     probe = lp["models"]["random init"]["runs"][0]
     assert probe["metric"] == "mIoU" and probe["n_train"] > 0
     assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"
-    assert by_id["oscd/change_detection/siamese"]["status"] == "not implemented"
+    assert by_id["oscd/change_detection/siamese"]["status"] == "data absent"
+    assert by_id["pastis/multimodal_segmentation/frozen_upernet_ltae"]["status"] == (
+        "not implemented"
+    )
 
 
 @pytest.mark.integration

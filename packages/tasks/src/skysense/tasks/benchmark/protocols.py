@@ -11,7 +11,11 @@ model (a checkpoint, the random-init encoder or a baseline) with one seed.
 - ``frozen_upernet``: the same path with the encoder frozen (UperNet head of the segmentation
   and change tasks, AdamW lr 1e-4, weight decay 0.05, sliding-window evaluation; PANGAEA's
   recipe, except that the lr follows the fine-tuning cosine schedule, not multi-step).
-- ``frozen_upernet_ltae``, ``siamese``: not implemented (NotImplementedError, in the report).
+- ``siamese`` (change detection): ``frozen_upernet`` on a change task, whose model is PANGAEA's
+  siamese form: one frozen encoder runs over both dates (one batch of twice the size), the
+  pyramids of the two dates are fused (concatenation and absolute difference) and decoded by
+  UperNet. Any other task kind is an error.
+- ``frozen_upernet_ltae``: not implemented (NotImplementedError, in the report).
 
 Every protocol returns ``{"score": headline, "metric": name, "plateaued": bool | None,
 "scores": {...}, ...}``. ``label_fraction`` < 1 keeps that share of the training rows
@@ -34,8 +38,8 @@ from skysense.tasks.benchmark import probes
 log = logging.getLogger(__name__)
 
 FEATURE_PROTOCOLS = {"linear_probe": "linear", "knn": "knn"}
-TRAIN_PROTOCOLS = ("finetune", "frozen_upernet")
-PLANNED = ("frozen_upernet_ltae", "siamese")
+TRAIN_PROTOCOLS = ("finetune", "frozen_upernet", "siamese")
+PLANNED = ("frozen_upernet_ltae",)
 PROTOCOLS = (*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS, *PLANNED)
 
 
@@ -184,7 +188,9 @@ def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed:
         )
     over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
             "compare_random_init": False}  # fmt: skip
-    if protocol == "frozen_upernet":
+    if protocol == "siamese" and base_cfg.task.kind != "change":
+        raise ValueError(f"the siamese protocol is for change detection, not {base_cfg.task.kind}")
+    if protocol in ("frozen_upernet", "siamese"):
         over["task"] = {"freeze_encoder": True}
         over["optim"] = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 1.0}
     cfg = OmegaConf.merge(base_cfg, over)
