@@ -230,7 +230,17 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
     ref = source if source in mods else next(m for m in ("s2", "s1", "hr") if m in mods)
     ds = DenseCrops(train, cfg.crop, length, seed, augment=cfg.augment) if length else None
     return TaskData(
-        ds, val, classes, ("segmentation",), _sensor_inputs({m: sensors[m] for m in mods}, ref)
+        ds,
+        val,
+        classes,
+        ("segmentation",),
+        _sensor_inputs({m: sensors[m] for m in mods}, ref),
+        info={
+            "train": len(train),
+            "val": len(val),
+            "train_scenes": [s.name for s in train],
+            "val_scenes": [s.name for s in val],
+        },
     )
 
 
