@@ -26,7 +26,7 @@ $(STAMP): $(DEPS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q -c constraints.txt setuptools wheel pybind11
 	@$(PIP) install -q -c constraints.txt --no-build-isolation --config-settings editable_mode=compat \
-	    -e ./kernels -e ./packages/encoders -e ./packages/losses -e "./packages/data[dali]" \
+	    -e ./kernels -e ./packages/encoders -e ./packages/losses -e "./packages/data[dali,scale]" \
 	    -e "./packages/tasks[bench,onnx]" -e ".[dev]"
 	@touch $@
 	@echo "skysense: $(VENV) ready"
