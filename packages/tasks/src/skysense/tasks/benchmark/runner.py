@@ -101,8 +101,8 @@ def models_of(cfg) -> list[tuple[str, str | None]]:
 class Featurisers:
     """Encoders and feature rows, cached: checkpoint rows once, random-init rows per seed."""
 
-    def __init__(self, cfg, device):
-        self.cfg, self.device, self.rows = cfg, device, {}
+    def __init__(self, cfg, device, max_cached: int = 6):
+        self.cfg, self.device, self.rows, self.max_cached = cfg, device, {}, max_cached
 
     def encoder(self, ckpt: str | None, seed: int):
         from skysense.tasks.downstream.checkpoint import build_encoder
@@ -126,6 +126,8 @@ class Featurisers:
         )  # fmt: skip
         if k not in self.rows:
             feat = SPECTRAL if ckpt == SPECTRAL else self.encoder(ckpt, seed)
+            while len(self.rows) >= self.max_cached:  # bounded memory (dense sets are large)
+                self.rows.pop(next(iter(self.rows)))
             self.rows[k] = feature_set(e, data_cfg, feat, self.device)
         return self.rows[k]
 
