@@ -457,7 +457,10 @@ def test_infer_vs_terratorch(report, request, tmp_path, side):
     # Wall time = CPU time + time queued for a CPU (other processes' share) + time blocked (I/O,
     # sleeps): the last is what the CPU clock would hide, so the note gives it.
     blocked = {
-        k: float(np.median([x["seconds"] - x["cpu_seconds"] - x["queued_seconds"] for x in v]))
+        k: max(
+            0.0,
+            float(np.median([x["seconds"] - x["cpu_seconds"] - x["queued_seconds"] for x in v])),
+        )
         for k, v in res.items()
     }
     _speed_figures(
