@@ -205,3 +205,21 @@ def test_plateau_rule():
     assert plateaued([5, 4, 3, 2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     assert not plateaued([10, 9, 8, 7, 6, 5, 4, 3, 2, 1.0])
     assert plateaued([1.0, 2.0]) is None
+
+
+def test_held_out_city_and_thresholded_scores():
+    from omegaconf import OmegaConf
+
+    from skysense.tasks.benchmark.threshold import _scores, held_out_city
+
+    cfg = OmegaConf.create({"train_cities": ["a", "b", "c", "d"]})
+    assert held_out_city(cfg, 0) == (["b", "c", "d"], "a")
+    assert held_out_city(cfg, 5) == (["a", "c", "d"], "b")
+    assert held_out_city(OmegaConf.create({"train_cities": ["a"]}), 0) is None
+    assert held_out_city(OmegaConf.create({}), 0) is None
+    # p >= 0.65 marks rows 1 (0.7) and 3 (0.9); the only change is row 3
+    s = _scores(torch.tensor([0.1, 0.7, 0.6, 0.9]), torch.tensor([0, 0, 0, 1]), 0.65)
+    assert s["change_precision"] == pytest.approx(0.5)  # rows 1 (0.7) and 3 (0.9): one change
+    assert s["change_recall"] == pytest.approx(1.0)
+    assert s["predicted_change_share"] == pytest.approx(0.5)
+    assert s["true_change_share"] == pytest.approx(0.25)

@@ -91,6 +91,13 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
     kind = cfg.task.kind
     if kind not in ("segmentation", "change"):
         raise NotImplementedError(f"the U-Net baseline serves dense tasks, not {kind}")
+    held = None
+    if kind == "change" and entry.get("change_threshold", True):
+        from skysense.tasks.benchmark.threshold import held_out_city
+
+        held = held_out_city(cfg.data, seed)  # the same cities as the encoders' runs
+        if held is not None:
+            cfg.data.train_cities = held[0]
     steps = budget_steps(entry, cfg, seed) or int(cfg.train.max_steps)
     bs = int(cfg.train.batch_size)
     device = pick_device(cfg.train.device)
@@ -117,7 +124,7 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
                                   ev.overlap, ev.batch_size, device)  # fmt: skip
     metric = HEADLINE[kind][0]
     v = scores.get(metric, math.nan)
-    return {
+    res = {
         "score": math.nan if v is None else float(v),
         "metric": metric,
         "plateaued": plateaued([h["loss"] for h in hist]),
@@ -125,3 +132,12 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
         "steps": steps,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if held is not None:  # the threshold on the held-out city, as for the encoders
+        from skysense.tasks.benchmark.threshold import tuned_change_scores
+
+        tuned = tuned_change_scores(model, cfg.task.get("features"), cfg.data, held[1], ev,
+                                    device)  # fmt: skip
+        tuned["scores_argmax"] = res["scores"]
+        res.update(tuned)
+        res["score"] = float(tuned["scores"]["change_F1"])
+    return res
