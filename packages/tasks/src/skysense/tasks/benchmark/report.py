@@ -84,6 +84,17 @@ def markdown(results: dict, wall_s: float) -> str:
             )
             for err in s["errors"]:
                 absent.append(f"- `{rec['id']}` / {model}: {err}")
+    lines += [
+        "",
+        "Columns: the entry's headline metric over seeds (mean, IQM, percentile-bootstrap 95 % "
+        "interval of the mean); norm. = (mean - random-init mean) / (1 - random-init mean); "
+        "plateaued = runs whose optimisation had flattened (linear probe: L-BFGS reached its "
+        "gradient tolerance; fine-tuning and U-Net: the mean loss of the last 20 % of steps "
+        "within 5 % of the 20 % before; k-NN: n/a). Rows: `random init` = the encoder at random "
+        "initialisation (drawn per seed); `spectral` = per-band mean and std of the image (or "
+        "the pixel's bands) into the entry's probe (a linear probe beside fine-tuning entries); "
+        "`unet` = a U-Net trained from scratch with the same crops, loss and steps.",
+    ]
     lines += ["", "## Normalised score across entries", "", results["normalisation"] + ".", ""]
     lines += ["| model | entries | mean | IQM | 95 % CI |", "|---|---|---|---|---|"]
     for model, agg in results["normalised"].items():

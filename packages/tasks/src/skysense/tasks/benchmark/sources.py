@@ -93,8 +93,8 @@ def image_rows(featuriser, batches, features: str, device) -> tuple[Tensor, Tens
         if featuriser == "spectral":
             xs.append(spectral_image(b))
         else:
-            out = featuriser(to_device(b, device))
             bd = to_device(b, device)
+            out = featuriser(bd)
             f = pooled_features(out) if features == "pooled" else pooled(out, features, bd)
             xs.append(f.float().cpu())
         ys.append(b["label"].cpu())
