@@ -32,9 +32,9 @@ build() {
         return 0
     fi
     mkdir -p "$venv"
-    rm -f "$absent" "$stamp"
     : > "$log"
-    fail() {
+    fail() {  # the old stamp stays while a rebuild runs: a bench in progress keeps its peer
+        rm -f "$stamp"
         echo "$1" > "$absent"
         echo "skysense bench: peer absent ($venv): $1 (log: $log)" >&2
         return 1
@@ -50,6 +50,7 @@ build() {
         printf '%s\n' "$ROOT/kernels/src" "$ROOT"/packages/{encoders,losses,data,tasks}/src > "$site/skysense-src.pth"
     fi
     "$venv/bin/python" -c "$check" >>"$log" 2>&1 || { fail "$check: $(tail -1 "$log")"; return 1; }
+    rm -f "$absent"
     touch "$stamp"
 }
 
