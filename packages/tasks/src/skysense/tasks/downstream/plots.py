@@ -220,7 +220,7 @@ def plot_multilabel(
     im = a2.imshow(probs.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for i, j in zip(*np.nonzero(targets.T > 0.5)):
         a2.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
-    a2.set_yticks(y, [])
+    a2.set_yticks(y, classes, fontsize=7)
     a2.set_xticks(range(probs.shape[0]))
     a2.set_xlabel("evaluation sample")
     a2.set_title("predicted probability (red boxes: true labels)", fontsize=9)
