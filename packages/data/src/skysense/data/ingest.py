@@ -37,6 +37,7 @@ the temporary files (``.tmp`` shard folders, spill files) are removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -61,6 +62,7 @@ from skysense.data.ingest_align import (
     tile_blocks,
     to_store,
 )
+from skysense.data.ingest_dask import DaskPlaces, cluster_spec
 from skysense.data.ingest_plan import (
     CHANNELS,
     MODEL_BANDS,
@@ -150,9 +152,11 @@ def _once(bad: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def _run_places(groups, plan, cfg, splits, labels, spill) -> Iterator[PlaceResult]:
+def _run_places(groups, plan, cfg, splits, labels, spill, dask) -> Iterator[PlaceResult]:
     args = [(g, plan, cfg, splits[g.name], labels[g.name], spill) for g in groups]
-    if cfg.workers and cfg.workers > 0 and len(groups) > 1:
+    if dask is not None:
+        yield from dask.places(args)
+    elif cfg.workers and cfg.workers > 0 and len(groups) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         window = 4 * cfg.workers
@@ -197,12 +201,7 @@ def ingest(
     cfg = dataclasses.replace(cfg or IngestConfig(), **overrides)
     # One GDAL environment for the whole run (rasterio otherwise sets one up per call), and no
     # directory listing on open: folders of per-band files hold many files.
-    gdal = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-    if "GDAL_CACHEMAX" not in os.environ:
-        # GDAL keeps decoded blocks up to 5 % of the machine's memory by default, so its cache
-        # would grow with the size of the file read; blocks are read in order, so a small
-        # cache loses little and keeps memory flat.
-        gdal["GDAL_CACHEMAX"] = GDAL_CACHE_MB
+    gdal = gdal_options()
     with rasterio.Env(**gdal):
         t0 = time.perf_counter()
         # Absolute, so that the files recorded in the manifest compare equal on the next run
@@ -227,6 +226,17 @@ def ingest(
         report.seconds,
     )
     return report
+
+
+def gdal_options() -> dict:
+    """GDAL settings of an ingest (also sent to Dask workers with every place)."""
+    gdal = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    if "GDAL_CACHEMAX" not in os.environ:
+        # GDAL keeps decoded blocks up to 5 % of the machine's memory by default, so its cache
+        # would grow with the size of the file read; blocks are read in order, so a small
+        # cache loses little and keeps memory flat.
+        gdal["GDAL_CACHEMAX"] = GDAL_CACHE_MB
+    return gdal
 
 
 def _db_error(e: sqlite3.Error, path: Path) -> Exception:
@@ -383,31 +393,47 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         clean_partial(dst, writer.n_shards())
         skip = writer.committed_tiles(g.name for g in todo)
         report.resumed = bool(done) or bool(skip)
-        stream = ShardStream(writer, dst, plan, cfg, on_shard)
-        results = _run_places(todo, plan, cfg, splits, labels, dst / SPILL_DIR)
-        if progress:
-            from tqdm.auto import tqdm
-
-            # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
-            results = tqdm(
-                results, total=len(todo), desc="ingest", unit="place", leave=False, disable=None
+        spec = cluster_spec(cfg.cluster, cfg.workers)
+        with contextlib.ExitStack() as stack:
+            dask = None
+            if spec is not None and len(todo) > 0:
+                dask = stack.enter_context(DaskPlaces(spec, gdal_options(), cfg.worker_memory))
+            stream = ShardStream(
+                writer, dst, plan, cfg, on_shard, write=dask.write if dask else None
             )
-        for res in results:
-            try:
-                writer.add_bad_files(_once(res.bad), grp=res.name)
-                report.n_tiles_dropped += res.n_dropped
-                res.row["src"] = src_id
-                if res.n_tiles:
-                    for tile in res.tiles(skip):
-                        stream.add(tile)
-                    stream.place_done(res.row)
-                elif not res.bad:
-                    stream.place_done(res.row)
-                # A place without a tile because of bad files is not recorded as done: the
-                # next run examines it again (a fixed file is picked up).
-            finally:
-                res.discard()
-        stream.close()
+            stack.callback(stream.discard)  # spill files of an ingest that stops early
+            results = _run_places(todo, plan, cfg, splits, labels, dst / SPILL_DIR, dask)
+            if progress:
+                from tqdm.auto import tqdm
+
+                # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
+                results = tqdm(
+                    results,
+                    total=len(todo),
+                    desc="ingest",
+                    unit="place",
+                    leave=False,
+                    disable=None,
+                )
+            for res in results:
+                try:
+                    writer.add_bad_files(_once(res.bad), grp=res.name)
+                    report.n_tiles_dropped += res.n_dropped
+                    res.row["src"] = src_id
+                    refs = res.tile_refs(skip) if res.n_tiles else []
+                    for j, _ in refs:
+                        stream.add(res, j)
+                    if res.n_tiles or not res.bad:
+                        # the stream removes the spill file once the tiles are committed
+                        stream.place_done(res.row, res)
+                    else:
+                        # A place without a tile because of bad files is not recorded as
+                        # done: the next run examines it again (a fixed file is picked up).
+                        res.discard()
+                except BaseException:
+                    res.discard()
+                    raise
+            stream.close()
         report.bad_files = writer.bad_files()
         if writer.n_samples() == 0:
             more = len(report.bad_files) - 3

@@ -277,55 +277,67 @@ class PlaceResult:
         mask = np.frombuffer(buf[n:], np.uint8).reshape(side, side)
         return data, mask
 
+    def tile_name(self, j: int) -> str:
+        """Name of the place's ``j``-th valid tile (``<place>/r<row>c<col>``)."""
+        i, ncols = self.valid[j], len(self.cols)
+        return f"{self.name}/r{self.rows[i // ncols]}c{self.cols[i % ncols]}"
+
+    def tile_refs(self, skip: set[str] = frozenset()) -> list[tuple[int, str]]:
+        """``(j, name)`` of the place's tiles, row-major; names in ``skip`` are left out (tiles
+        of this place already committed by an interrupted run). Nothing is read."""
+        refs = [(j, self.tile_name(j)) for j in range(len(self.valid))]
+        return [(j, n) for j, n in refs if n not in skip]
+
+    def read_tiles(self, js) -> list[dict]:
+        """The tile records of valid tiles ``js`` (indices into ``valid``), read from the spill
+        file (see :func:`skysense.data.shards.pack` for a record's fields)."""
+        with open(self.spill, "rb") as f:
+            return [self._record(f, j) for j in js]
+
     def tiles(self, skip: set[str] = frozenset()) -> Iterator[dict]:
-        """The place's tile records, one at a time, row-major; names in ``skip`` are left out
-        (tiles of this place already committed by an interrupted run)."""
+        """The place's tile records, one at a time, row-major; names in ``skip`` are left out."""
         if not self.valid:
             return
+        with open(self.spill, "rb") as f:
+            for j, _ in self.tile_refs(skip):
+                yield self._record(f, j)
+
+    def _record(self, f, j: int) -> dict:
         T = self.tile
         ncols = len(self.cols)
-        with open(self.spill, "rb") as f:
-            for j, i in enumerate(self.valid):
-                r, c = self.rows[i // ncols], self.cols[i % ncols]
-                name = f"{self.name}/r{r}c{c}"
-                if name in skip:
-                    continue
-                rec: dict = {}
-                for m, keep in self.keep.items():
-                    if not keep:
-                        continue
-                    pieces = [self._piece(f, m, i, k) for k in keep]
-                    data = np.stack([p[0] for p in pieces])
-                    mask = np.stack([p[1] for p in pieces])
-                    full = mask == (HAS_DATA | CLEAR)
-                    frac = full.reshape(len(keep), -1).mean(axis=1)
-                    usable = (frac >= self.min_valid_fraction) & (frac > 0)
-                    days = self.days[m][keep]
-                    step = np.where(usable, STEP_USABLE, STEP_UNUSABLE).astype(np.uint8)
-                    if m == "hr":
-                        # One HR image per sample: the first usable one (normally the only one).
-                        h = int(np.argmax(usable)) if usable.any() else 0
-                        rec[m] = {
-                            "data": data[h],
-                            "mask": mask[h],
-                            "days": days[h],
-                            "step": step[h],
-                        }
-                    else:
-                        rec[m] = {"data": data, "mask": mask, "days": days, "step": step}
-                rec.update(
-                    name=name,
-                    grp=self.name,
-                    row=r,
-                    col=c,
-                    crs=self.grid.crs.to_string(),
-                    bounds=self.grid.window(r, c, T, T).bounds,
-                    lat=float(self.latlon[j, 0]),
-                    lon=float(self.latlon[j, 1]),
-                    split=self.split,
-                    label=self.label,
-                )
-                yield rec
+        i = self.valid[j]
+        r, c = self.rows[i // ncols], self.cols[i % ncols]
+        rec: dict = {}
+        for m, keep in self.keep.items():
+            if not keep:
+                continue
+            pieces = [self._piece(f, m, i, k) for k in keep]
+            data = np.stack([p[0] for p in pieces])
+            mask = np.stack([p[1] for p in pieces])
+            full = mask == (HAS_DATA | CLEAR)
+            frac = full.reshape(len(keep), -1).mean(axis=1)
+            usable = (frac >= self.min_valid_fraction) & (frac > 0)
+            days = self.days[m][keep]
+            step = np.where(usable, STEP_USABLE, STEP_UNUSABLE).astype(np.uint8)
+            if m == "hr":
+                # One HR image per sample: the first usable one (normally the only one).
+                h = int(np.argmax(usable)) if usable.any() else 0
+                rec[m] = {"data": data[h], "mask": mask[h], "days": days[h], "step": step[h]}
+            else:
+                rec[m] = {"data": data, "mask": mask, "days": days, "step": step}
+        rec.update(
+            name=f"{self.name}/r{r}c{c}",
+            grp=self.name,
+            row=r,
+            col=c,
+            crs=self.grid.crs.to_string(),
+            bounds=self.grid.window(r, c, T, T).bounds,
+            lat=float(self.latlon[j, 0]),
+            lon=float(self.latlon[j, 1]),
+            split=self.split,
+            label=self.label,
+        )
+        return rec
 
 
 class _AcquisitionFailed(Exception):

@@ -60,7 +60,13 @@ class IngestConfig:
         val_fraction, test_fraction, split_seed: split by place (a hash of its name).
         labels_file: CSV with columns group, label[, split] (default: <src>/labels.csv if any;
             labels ``a;b`` are multi-label; <src>/classes.txt orders class names).
-        workers: processes that align places in parallel (0: in this process).
+        workers: processes that align places in parallel (0: in this process); with Dask
+            installed (``skysense-data[scale]``) a LocalCluster of that many workers.
+        cluster: Dask cluster of the ingest (:mod:`skysense.data.ingest_dask`): "local:N" (a
+            LocalCluster of N worker processes; the default when ``workers > 0``) or the
+            address of a running scheduler ("tcp://host:8786"); None: see ``workers``.
+        worker_memory: memory limit of each LocalCluster worker (Dask restarts a worker above
+            it and re-runs its places); ``block_pixels`` keeps a place's use far below it.
         block_pixels: pixels (per band, HR pixels counted) warped at once: a block of whole
             tiles (rows and columns) of about this many pixels is read, aligned and spilled to
             disk before the next, so peak memory follows this budget (and the series length),
@@ -93,6 +99,8 @@ class IngestConfig:
     split_seed: int = 0
     labels_file: str | None = None
     workers: int = 0
+    cluster: str | None = None
+    worker_memory: str = "4GiB"
     block_pixels: int = 1 << 21
     overwrite: bool = False
     mode: str = "create"

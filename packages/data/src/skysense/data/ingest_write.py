@@ -4,7 +4,7 @@
   ``DST/.ingest.lock`` (exclusive, non-blocking): a second ingest stops at once with
   :class:`IngestLockedError` (an ``OSError`` naming the lock file and the holder's pid). The lock
   goes with the process, so a killed ingest never leaves a stale lock behind.
-- :class:`ShardStream`: tiles in, shards of exactly ``shard_size`` samples out (the last one of
+- :class:`ShardStream`: tile references in, shards of exactly ``shard_size`` samples out (the last one of
   an ingest may be smaller). A shard's folder is written whole (``.tmp`` then renamed) and its
   sample rows committed to the manifest in one transaction, together with the places whose last
   tile it holds. A place is the unit of resuming: an interrupted place is redone and its tiles
@@ -166,12 +166,53 @@ def sample_row(sid: int, shard: int, offset: int, t: dict, modalities) -> dict:
     return row
 
 
-class ShardStream:
-    """Tiles in, shards out (see the module docstring). At most ``shard_size`` tiles are held.
+def tile_shapes(plan: Plan) -> dict:
+    """{modality: (side, side, channels)} of one tile in the shards."""
+    side = {
+        m: plan.tile_size * (plan.hr_ratio if m == "hr" and not plan.hr_only else 1)
+        for m in CHANNELS
+    }
+    return {m: (side[m], side[m], CHANNELS[m]) for m in plan.modalities}
 
-    ``add(tile)`` for every tile of a place, then ``place_done(row)`` with its groups-table
-    row; ``close()`` at the end writes the last, smaller shard. ``on_shard(i)`` is called after
-    shard ``i`` is committed.
+
+def build_shard(dst, sid: int, first_id: int, parts, plan: Plan) -> tuple[dict, list, list]:
+    """Write shard ``sid`` from tiles in spill files; return what the manifest commits.
+
+    ``parts``: ``[(PlaceResult, [j, ...]), ...]``, the shard's tiles in order (indices into
+    each place's valid tiles); ``first_id``: the id of the shard's first sample. Runs in the
+    ingest's process or on a Dask worker (it touches only ``dst`` and the spill files, never
+    the manifest). Returns ``(shard row, sample rows, statistics rows)`` for
+    :meth:`ManifestWriter.commit`.
+    """
+    tiles = [t for res, js in parts for t in res.read_tiles(js)]
+    mods = plan.modalities
+    arrays = pack(tiles, mods, tile_shapes(plan))
+    rel = write_shard(dst, sid, arrays)
+    steps = {m: int(arrays[f"{m}_step"].shape[1]) for m in mods if m != "hr"}
+    shard = {"id": sid, "path": rel.as_posix(), "n": len(tiles), "steps": steps}
+    rows = [sample_row(first_id + i, sid, i, t, mods) for i, t in enumerate(tiles)]
+    # Statistics per place within the shard, so that a place redone later takes its own out.
+    by_place: dict[str, list[int]] = {}
+    for i, t in enumerate(tiles):
+        by_place.setdefault(t["grp"], []).append(i)
+    stats = []
+    for grp, idx in by_place.items():
+        part = arrays if len(idx) == len(tiles) else {k: v[idx] for k, v in arrays.items()}
+        stats += [(*s, grp) for s in shard_stats(part, mods)]
+    return shard, rows, stats
+
+
+class ShardStream:
+    """Tile references in, shards out (see the module docstring).
+
+    ``add(res, j)`` for every tile of a place (``j`` indexes the valid tiles of its
+    :class:`~skysense.data.ingest_align.PlaceResult`; the pixels stay in the place's spill
+    file), then ``place_done(row, res)`` with its groups-table row; ``close()`` at the end writes
+    the last, smaller shard. A shard's tiles are read from the spill files only when it is
+    written, by ``write`` (:func:`build_shard` here, or the same function on a Dask worker), so
+    at most ``shard_size`` tiles are in memory; a place's spill file is removed once its last
+    tile is in a committed shard. ``on_shard(i)`` is called after shard ``i`` is committed.
+    Only this object (the ingest's process) writes the manifest.
     """
 
     def __init__(
@@ -181,26 +222,33 @@ class ShardStream:
         plan: Plan,
         cfg: IngestConfig,
         on_shard: Callable[[int], None] | None = None,
+        write: Callable | None = None,
     ):
         self.writer, self.dst, self.plan, self.cfg = writer, Path(dst), plan, cfg
         self.on_shard = on_shard
+        self.write = write or build_shard
         self.n_shards = writer.n_shards()
         self.n_samples = writer.n_samples()
-        self.buffer: list[dict] = []
+        self.buffer: list[tuple] = []  # (PlaceResult, j)
         self.pending: list[dict] = []  # places whose last tile is in the buffer
+        self.finished: list = []  # their PlaceResults (spill files to remove after the commit)
 
-    def add(self, tile: dict) -> None:
+    def add(self, res, j: int) -> None:
         # A full buffer is written when the next tile comes (or its place ends), so the shard
         # commits together with the places it completes.
         if len(self.buffer) >= self.cfg.shard_size:
             self._flush()
-        self.buffer.append(tile)
+        self.buffer.append((res, j))
 
-    def place_done(self, row: dict) -> None:
+    def place_done(self, row: dict, res=None) -> None:
         if not self.buffer:
             self.writer.commit([], [row], last_shard=self.n_shards - 1)
+            if res is not None:
+                res.discard()
             return
         self.pending.append(row)
+        if res is not None:
+            self.finished.append(res)
         if len(self.buffer) >= self.cfg.shard_size:
             self._flush()
 
@@ -211,34 +259,29 @@ class ShardStream:
             self.writer.commit([], self.pending, last_shard=self.n_shards - 1)
             self.pending = []
 
-    def _shapes(self) -> dict:
-        p = self.plan
-        side = {
-            m: p.tile_size * (p.hr_ratio if m == "hr" and not p.hr_only else 1) for m in CHANNELS
-        }
-        return {m: (side[m], side[m], CHANNELS[m]) for m in p.modalities}
+    def discard(self) -> None:
+        """Remove the spill files still held (an ingest that stops early)."""
+        for res, _ in self.buffer:
+            res.discard()
+        for res in self.finished:
+            res.discard()
 
     def _flush(self) -> None:
-        tiles, self.buffer = self.buffer, []
-        mods = self.plan.modalities
-        arrays = pack(tiles, mods, self._shapes())
+        refs, self.buffer = self.buffer, []
+        parts: list[tuple] = []
+        for res, j in refs:
+            if parts and parts[-1][0] is res:
+                parts[-1][1].append(j)
+            else:
+                parts.append((res, [j]))
         sid = self.n_shards
-        rel = write_shard(self.dst, sid, arrays)
-        steps = {m: int(arrays[f"{m}_step"].shape[1]) for m in mods if m != "hr"}
-        shard = {"id": sid, "path": rel.as_posix(), "n": len(tiles), "steps": steps}
-        rows = [sample_row(self.n_samples + i, sid, i, t, mods) for i, t in enumerate(tiles)]
-        # Statistics per place within the shard, so that a place redone later takes its own out.
-        by_place: dict[str, list[int]] = {}
-        for i, t in enumerate(tiles):
-            by_place.setdefault(t["grp"], []).append(i)
-        stats = []
-        for grp, idx in by_place.items():
-            part = arrays if len(idx) == len(tiles) else {k: v[idx] for k, v in arrays.items()}
-            stats += [(*s, grp) for s in shard_stats(part, mods)]
-        del arrays
+        shard, rows, stats = self.write(self.dst, sid, self.n_samples, parts, self.plan)
         self.writer.commit([(shard, rows, stats)], self.pending)
         self.pending = []
+        for res in self.finished:
+            res.discard()
+        self.finished = []
         self.n_shards += 1
-        self.n_samples += len(tiles)
+        self.n_samples += len(refs)
         if self.on_shard is not None:
             self.on_shard(sid)

@@ -205,3 +205,28 @@ class ShardReader:
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
         return arrs
+
+
+def sample_checksums(manifest) -> list[tuple]:
+    """Per sample, in id order: its manifest row and a SHA-256 of each of its decoded arrays.
+
+    Two ingests hold the same data exactly when these lists are equal, whatever the shards'
+    storage (raw ``.npy`` or compressed): what is compared is what a loader reads.
+    ``manifest``: a :class:`~skysense.data.manifest.Manifest`.
+    """
+    import hashlib
+
+    reader = ShardReader(manifest)
+    rows = manifest.query(
+        "SELECT id, name, grp, split, shard, offset, lat, lon, label, labels, "
+        "hr_dates, hr_valid, s2_dates, s2_valid, s1_dates, s1_valid FROM samples ORDER BY id"
+    )
+    out = []
+    for row in rows:
+        arrays = reader.arrays(row[4])
+        sums = {}
+        for name in sorted(arrays):
+            a = np.ascontiguousarray(arrays[name][row[5]])
+            sums[name] = hashlib.sha256(a.tobytes() + str((a.dtype, a.shape)).encode()).hexdigest()
+        out.append((row, sums))
+    return out
