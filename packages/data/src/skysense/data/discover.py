@@ -331,11 +331,17 @@ def _probe(path: Path, root: Path, cfg) -> tuple[FileInfo | None, str]:
 def discover(src, cfg, bad: list) -> list[Group]:
     """The places (groups) under ``src``, in a deterministic order.
 
+    ``src``: a folder, one raster file, or a STAC file (:mod:`skysense.data.stac`).
+
     ``bad`` collects ``(path, reason)`` for every file that cannot be used.
     """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: source folder not found")
+    from skysense.data.stac import discover_stac, is_stac
+
+    if is_stac(src):  # a STAC catalogue, ItemCollection or GeoParquet file
+        return discover_stac(src, cfg, bad)
     paths = (
         sorted(p for p in src.rglob("*") if p.is_file() and is_raster(p)) if src.is_dir() else [src]
     )
