@@ -390,6 +390,10 @@ def compile_case(case: Case, native: bool = False) -> Result:
         if "wgmma.mma_async instructions are serialized" in text:
             res.notes.append("wgmma serialized")
         res.shared = int(kernel.metadata.shared)
+        if case.cc not in TARGETS:  # --native on a card other than sm_80 / sm_90 (a worker)
+            from skysense.kernels.aot_report import native_target
+
+            native_target()
         res.occupancy, res.limiter = occupancy(res.regs, res.shared, res.num_warps, case.cc)
         if native:
             kernel._init_handles()
