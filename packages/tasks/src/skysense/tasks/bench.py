@@ -135,6 +135,24 @@ def _fmt(v, unit=""):
     return f"{s} {unit}".strip()
 
 
+def gpu_compile_summary(out_dir: Path) -> str:
+    """The summary of the ahead-of-time compiled Triton kernels (registers, spills, shared
+    memory, occupancy on sm_80 and sm_90; ``gpu_compile`` test tier, ``python -m
+    skysense.kernels.aot_report``) for the report, with a link to the full table; "" without
+    one."""
+    table = Path(out_dir) / "gpu-compile.md"
+    if not table.is_file():
+        return ""
+    lines = table.read_text().splitlines()
+    how = [ln for ln in lines[:12] if ln.startswith("`python -m")]
+    head = how + [""] + [ln for ln in lines[:12] if ln.startswith("- ")]
+    return (
+        "\n## Triton kernels compiled ahead of time (sm_80, sm_90)\n\n"
+        + "\n".join(head)
+        + f"\n\nPer kernel and launch configuration: [{table.name}]({table.name}).\n"
+    )
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -291,7 +309,7 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"report-{mode}.json").write_text(json.dumps(report, indent=1))
-    md = markdown(report)
+    md = markdown(report) + gpu_compile_summary(out_dir)
     png = plot_scaling(figures, out_dir / f"scaling-{mode}.png")
     if png:
         md += f"\n![scaling]({png.name})\n"
