@@ -82,3 +82,13 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(oscd, one_process,
     finally:
         client.close()
         cluster.close()
+
+
+def test_compressed_shards_on_two_workers_decode_to_the_raw_arrays(oscd, one_process, tmp_path):
+    # OSCD is Sentinel-2 only: 16-bit PNG is lossless, so the decoded arrays are the raw ones
+    rep = ingest(
+        oscd, tmp_path, progress=False, cluster="local:2", shard_format="compressed", **SETTINGS
+    )
+    assert rep.ok
+    assert list((tmp_path / "shards").glob("shard-*/s2.enc"))
+    assert sample_checksums(Manifest(tmp_path)) == one_process

@@ -8,6 +8,10 @@ jitter, normalisation, the no-data zeroing, the per-pixel validity and the chann
 layout. With ``device="gpu"`` (a CUDA machine) those operators run on the GPU after one host
 to device copy per input (written, not yet run on a GPU); by default they run on the CPU.
 
+Compressed shards (:mod:`skysense.data.shard_codecs`) are decoded by DALI's image decoder
+(:mod:`skysense.data.dali_decode`, ``device="mixed"`` with GPU operators) before slicing; the
+lossless codecs give the raw shards' values, so batches equal those of raw shards.
+
 The arithmetic is written in the same order as the numpy path, so the two backends agree bit for
 bit on the CPU (the tests check it).
 """
@@ -122,10 +126,45 @@ class DaliBatches:
             raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
         self.assembler = assembler
         self.device = device
+        # compressed shards: DALI's image decoder, on the GPU (nvJPEG) with GPU operators
+        self.decoder = "mixed" if device == "gpu" else "cpu"
         self.num_threads = num_threads
         self._pipe = None
 
+    def _decode_encoded(self, plan: BatchPlan) -> list:
+        """Compressed shards: decode the plan's samples with DALI's image decoder (one batch
+        per codec) into the shards' caches, which the slicing below then reads. Returns the
+        arrays whose caches to clear after the batch."""
+        from skysense.data.shard_codecs import EncodedArray
+
+        todo: dict = {}
+        for s in plan.samples:
+            arrs = self.assembler.reader.arrays(s.shard)
+            for m in self.assembler.modalities:
+                x = arrs.get(m)
+                if isinstance(x, EncodedArray) and x.codec != "deflate-shuffle":
+                    todo.setdefault((x.codec, x.shape[1:]), []).append((x, s.offset))
+        if not todo:
+            return []
+        from skysense.data.dali_decode import decode_batch
+
+        used = []
+        for (codec, shape), items in todo.items():
+            bufs = [x.encoded(o) for x, o in items]
+            for (x, o), y in zip(items, decode_batch(bufs, codec, shape, self.decoder)):
+                x.cache[int(o)] = y
+                used.append(x)
+        return used
+
     def _feed(self, pipe, plan: BatchPlan) -> None:
+        used = self._decode_encoded(plan)
+        try:
+            self._feed_arrays(pipe, plan)
+        finally:
+            for x in used:
+                x.cache.clear()
+
+    def _feed_arrays(self, pipe, plan: BatchPlan) -> None:
         a = self.assembler
         forms = [dihedral(s.params.hflip, s.params.vflip, s.params.rot90) for s in plan.samples]
         pipe.feed_input("transpose", [np.array(f[0]) for f in forms])

@@ -254,7 +254,9 @@ def _db_error(e: sqlite3.Error, path: Path) -> Exception:
 
 def _check_settings(stored: dict, cfg: IngestConfig, mpath: Path) -> None:
     asked = json.loads(json.dumps(cfg.content()))
-    diff = [k for k in asked if stored.get(k) != asked[k]]
+    # A setting added after a manifest was written counts as its default there.
+    defaults = json.loads(json.dumps(IngestConfig().content()))
+    diff = [k for k in asked if stored.get(k, defaults[k]) != asked[k]]
     if diff:
         k = diff[0]
         more = f" (also {', '.join(diff[1:])})" if diff[1:] else ""

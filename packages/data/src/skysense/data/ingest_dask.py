@@ -80,11 +80,11 @@ def align_task(gdal: dict, *args):
         return align_place(*args)
 
 
-def write_task(dst, sid, first_id, parts, plan):
+def write_task(dst, sid, first_id, parts, plan, codecs=None, quality=90):
     """:func:`~skysense.data.ingest_write.build_shard` on a worker."""
     from skysense.data.ingest_write import build_shard
 
-    return build_shard(dst, sid, first_id, parts, plan)
+    return build_shard(dst, sid, first_id, parts, plan, codecs, quality)
 
 
 class DaskPlaces:
@@ -141,8 +141,10 @@ class DaskPlaces:
             for f in pending:
                 f.cancel()
 
-    def write(self, dst, sid, first_id, parts, plan):
+    def write(self, dst, sid, first_id, parts, plan, codecs=None, quality=90):
         """:func:`write_task` on a worker; its result (what the manifest commits)."""
         key = f"ingest-shard-{sid}-{os.getpid()}-{id(self)}"
-        fut = self.client.submit(write_task, str(dst), sid, first_id, parts, plan, key=key)
+        fut = self.client.submit(
+            write_task, str(dst), sid, first_id, parts, plan, codecs, quality, key=key
+        )
         return fut.result()

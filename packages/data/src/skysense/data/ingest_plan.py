@@ -60,6 +60,12 @@ class IngestConfig:
         val_fraction, test_fraction, split_seed: split by place (a hash of its name).
         labels_file: CSV with columns group, label[, split] (default: <src>/labels.csv if any;
             labels ``a;b`` are multi-label; <src>/classes.txt orders class names).
+        shard_format: "raw" (pixel-interleaved ``.npy`` read by memory map: no decoding, a crop
+            reads only its window; the default) or "compressed" (HR as ``hr_codec``, Sentinel-2
+            as 16-bit PNG, Sentinel-1 as byte-shuffled deflate; decoded by DALI or Pillow; see
+            :mod:`skysense.data.shard_codecs`).
+        hr_codec: compressed shards' HR codec: "jpeg" (lossy, ``jpeg_quality``) or "png".
+        jpeg_quality: JPEG quality 1-100 of compressed shards' HR tiles.
         workers: processes that align places in parallel (0: in this process); with Dask
             installed (``skysense-data[scale]``) a LocalCluster of that many workers.
         cluster: Dask cluster of the ingest (:mod:`skysense.data.ingest_dask`): "local:N" (a
@@ -98,6 +104,9 @@ class IngestConfig:
     test_fraction: float = 0.0
     split_seed: int = 0
     labels_file: str | None = None
+    shard_format: str = "raw"
+    hr_codec: str = "jpeg"
+    jpeg_quality: int = 90
     workers: int = 0
     cluster: str | None = None
     worker_memory: str = "4GiB"
@@ -116,6 +125,14 @@ class IngestConfig:
             raise ValueError(f"mode must be 'create' or 'append', got {self.mode!r}")
         if self.block_pixels < 1:
             raise ValueError(f"block_pixels must be >= 1, got {self.block_pixels}")
+        if self.shard_format not in ("raw", "compressed"):
+            raise ValueError(
+                f"shard_format must be 'raw' or 'compressed', got {self.shard_format!r}"
+            )
+        if self.hr_codec not in ("jpeg", "png"):
+            raise ValueError(f"hr_codec must be 'jpeg' or 'png', got {self.hr_codec!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         for s in (self.s2_default, self.s1_default, *(self.sensors or {}).values()):
@@ -144,10 +161,21 @@ class IngestConfig:
         "val_fraction",
         "test_fraction",
         "split_seed",
+        "shard_format",
+        "hr_codec",
+        "jpeg_quality",
     )
 
     def content(self) -> dict:
         return {k: getattr(self, k) for k in self.CONTENT_FIELDS}
+
+    def codecs(self) -> dict[str, str]:
+        """{array name: codec} of the shards ({} for raw shards)."""
+        if self.shard_format == "raw":
+            return {}
+        from skysense.data.shard_codecs import codecs_for
+
+        return codecs_for(self.hr_codec)
 
 
 @dataclass

@@ -175,19 +175,22 @@ def tile_shapes(plan: Plan) -> dict:
     return {m: (side[m], side[m], CHANNELS[m]) for m in plan.modalities}
 
 
-def build_shard(dst, sid: int, first_id: int, parts, plan: Plan) -> tuple[dict, list, list]:
+def build_shard(
+    dst, sid: int, first_id: int, parts, plan: Plan, codecs: dict | None = None, quality: int = 90
+) -> tuple[dict, list, list]:
     """Write shard ``sid`` from tiles in spill files; return what the manifest commits.
 
     ``parts``: ``[(PlaceResult, [j, ...]), ...]``, the shard's tiles in order (indices into
     each place's valid tiles); ``first_id``: the id of the shard's first sample. Runs in the
     ingest's process or on a Dask worker (it touches only ``dst`` and the spill files, never
     the manifest). Returns ``(shard row, sample rows, statistics rows)`` for
-    :meth:`ManifestWriter.commit`.
+    :meth:`ManifestWriter.commit`. ``codecs``, ``quality``: compressed shards
+    (:meth:`IngestConfig.codecs`).
     """
     tiles = [t for res, js in parts for t in res.read_tiles(js)]
     mods = plan.modalities
     arrays = pack(tiles, mods, tile_shapes(plan))
-    rel = write_shard(dst, sid, arrays)
+    rel = write_shard(dst, sid, arrays, codecs, quality)
     steps = {m: int(arrays[f"{m}_step"].shape[1]) for m in mods if m != "hr"}
     shard = {"id": sid, "path": rel.as_posix(), "n": len(tiles), "steps": steps}
     rows = [sample_row(first_id + i, sid, i, t, mods) for i, t in enumerate(tiles)]
@@ -275,7 +278,15 @@ class ShardStream:
             else:
                 parts.append((res, [j]))
         sid = self.n_shards
-        shard, rows, stats = self.write(self.dst, sid, self.n_samples, parts, self.plan)
+        shard, rows, stats = self.write(
+            self.dst,
+            sid,
+            self.n_samples,
+            parts,
+            self.plan,
+            self.cfg.codecs(),
+            self.cfg.jpeg_quality,
+        )
         self.writer.commit([(shard, rows, stats)], self.pending)
         self.pending = []
         for res in self.finished:

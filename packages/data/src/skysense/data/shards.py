@@ -14,6 +14,10 @@ file               shape, dtype                  meaning
 ``shard.json``     -                             N, the arrays' shapes and dtypes
 ================== ============================= =============================================
 
+Compressed shards (``shard_format=compressed``) hold ``hr``, ``s2`` and ``s1`` encoded instead
+(``<m>.enc`` + ``<m>_index.npy``, listed under ``encoded`` in ``shard.json``; see
+:mod:`skysense.data.shard_codecs`); :class:`ShardReader` decodes them on access.
+
 ``T`` is the longest series of the shard (shorter ones are padded with step 0). Pixels are
 interleaved (channels last), which is what DALI's numpy reader and ``np.load(mmap_mode="r")``
 read fastest; a loader reads a sample's steps and crop window without decoding anything.
@@ -58,12 +62,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard(root, index: int, arrays: dict[str, np.ndarray]) -> Path:
+def write_shard(
+    root, index: int, arrays: dict[str, np.ndarray], codecs: dict | None = None, quality: int = 90
+) -> Path:
     """Write ``arrays`` (name -> array, first axis = sample) as shard ``index`` under ``root``.
 
     The arrays land in ``shard-<index>.tmp`` first, are flushed to disk, and the folder is then
     renamed: an interrupted write leaves only a ``.tmp`` folder, which readers ignore and the
-    next ingest removes. Returns the shard folder's path relative to ``root``.
+    next ingest removes. ``codecs`` ({array name: codec}) stores those arrays encoded
+    (:mod:`skysense.data.shard_codecs`; ``quality``: JPEG quality). Returns the shard folder's
+    path relative to ``root``.
     """
     root = Path(root)
     final = root / SHARD_DIR / shard_name(index)
@@ -77,10 +85,19 @@ def write_shard(root, index: int, arrays: dict[str, np.ndarray]) -> Path:
     if len(n) != 1:
         raise ValueError(f"shard {index}: arrays disagree on the number of samples: {n}")
     info = {"n": n.pop(), "arrays": {}}
+    codecs = codecs or {}
+    if codecs:
+        info["encoded"] = {}
     current = tmp
     try:
         tmp.mkdir(parents=True)
         for name, a in arrays.items():
+            if name in codecs:
+                from skysense.data.shard_codecs import write_encoded
+
+                current = tmp / f"{name}.enc"
+                info["encoded"][name] = write_encoded(tmp, name, a, codecs[name], quality)
+                continue
             a = np.ascontiguousarray(a)
             current = tmp / f"{name}.npy"
             with open(current, "wb") as f:
@@ -194,13 +211,18 @@ class ShardReader:
         if not info_path.is_file():
             raise FileNotFoundError(f"{d}: shard missing or incomplete (no shard.json)")
         info = json.loads(info_path.read_text())
-        for name in info["arrays"]:
+        encoded = info.get("encoded", {})
+        for name in [*info["arrays"], *encoded]:
             # Names come from a file: a name with a path in it would read outside the shard.
             if not _ARRAY_NAME.fullmatch(str(name)):
                 from skysense.data.manifest import ManifestError
 
                 raise ManifestError(f"{info_path}: array name {name!r} is not a plain name")
         arrs = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in info["arrays"]}
+        if encoded:
+            from skysense.data.shard_codecs import EncodedArray
+
+            arrs.update({name: EncodedArray(d, name, e) for name, e in encoded.items()})
         self._open[shard] = arrs
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
