@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,183 @@ def test_ingest_peak_rss_over_place_size(report, tmp_path):
         "20 % (ratio >= 0.83); main before issue 13: 755 MB at 2000^2, 2.47 GB at 4000^2",
     )  # fmt: skip
     assert flat >= 1 / 1.2, f"peak RSS not flat: {peaks}"
+
+
+# --------------------------------------------- shards at scale: compression, decoding, Dask ingest
+# Issue 20. Real samples from ../shared/data (skipped where absent): the OSCD cities (Sentinel-2
+# L1C), the USGS aerial RGB tiles (HR) and BigEarthNet (Sentinel-1 + Sentinel-2).
+
+SHARED = Path(
+    os.environ.get("SKYSENSE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+OSCD_CITIES = 3 if QUICK else 10
+SCALE_SOURCES = {
+    # name: (folder under ../shared/data, ingest settings)
+    "oscd_s2": ("oscd/images", {}),
+    "usgs_hr": ("hr_rgb/usgs_rsvqa_hr", {}),
+    "bigearthnet_s2_s1": ("bigearthnet", {"tile_size": 120}),
+}
+
+
+def _scale_source(name: str, tmp: Path) -> tuple[Path, dict]:
+    sub, cfg = SCALE_SOURCES[name]
+    src = SHARED / sub
+    if not src.is_dir():
+        pytest.skip(f"{src} not found (../shared/data)")
+    if name == "oscd_s2" and OSCD_CITIES < 10:
+        link = tmp / "oscd_subset"
+        link.mkdir(exist_ok=True)
+        for city in sorted(p for p in src.iterdir() if p.is_dir())[:OSCD_CITIES]:
+            if not (link / city.name).exists():  # a copy: discovery does not follow links
+                shutil.copytree(city, link / city.name)
+        src = link
+    return src, cfg
+
+
+def _tree_bytes(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def scale_ingests(tmp_path_factory):
+    """{source: (src, {format: manifest path}, samples)}: raw and compressed ingests."""
+    out = {}
+    tmp = tmp_path_factory.mktemp("scale")
+    for name in SCALE_SOURCES:
+        sub, cfg = SCALE_SOURCES[name]
+        if not (SHARED / sub).is_dir():
+            continue
+        src, cfg = _scale_source(name, tmp)
+        dsts = {}
+        for fmt in ("raw", "compressed"):
+            rep = ingest(src, tmp / f"{name}-{fmt}", progress=False, shard_format=fmt, **cfg)
+            assert rep.ok, rep.format()
+            dsts[fmt] = rep.manifest
+        out[name] = (src, dsts, rep.n_samples)
+    if not out:
+        pytest.skip(f"no shared sample under {SHARED}")
+    return out
+
+
+def test_bytes_per_sample_compressed_raw_geotiff(report, scale_ingests):
+    """Shard bytes per sample (every file of the shards: pixels, masks, dates) of compressed
+    and raw shards, beside the source GeoTIFFs' bytes per sample."""
+    from skysense.data.io import is_raster
+
+    for name, (src, dsts, n) in scale_ingests.items():
+        raw = _tree_bytes(dsts["raw"].parent / "shards") / n
+        comp = _tree_bytes(dsts["compressed"].parent / "shards") / n
+        tif = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and is_raster(p)) / n
+        params = {"source": name, "samples": n}
+        report.add(
+            GROUP, "compressed_shard_bytes_per_sample", comp, "bytes", baseline=raw,
+            baseline_name="raw shards (uint16/uint8/float32 .npy) of the same ingest",
+            ratio=raw / comp, params=params,
+            note="HR JPEG q90 (lossy), S2 16-bit PNG, S1 byte-shuffled deflate (lossless)",
+        )  # fmt: skip
+        report.add(
+            GROUP, "raw_shard_bytes_per_sample", raw, "bytes", baseline=tif,
+            baseline_name="source GeoTIFFs (as distributed, often compressed) per sample",
+            ratio=tif / raw, params=params,
+            note="< 1: raw shards are uncompressed, aligned to 10 m (20/60 m bands upsampled), "
+            "with masks; sources hold native resolutions and may be compressed",
+        )  # fmt: skip
+        print(f"\n{name}: {n} samples, bytes/sample: GeoTIFF {tif:.0f}, raw {raw:.0f}, "
+              f"compressed {comp:.0f}")  # fmt: skip
+
+
+def test_decode_samples_per_s_dali_torch_memmap(report, scale_ingests):
+    """Whole samples (every step, every band) out of the shards: DALI's image decoder and the
+    torch backend's Pillow decoder on compressed shards, beside slicing the raw memory map."""
+    for name, m in (("oscd_s2", "s2"), ("usgs_hr", "hr")):
+        if name in scale_ingests:
+            _, dsts, n = scale_ingests[name]
+            _decode_figures(report, name, m, dsts, n)
+
+
+def _decode_figures(report, name: str, m: str, dsts: dict, n: int) -> None:
+    from skysense.data.manifest import Manifest
+    from skysense.data.shards import ShardReader
+
+    raw_r = ShardReader(Manifest(dsts["raw"]))
+    enc_r = ShardReader(Manifest(dsts["compressed"]))
+    shards = sorted(Manifest(dsts["raw"]).shards)
+
+    def memmap():
+        for s in shards:
+            a = raw_r.arrays(s)[m]
+            for i in range(len(a)):
+                np.array(a[i])
+
+    def pillow():
+        for s in shards:
+            a = enc_r.arrays(s)[m]
+            for i in range(len(a)):
+                a[i]
+
+    fns = {"memmap": memmap, "torch": pillow}
+    if dali_available():
+        from skysense.data.dali_decode import decode_batch
+
+        def dali():
+            for s in shards:
+                a = enc_r.arrays(s)[m]
+                decode_batch([a.encoded(i) for i in range(len(a))], a.codec, a.shape[1:])
+
+        fns["dali"] = dali
+    t = compare(fns, repeat=1 if QUICK else 3, warmup=1)
+    codec = enc_r.arrays(0)[m].codec
+    params = {"source": name, "modality": m, "codec": codec, "samples": n}
+    report.add(
+        GROUP, "decode_torch_samples_per_s", n / t["torch"], "samples/s",
+        baseline=n / t["memmap"], baseline_name="raw shards: memory-map slice, no decoding",
+        ratio=t["memmap"] / t["torch"], params=params,
+        note="< 1 expected: decoding costs what a memory map does not (Pillow, one thread)",
+    )  # fmt: skip
+    if "dali" in t:
+        report.add(
+            GROUP, "decode_dali_samples_per_s", n / t["dali"], "samples/s",
+            baseline=n / t["torch"], baseline_name="torch backend: Pillow decode per sample",
+            ratio=t["torch"] / t["dali"], params={**params, "dali_device": "cpu"},
+            note="DALI fn.decoders.image on the CPU, one thread, batches of a shard",
+        )  # fmt: skip
+    print(f"\n{name} {m} ({codec}): samples/s memmap {n / t['memmap']:.0f}, "
+          + ", ".join(f"{k} {n / v:.0f}" for k, v in t.items() if k != "memmap"))  # fmt: skip
+
+
+def test_ingest_places_per_s_one_vs_two_dask_workers(report, tmp_path):
+    """OSCD cities ingested on a LocalCluster of 1 and of 2 workers (clusters started before
+    the clock: only the ingest is timed)."""
+    distributed = pytest.importorskip("distributed", reason="skysense-data[scale] not installed")
+    src, _ = _scale_source("oscd_s2", tmp_path)
+    clusters = {
+        k: distributed.LocalCluster(
+            n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        for k in (1, 2)
+    }
+    runs = iter(range(100))
+    try:
+
+        def run(k):
+            def f():
+                dst = tmp_path / f"dst{k}-{next(runs)}"
+                rep = ingest(src, dst, progress=False, cluster=clusters[k].scheduler_address)
+                assert rep.ok
+                return rep
+
+            return f
+
+        t = compare({1: run(1), 2: run(2)}, repeat=1 if QUICK else 2, warmup=0)
+    finally:
+        for c in clusters.values():
+            c.close()
+    places = OSCD_CITIES
+    report.add(
+        GROUP, "ingest_dask_2_workers_places_per_s", places / t[2], "places/s",
+        baseline=places / t[1], baseline_name="the same ingest on a 1-worker LocalCluster",
+        ratio=t[1] / t[2], params={"source": "oscd_s2", "places": places},
+        note=f"{os.cpu_count()} CPU cores shared with other processes: 2 workers cannot reach "
+        "2x here; shards are written by workers, the manifest by the client",
+    )  # fmt: skip
+    print(f"\ningest {places} OSCD places: 1 worker {t[1]:.1f} s, 2 workers {t[2]:.1f} s")

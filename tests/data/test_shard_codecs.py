@@ -31,6 +31,11 @@ def test_deflate_shuffle_round_trip_keeps_nan():
     assert y.dtype == np.float32 and np.array_equal(y, x, equal_nan=True)
 
 
+def test_mask_deflate_round_trip():
+    x = (rng.random((3, 9, 7)) > 0.3).astype(np.uint8) * 3
+    np.testing.assert_array_equal(decode(encode(x, "deflate"), "deflate", x.shape), x)
+
+
 def test_hr_png_exact_and_jpeg_close():
     x = (np.add.outer(np.arange(32), np.arange(32))[..., None] * [2, 3, 4] % 256).astype(np.uint8)
     np.testing.assert_array_equal(decode(encode(x, "png"), "png", x.shape), x)
@@ -62,7 +67,8 @@ def test_lossless_compressed_shards_read_back_identical(raw_and_compressed):
     raw = raw_and_compressed[("raw", "jpeg")]
     png = raw_and_compressed[("compressed", "png")]
     shard = png.shard_dir(0)
-    assert (shard / "s2.enc").is_file() and not (shard / "s2.npy").exists()
+    for name in ("s2", "s1", "hr", "s2_mask", "hr_mask"):
+        assert (shard / f"{name}.enc").is_file() and not (shard / f"{name}.npy").exists()
     assert sample_checksums(png) == sample_checksums(raw)
     a = next(iter(build_loader(raw, None, 3, "torch", seed=1)))
     b = next(iter(build_loader(png, None, 3, "torch", seed=1)))

@@ -53,7 +53,7 @@ def decode_batch(buffers, codec: str, shape, device: str = "cpu") -> list[np.nda
     shard's per-sample shape) with DALI; returns numpy arrays (uint16 (T, h, w, C) for png16,
     uint8 (H, W, 3) for jpeg/png, float32 for deflate-shuffle, decoded by numpy)."""
     shape = tuple(int(s) for s in shape)
-    if codec == "deflate-shuffle":
+    if codec in ("deflate-shuffle", "deflate"):
         return [decode(b, codec, shape) for b in buffers]
     if device not in ("cpu", "mixed"):
         raise ValueError(f"DALI decoder device must be 'cpu' or 'mixed', got {device!r}")

@@ -142,7 +142,7 @@ class DaliBatches:
             arrs = self.assembler.reader.arrays(s.shard)
             for m in self.assembler.modalities:
                 x = arrs.get(m)
-                if isinstance(x, EncodedArray) and x.codec != "deflate-shuffle":
+                if isinstance(x, EncodedArray) and x.codec not in ("deflate-shuffle", "deflate"):
                     todo.setdefault((x.codec, x.shape[1:]), []).append((x, s.offset))
         if not todo:
             return []

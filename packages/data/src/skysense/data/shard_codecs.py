@@ -2,8 +2,9 @@
 
 ``shard_format=compressed`` (an ingest setting) stores a shard's pixel arrays (``hr``, ``s2``,
 ``s1``) as ``<m>.enc`` (the samples' encoded buffers, one after the other) and
-``<m>_index.npy`` ((N, 2) int64: byte offset and length of each sample's buffer); masks, days
-and steps stay ``.npy``. Codecs, chosen by measurement (``bench/test_bench_data.py``):
+``<m>_index.npy`` ((N, 2) int64: byte offset and length of each sample's buffer), and so are
+the per-pixel masks; days and steps stay ``.npy``. Codecs, chosen by measurement
+(``bench/test_bench_data.py``):
 
 =============== ================================================== ==========================
 modality        codec                                              decoded by
@@ -15,6 +16,7 @@ modality        codec                                              decoded by
                 t, column block c = band c (lossless)
 ``s1``          ``deflate-shuffle``: float32 bytes split into      numpy + zlib (no image
                 byte planes, then zlib (lossless; NaN kept)        codec takes float32)
+``<m>_mask``    ``deflate`` (zlib of the uint8 bits; lossless)     numpy + zlib
 =============== ================================================== ==========================
 
 16-bit PNG was kept for Sentinel-2 over plain deflate because DALI decodes it (on the GPU
@@ -34,7 +36,7 @@ import zlib
 
 import numpy as np
 
-CODECS = ("jpeg", "png", "png16", "deflate-shuffle")
+CODECS = ("jpeg", "png", "png16", "deflate-shuffle", "deflate")
 PNG_LEVEL = 1  # zlib level of the PNGs: level 6 gains ~4 % on S2 and encodes 2.5x slower
 
 
@@ -42,7 +44,8 @@ def codecs_for(hr_codec: str = "jpeg") -> dict[str, str]:
     """{modality: codec} of a compressed shard."""
     if hr_codec not in ("jpeg", "png"):
         raise ValueError(f"hr_codec must be 'jpeg' or 'png', got {hr_codec!r}")
-    return {"hr": hr_codec, "s2": "png16", "s1": "deflate-shuffle"}
+    masks = {f"{m}_mask": "deflate" for m in ("hr", "s2", "s1")}
+    return {"hr": hr_codec, "s2": "png16", "s1": "deflate-shuffle", **masks}
 
 
 def _pil():
@@ -71,6 +74,8 @@ def encode(x: np.ndarray, codec: str, quality: int = 90) -> bytes:
         buf = io.BytesIO()
         _pil().fromarray(mosaic).save(buf, format="PNG", compress_level=PNG_LEVEL)
         return buf.getvalue()
+    if codec == "deflate":
+        return zlib.compress(np.ascontiguousarray(x, np.uint8).tobytes(), 6)
     if codec == "deflate-shuffle":
         b = np.ascontiguousarray(x, np.float32).view(np.uint8).reshape(-1, 4)
         return zlib.compress(np.ascontiguousarray(b.T).tobytes(), 6)
@@ -91,6 +96,8 @@ def decode(buf, codec: str, shape) -> np.ndarray:
     if codec == "png16":
         m = np.asarray(_pil().open(io.BytesIO(bytes(buf))))
         return mosaic_to_series(m.astype(np.uint16, copy=False), shape)
+    if codec == "deflate":
+        return np.frombuffer(zlib.decompress(bytes(buf)), np.uint8).reshape(shape).copy()
     if codec == "deflate-shuffle":
         planes = np.frombuffer(zlib.decompress(bytes(buf)), np.uint8).reshape(4, -1)
         return np.ascontiguousarray(planes.T).view(np.float32).reshape(shape)
