@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def mm():
             "test` runs it; where the install failed, it printed why)"
         )
     before = set(sys.modules)
+    # importlib_metadata (a dependency of the reference) disables the standard library's
+    # distribution finder and installs its own in sys.meta_path on import: both are undone
+    # below, or every later importlib.metadata lookup would fail.
+    stdlib_finder = PathFinder.__dict__.get("find_distributions")
     sys.path.append(str(REF))
     try:
         with warnings.catch_warnings():
@@ -42,7 +47,21 @@ def mm():
             yield importlib.import_module("mm_reference")
     finally:
         sys.path.remove(str(REF))
+        gone = set()
         for name in set(sys.modules) - before:
             path = getattr(sys.modules[name], "__file__", None) or ""
             if name == "mm_reference" or path.startswith(str(REF)):
                 del sys.modules[name]
+                gone.add(name)
+        if stdlib_finder is not None and "find_distributions" not in PathFinder.__dict__:
+            PathFinder.find_distributions = stdlib_finder
+        sys.meta_path[:] = [
+            f
+            for f in sys.meta_path
+            if type(f).__module__ not in gone
+            and not (
+                getattr(sys.modules.get(type(f).__module__), "__file__", None) or ""
+            ).startswith(str(REF))
+            and type(f).__module__ in sys.modules
+        ]
+        importlib.invalidate_caches()
