@@ -57,10 +57,12 @@ def summarise(results: dict, n_boot: int = 10000) -> dict:
 
 def markdown(results: dict, wall_s: float) -> str:
     seeds = results["seeds"]
+    shown = [m for m in results["models"]
+             if any(m in r.get("models", {}) for r in results["entries"])]  # fmt: skip
     lines = [
         f"# Benchmark `{results['suite']}`",
         "",
-        f"Seeds {seeds}; wall time {wall_s:.0f} s. Models: {', '.join(results['models'])}.",
+        f"Seeds {seeds}; wall time {wall_s:.0f} s. Models: {', '.join(shown) or 'none ran'}.",
     ]
     if results.get("note"):
         lines.append(f"Note: {results['note']}.")
