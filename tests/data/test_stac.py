@@ -211,3 +211,15 @@ def test_a_missing_asset_is_a_bad_file_and_the_rest_ingest(cogs, tmp_path):
     rep = ingest(tmp_path / "items.json", tmp_path / "dst", progress=False)
     assert any("gone.tif" in p for p, _ in rep.bad_files)
     assert rep.n_samples > 0
+
+
+def test_remote_hrefs_go_through_gdal_virtual_file_systems(tmp_path):
+    from pathlib import Path
+
+    from skysense.data.stac import _gdal_path
+
+    url = "https://example.com/tiles/S2_B02.tif?sig=a/b"
+    p = _gdal_path(url, str(tmp_path))
+    assert p.startswith("/vsicurl?url=https%3A%2F%2Fexample.com") and str(Path(p)) == p
+    assert _gdal_path("s3://bucket/k/B02.tif", "/x") == "/vsis3/bucket/k/B02.tif"
+    assert _gdal_path("B02.tif", str(tmp_path)) == str(tmp_path / "B02.tif")

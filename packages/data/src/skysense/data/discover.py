@@ -87,6 +87,7 @@ class FileInfo:
     res: tuple = ()
     key: str = ""
     hints: set = field(default_factory=set)
+    unit: str = ""  # band files sharing it (and date) form one acquisition; "": their folder
 
 
 @dataclass
@@ -429,7 +430,7 @@ def _acquisitions(files: list[FileInfo], bad: list, cfg) -> dict[str, list[Acqui
     masks = [f for f in files if f.kind == "mask"]
     for f in files:
         if f.kind == "band":
-            per_band[(f.modality, f.date, str(f.path.parent))].append(f)
+            per_band[(f.modality, f.date, f.unit or str(f.path.parent))].append(f)
         elif f.kind == "stack":
             acqs[f.modality].append(
                 Acquisition(f.modality, f.sensor, f.date, stack=f.path, stack_bands=f.stack_bands)

@@ -18,9 +18,9 @@ instead of walking a folder:
 - **place**: the item's collection (or "stac") split by footprint overlap exactly as files in a
   folder are (:func:`skysense.data.discover.discover`); ``group_pattern`` (a regex with a named
   group ``group``) on the item id names places instead.
-- **hrefs**: relative hrefs resolve against the catalogue file; ``http(s)://`` and ``s3://``
-  hrefs are read through GDAL's ``/vsicurl/`` and ``/vsis3/`` (remote reading is not tested
-  here: no network).
+- **hrefs**: relative hrefs resolve against the catalogue file; ``http(s)://`` hrefs are read
+  through GDAL's ``/vsicurl?url=...`` and ``s3://`` ones through ``/vsis3/`` (remote reading is
+  not tested here: no network).
 
 Reading is done by pystac (catalogues, ItemCollections; the ``skysense-data[scale]`` extra)
 and pyarrow (GeoParquet: one row per item, ``assets`` a struct column as written by
@@ -35,6 +35,7 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import quote
 
 import rasterio
 
@@ -145,7 +146,8 @@ def read_items(path) -> list[dict]:
 
 def _gdal_path(href: str, base: str) -> str:
     if href.startswith(("http://", "https://")):
-        return "/vsicurl/" + href
+        # GDAL's "/vsicurl?url=<encoded URL>" form: no "//" that a Path would fold into "/"
+        return "/vsicurl?url=" + quote(href, safe="")
     if href.startswith("s3://"):
         return "/vsis3/" + href[5:]
     if href.startswith("file://"):
@@ -255,6 +257,7 @@ def _item_files(item: dict, cfg, bad: list) -> list[FileInfo]:
                 bounds=bounds,
                 wgs84=wgs84,
                 res=res,
+                unit=f"stac-item:{item.get('id')}",  # an item's band assets: one acquisition
             )
         )
     return files
