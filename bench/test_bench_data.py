@@ -478,3 +478,30 @@ def test_ingest_places_per_s_one_vs_two_dask_workers(report, tmp_path):
         "2x here; shards are written by workers, the manifest by the client",
     )  # fmt: skip
     print(f"\ningest {places} OSCD places: 1 worker {t[1]:.1f} s, 2 workers {t[2]:.1f} s")
+
+
+def test_loader_views_on_compressed_vs_raw_shards(report, scale_ingests):
+    """Pre-training views (the whole loader: decode, crops, flips, normalisation, collation) of
+    the OSCD shards, compressed beside raw, per backend: what decoding costs the loader."""
+    if "oscd_s2" not in scale_ingests:
+        pytest.skip("the OSCD cities are absent")
+    _, dsts, _ = scale_ingests["oscd_s2"]
+    kw = dict(split=None, batch_size=BATCH, views=True, view_config={"crop": 32}, seed=3)
+    backends = ["torch"] + (["dali"] if dali_available() else [])
+    for backend in backends:
+        loaders = {fmt: build_loader(dsts[fmt], backend=backend, **kw) for fmt in dsts}
+        n = len(loaders["raw"].assembler.schedule) * BATCH
+        first = {fmt: next(iter(lo)) for fmt, lo in loaders.items()}  # warm-up, and equal
+        _assert_same(first["compressed"], first["raw"])
+        epochs = {k: (lambda lo=lo: sum(1 for _ in lo)) for k, lo in loaders.items()}
+        t = compare(epochs, repeat=1, warmup=0)
+        report.add(
+            GROUP, "views_compressed_shards_samples_per_s", n / t["compressed"], "samples/s",
+            baseline=n / t["raw"], baseline_name="the same views from raw shards",
+            ratio=t["raw"] / t["compressed"],
+            params={"source": "oscd_s2", "backend": backend, "crop": 32, "samples": n},
+            note="< 1 expected: a compressed sample is decoded whole before its crop is cut "
+            "(S2 16-bit PNG, lossless: batches checked equal first)",
+        )  # fmt: skip
+        print(f"\nviews {backend}: raw {n / t['raw']:.0f} samples/s, compressed "
+              f"{n / t['compressed']:.0f} samples/s")  # fmt: skip
