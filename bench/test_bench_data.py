@@ -15,6 +15,12 @@ BigEarthNet (per-band 10/20/60 m S2 + S1) where ../shared/data is present.
 Ingest memory: peak RSS of a whole ingest (fresh process) on sparse tiled places of 2000^2,
 8000^2 and 32000^2 pixels (quick: 1000^2 to 4000^2), a scaling series, and its flatness (peak
 at the smallest place / peak at the largest; goal: flat within 20 %, ratio >= 0.83).
+
+Shards at scale (issue 20; ../shared/data's OSCD cities, USGS aerial tiles and BigEarthNet):
+bytes per sample of compressed shards beside raw ones and of raw shards beside the source
+GeoTIFFs; whole-sample decoding (DALI's image decoder beside Pillow, Pillow beside the raw
+memory map); pre-training views from compressed beside raw shards per backend; and ingest
+places/s on a 2-worker beside a 1-worker Dask LocalCluster.
 """
 
 from __future__ import annotations
