@@ -223,3 +223,82 @@ def test_remote_hrefs_go_through_gdal_virtual_file_systems(tmp_path):
     assert p.startswith("/vsicurl?url=https%3A%2F%2Fexample.com") and str(Path(p)) == p
     assert _gdal_path("s3://bucket/k/B02.tif", "/x") == "/vsis3/bucket/k/B02.tif"
     assert _gdal_path("B02.tif", str(tmp_path)) == str(tmp_path / "B02.tif")
+
+
+def test_hr_visual_and_sentinel1_assets(tmp_path):
+    """An aerial RGB item (one "visual" asset with red/green/blue eo:bands), a Sentinel-1 item
+    (vv, vh assets) and a Sentinel-2 item over one place give one place of all three sensors,
+    each dated by its item."""
+    from skysense.data.io import write_geotiff
+
+    rng = np.random.default_rng(1)
+    x0, y0 = 500_000.0, 5_000_000.0
+    t10 = Affine(10.0, 0, x0, 0, -10.0, y0)
+    files = {}
+    for b in BANDS:
+        files[b] = write_geotiff(
+            tmp_path / "s2" / f"{b}.tif",
+            rng.integers(1, 4000, (1, 64, 64), dtype=np.uint16),
+            crs="EPSG:32631",
+            transform=t10,
+            nodata=0,
+        )
+    for pol in ("VV", "VH"):
+        files[pol] = write_geotiff(
+            tmp_path / "s1" / f"{pol}.tif",
+            rng.normal(-15, 3, (1, 64, 64)).astype(np.float32),
+            crs="EPSG:32631",
+            transform=t10,
+        )
+    files["rgb"] = write_geotiff(
+        tmp_path / "hr" / "ortho.tif",
+        rng.integers(0, 255, (3, 640, 640), dtype=np.uint8),
+        crs="EPSG:32631",
+        transform=Affine(1.0, 0, x0, 0, -1.0, y0),
+    )
+    geom = {"type": "Point", "coordinates": [3.0, 45.1]}
+
+    def item(i, when, props, assets):
+        it = pystac.Item(i, geom, [3.0, 45.1, 3.0, 45.1], when, props)
+        for k, (path, bands) in assets.items():
+            it.add_asset(
+                k, pystac.Asset(str(path), roles=["data"], extra_fields={"eo:bands": bands})
+            )
+        return it
+
+    utc = dt.timezone.utc
+    items = [
+        item(
+            "s2",
+            dt.datetime(2021, 6, 3, 10, tzinfo=utc),
+            {"platform": "sentinel-2b"},
+            {c: (files[b], [{"name": b, "common_name": c}]) for b, c in BANDS.items()},
+        ),
+        item(
+            "s1",
+            dt.datetime(2021, 6, 5, 23, 50, tzinfo=utc),
+            {"platform": "sentinel-1a"},
+            {"vv": (files["VV"], None), "vh": (files["VH"], None)},
+        ),
+        item(
+            "aerial",
+            dt.datetime(2021, 7, 1, tzinfo=utc),
+            {"platform": "aircraft"},
+            {
+                "visual": (
+                    files["rgb"],
+                    [{"common_name": "red"}, {"common_name": "green"}, {"common_name": "blue"}],
+                )
+            },
+        ),
+    ]
+    pystac.ItemCollection(items).save_object(dest_href=str(tmp_path / "items.json"))
+    rep = ingest(tmp_path / "items.json", tmp_path / "dst", progress=False, tile_size=32)
+    assert rep.ok, rep.format()
+    m = Manifest(tmp_path / "dst")
+    assert m.modalities == ("hr", "s2", "s1") and rep.n_places == 1 and len(m) == 4
+    dates = set(m.query("SELECT hr_dates, s2_dates, s1_dates FROM samples"))
+    assert dates == {("2021-07-01", "2021-06-03", "2021-06-05")}
+    b = next(iter(build_loader(m, None, 2, "torch")))
+    validate_batch(b)
+    assert b["hr"].shape[-2:] == (320, 320)  # hr_ratio 10 from the 1 m ortho
