@@ -123,3 +123,22 @@ def test_dali_loader_on_compressed_shards_equals_torch_on_raw(raw_and_compressed
             assert np.array_equal(va, vb, equal_nan=True), (v, k)
     assert {c for c, _, _ in calls} == {"png", "png16"}  # HR and S2 went through DALI
     assert all(d == "cpu" for _, _, d in calls)
+
+
+def test_manifest_of_before_compressed_shards_resumes_and_refuses_another_format(tmp_path):
+    from skysense.data.ingest import IngestConflictError
+    from skysense.data.manifest import ManifestWriter
+
+    planted_place(tmp_path / "src", "p0", 0, n_s2=2, n_s1=1)
+    cfg = dict(tile_size=TILE, hr_ratio=RATIO, progress=False)
+    rep = ingest(tmp_path / "src", tmp_path / "dst", **cfg)
+    w = ManifestWriter(rep.manifest)  # as written before these settings existed
+    stored = w.get_meta("config")
+    for k in ("shard_format", "hr_codec", "jpeg_quality"):
+        del stored[k]
+    w.set_meta(config=stored)
+    w.close()
+    again = ingest(tmp_path / "src", tmp_path / "dst", **cfg)  # raw = the default: resumes
+    assert again.resumed and again.n_samples == rep.n_samples
+    with pytest.raises(IngestConflictError, match="shard_format"):
+        ingest(tmp_path / "src", tmp_path / "dst", shard_format="compressed", **cfg)

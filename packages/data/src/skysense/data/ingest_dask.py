@@ -19,7 +19,8 @@ task rewrites the shard folder from scratch (``.tmp`` then renamed). Nothing is 
 the manifest until the task's result is back, so nothing is lost or counted twice.
 
 With a remote cluster, ``DST`` (and the source files) must be on storage that the workers and
-the client see under the same paths (a shared file system).
+the client see under the same paths (a shared file system), and the workers need the same
+``skysense-data`` installed (tasks are this module's functions, pickled by reference).
 """
 
 from __future__ import annotations
