@@ -8,9 +8,11 @@ jitter, normalisation, the no-data zeroing, the per-pixel validity and the chann
 layout. With ``device="gpu"`` (a CUDA machine) those operators run on the GPU after one host
 to device copy per input (written, not yet run on a GPU); by default they run on the CPU.
 
-Compressed shards (:mod:`skysense.data.shard_codecs`) are decoded by DALI's image decoder
-(:mod:`skysense.data.dali_decode`, ``device="mixed"`` with GPU operators) before slicing; the
-lossless codecs give the raw shards' values, so batches equal those of raw shards.
+Compressed shards (:mod:`skysense.data.shard_codecs`): each HR crop is decoded inside the
+pipeline by ``fn.decoders.image_slice`` (only the crop's region; ``device="mixed"``, i.e. on the
+GPU, with GPU operators, so the largest part of a sample never crosses to the host decoded), and
+the Sentinel-2 series by DALI's image decoder before slicing (:mod:`skysense.data.dali_decode`).
+The lossless codecs give the raw shards' values, so batches equal those of raw shards.
 
 The arithmetic is written in the same order as the numpy path, so the two backends agree bit for
 bit on the CPU (the tests check it).
@@ -30,6 +32,13 @@ from skysense.data.views import CONTRAST_CENTRE, GRAY, dihedral
 log = logging.getLogger(__name__)
 
 
+def hr_encoded(assembler: BatchAssembler) -> bool:
+    """True when the manifest's HR tiles are stored encoded (compressed shards): the pipeline
+    then decodes each sample's HR crop itself (``fn.decoders.image_slice``)."""
+    cfg = assembler.manifest.meta.get("config") or {}
+    return "hr" in assembler.modalities and cfg.get("shard_format") == "compressed"
+
+
 def _build_pipeline(assembler: BatchAssembler, num_threads: int, device: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
@@ -39,6 +48,7 @@ def _build_pipeline(assembler: BatchAssembler, num_threads: int, device: str):
     views = assembler.views
     series = assembler.series
     has_hr = "hr" in assembler.modalities
+    hr_enc = hr_encoded(assembler)
     gpu = device == "gpu"
 
     def to_device(x):
@@ -77,12 +87,30 @@ def _build_pipeline(assembler: BatchAssembler, num_threads: int, device: str):
             outs.append(fn.transpose(y, perm=[0, 3, 1, 2], transpose_layout=False))
             outs.append(fn.transpose(mask == 3, perm=[0, 3, 1, 2], transpose_layout=False))
         if has_hr:
-            x = fn.external_source(name="hr", dtype=types.UINT8, ndim=3, layout="HWC")
+            if hr_enc:
+                # Only the crop is decoded (JPEG / PNG region decoding), on the GPU with "mixed".
+                enc = fn.external_source(name="hr_enc", dtype=types.UINT8, ndim=1)
+                anchor = fn.external_source(name="hr_anchor", dtype=types.INT32, ndim=1)
+                shape = fn.external_source(name="hr_shape", dtype=types.INT32, ndim=1)
+                x = fn.decoders.image_slice(
+                    enc,
+                    anchor,
+                    shape,
+                    device="mixed" if gpu else "cpu",
+                    output_type=types.RGB,
+                    axis_names="HW",
+                    normalized_anchor=False,
+                    normalized_shape=False,
+                )
+            else:
+                x = to_device(
+                    fn.external_source(name="hr", dtype=types.UINT8, ndim=3, layout="HWC")
+                )
             mask = fn.external_source(name="hr_mask", dtype=types.UINT8, ndim=3, layout="HWC")
             mean = fn.external_source(name="hr_mean", dtype=types.FLOAT, ndim=1)
             std = fn.external_source(name="hr_std", dtype=types.FLOAT, ndim=1)
             photo = fn.external_source(name="hr_photometric", dtype=types.FLOAT, ndim=1)
-            x, mask = to_device(x), to_device(mask)
+            mask = to_device(mask)
             if t:
                 x = fn.transpose(x, perm=[1, 0, 2], transpose_layout=False)
                 mask = fn.transpose(mask, perm=[1, 0, 2], transpose_layout=False)
@@ -128,6 +156,7 @@ class DaliBatches:
         self.device = device
         # compressed shards: DALI's image decoder, on the GPU (nvJPEG) with GPU operators
         self.decoder = "mixed" if device == "gpu" else "cpu"
+        self.hr_encoded = hr_encoded(assembler)
         self.num_threads = num_threads
         self._pipe = None
 
@@ -140,7 +169,7 @@ class DaliBatches:
         todo: dict = {}
         for s in plan.samples:
             arrs = self.assembler.reader.arrays(s.shard)
-            for m in self.assembler.modalities:
+            for m in self.assembler.series:  # HR crops are decoded inside the pipeline
                 x = arrs.get(m)
                 if isinstance(x, EncodedArray) and x.codec not in ("deflate-shuffle", "deflate"):
                     todo.setdefault((x.codec, x.shape[1:]), []).append((x, s.offset))
@@ -186,12 +215,27 @@ class DaliBatches:
             pipe.feed_input(f"{m}_std", [std] * len(data))
         if "hr" in a.modalities:
             data, masks = [], []
-            for s in plan.samples:
-                x, mk = a.raw_hr(s)
-                data.append(np.ascontiguousarray(x))
-                masks.append(np.ascontiguousarray(mk[..., None]))
+            if self.hr_encoded:
+                r = 1 if a.hr_only else a.hr_ratio
+                anchors, shapes = [], []
+                for s in plan.samples:
+                    p = s.params
+                    arrs = a.reader.arrays(s.shard)
+                    y0, x0, side = p.top * r, p.left * r, p.size * r
+                    data.append(np.asarray(arrs["hr"].encoded(s.offset)))
+                    anchors.append(np.array([y0, x0], np.int32))
+                    shapes.append(np.array([side, side], np.int32))
+                    mk = arrs["hr_mask"][s.offset][y0 : y0 + side, x0 : x0 + side]
+                    masks.append(np.ascontiguousarray(mk[..., None]))
+                pipe.feed_input("hr_anchor", anchors)
+                pipe.feed_input("hr_shape", shapes)
+            else:
+                for s in plan.samples:
+                    x, mk = a.raw_hr(s)
+                    data.append(np.ascontiguousarray(x))
+                    masks.append(np.ascontiguousarray(mk[..., None]))
             mean, std = a.stats["hr"]
-            pipe.feed_input("hr", data)
+            pipe.feed_input("hr_enc" if self.hr_encoded else "hr", data)
             pipe.feed_input("hr_mask", masks)
             pipe.feed_input("hr_mean", [mean] * len(data))
             pipe.feed_input("hr_std", [std] * len(data))
