@@ -9,8 +9,8 @@ the per-pixel masks; days and steps stay ``.npy``. Codecs, chosen by measurement
 =============== ================================================== ==========================
 modality        codec                                              decoded by
 =============== ================================================== ==========================
-``hr``          ``jpeg`` (quality ``jpeg_quality``; lossy) or      DALI ``fn.decoders.image``,
-                ``png`` (lossless), (H, W, 3) uint8                Pillow (torch backend)
+``hr``          ``jpeg`` (quality ``jpeg_quality``; lossy) or      DALI (the crop's region,
+                ``png`` (lossless), (H, W, 3) uint8                ``image_slice``), Pillow
 ``s2``          ``png16``: the sample's series as one 16-bit       DALI (``dtype=UINT16``),
                 grey PNG mosaic (T*h, 10*w): row block t = step    Pillow
                 t, column block c = band c (lossless)
