@@ -391,7 +391,12 @@ def ensure_embedded(root=None, n_samples: int = 48, seed: int = 0, *, workers: i
             raw,
             root,
             IngestConfig(
-                tile_size=TILE, hr_ratio=HR_RATIO, shard_size=16, workers=workers, overwrite=True
+                tile_size=TILE,
+                hr_ratio=HR_RATIO,
+                shard_size=16,
+                workers=workers,
+                cluster="pool",  # 48 small places: a Dask cluster's start-up costs more
+                overwrite=True,
             ),
             progress=False,
         )

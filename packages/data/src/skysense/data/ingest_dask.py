@@ -48,8 +48,12 @@ def cluster_spec(cluster: str | None, workers: int) -> tuple[str, int | str] | N
     """("local", n) or ("address", "tcp://...") for a Dask ingest, None for no Dask.
 
     ``cluster`` None: a LocalCluster of ``workers`` processes when ``workers > 0`` and Dask is
-    installed, else None (one process, or the process pool when Dask is absent).
+    installed, else None (one process, or the process pool when Dask is absent). ``"pool"``:
+    never Dask, the local process pool of ``workers`` (small ingests, where starting a cluster
+    costs more than it saves).
     """
+    if cluster == "pool":
+        return None
     if cluster in (None, "", "none"):
         if workers and workers > 0 and dask_available():
             return ("local", int(workers))
@@ -101,6 +105,9 @@ class DaskPlaces:
     def __enter__(self) -> DaskPlaces:
         from distributed import Client, LocalCluster
 
+        # The scheduler runs in this process: its INFO records (workers joining, closing) are
+        # not the ingest's news; warnings and errors still show.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         kind, value = self.spec
         if kind == "local":
             self.cluster = LocalCluster(
@@ -120,10 +127,18 @@ class DaskPlaces:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        # Closing races connections that are going away on purpose; distributed logs those as
+        # errors with tracebacks (CommClosedError), which are not faults of the ingest.
+        quiet = logging.getLogger("distributed")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            quiet.setLevel(level)
 
     def places(self, args: list[tuple]) -> Iterator:
         """Aligned places (:class:`PlaceResult`) in the order of ``args``, at most

@@ -70,7 +70,8 @@ class IngestConfig:
             installed (``skysense-data[scale]``) a LocalCluster of that many workers.
         cluster: Dask cluster of the ingest (:mod:`skysense.data.ingest_dask`): "local:N" (a
             LocalCluster of N worker processes; the default when ``workers > 0``) or the
-            address of a running scheduler ("tcp://host:8786"); None: see ``workers``.
+            address of a running scheduler ("tcp://host:8786"); "pool": the local process pool
+            of ``workers``, never Dask; None: see ``workers``.
         worker_memory: memory limit of each LocalCluster worker (Dask restarts a worker above
             it and re-runs its places); ``block_pixels`` keeps a place's use far below it.
         block_pixels: pixels (per band, HR pixels counted) warped at once: a block of whole
