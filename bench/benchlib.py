@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 MODE = os.environ.get("SKYSENSE_BENCH_MODE", "full")  # "full" or "quick"
 QUICK = MODE == "quick"
@@ -290,3 +291,33 @@ if (
     _BUSY = busy_core()
     _BUSY.__enter__()
     atexit.register(_BUSY.__exit__, None, None, None)
+
+
+def tiny_segmentation_file(path, window: int, overlap: int, n_classes: int = 4) -> Path:
+    """The tiny preset with a UperNet segmentation head on HR RGB (random weights, seed 0),
+    written as a fine-tuned model file at ``path``: what the inference figures run."""
+    import torch
+
+    from skysense.encoders import build_skysense
+    from skysense.tasks.downstream.checkpoint import save_finetuned
+    from skysense.tasks.downstream.data import _sensor_inputs
+    from skysense.tasks.downstream.model import build_task_model
+
+    torch.manual_seed(0)
+    example = {"hr": torch.randn(1, 3, window, window)}
+    model = build_task_model(
+        build_skysense("tiny"), "segmentation", "hr", n_classes, example, head_channels=32
+    )
+    meta = {
+        "preset": "tiny",
+        "overrides": {},
+        "kind": "segmentation",
+        "source": "hr",
+        "n_classes": n_classes,
+        "channels": model.channels,
+        "head": {"head_channels": 32},
+        "classes": list("abcdefghij"[:n_classes]),
+        "inputs": _sensor_inputs({"hr": "hr_rgb"}, "hr"),
+        "eval": {"window": window, "overlap": overlap},
+    }
+    return save_finetuned(path, model, meta)

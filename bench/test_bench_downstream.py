@@ -19,15 +19,10 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-import torch
 from affine import Affine
-from benchlib import QUICK, compare
+from benchlib import QUICK, compare, tiny_segmentation_file
 
-from skysense.encoders import build_skysense
-from skysense.tasks.downstream.checkpoint import save_finetuned
-from skysense.tasks.downstream.data import _sensor_inputs
 from skysense.tasks.downstream.infer import run_inference
-from skysense.tasks.downstream.model import build_task_model
 
 GROUP = "downstream"
 SIDE = 256 if QUICK else 1536
@@ -53,24 +48,7 @@ def files(tmp_path_factory):
         blockysize=256,
     ) as ds:
         ds.write(rng.integers(0, 255, (3, SIDE, SIDE), dtype=np.uint8))
-    torch.manual_seed(0)
-    enc = build_skysense("tiny")
-    model = build_task_model(
-        enc, "segmentation", "hr", 4, {"hr": torch.randn(1, 3, WINDOW, WINDOW)}, head_channels=32
-    )
-    meta = {
-        "preset": "tiny",
-        "overrides": {},
-        "kind": "segmentation",
-        "source": "hr",
-        "n_classes": 4,
-        "channels": model.channels,
-        "head": {"head_channels": 32},
-        "classes": list("abcd"),
-        "inputs": _sensor_inputs({"hr": "hr_rgb"}, "hr"),
-        "eval": {"window": WINDOW, "overlap": OVERLAP},
-    }
-    save_finetuned(d / "m.pt", model, meta)
+    tiny_segmentation_file(d / "m.pt", WINDOW, OVERLAP)
     return d
 
 

@@ -46,7 +46,16 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
-from benchlib import MIB, QUICK, mem_note, mem_ratio, peer_python, report_absent, spread
+from benchlib import (
+    MIB,
+    QUICK,
+    mem_note,
+    mem_ratio,
+    peer_python,
+    report_absent,
+    spread,
+    tiny_segmentation_file,
+)
 
 BENCH = Path(__file__).resolve().parent
 SIDES_OF = {"ours": "ours", "peer": "torchgeo"}
@@ -330,35 +339,8 @@ def test_loader_vs_torchgeo_bigearthnet(report, tmp_path_factory):
 @pytest.fixture(scope="module")
 def infer_model(tmp_path_factory):
     """The tiny preset with a UperNet segmentation head (random weights), as a fine-tuned file."""
-    from skysense.encoders import build_skysense
-    from skysense.tasks.downstream.checkpoint import save_finetuned
-    from skysense.tasks.downstream.data import _sensor_inputs
-    from skysense.tasks.downstream.model import build_task_model
-
     d = tmp_path_factory.mktemp("peer_infer")
-    torch.manual_seed(0)
-    model = build_task_model(
-        build_skysense("tiny"),
-        "segmentation",
-        "hr",
-        4,
-        {"hr": torch.randn(1, 3, WINDOW, WINDOW)},
-        head_channels=32,
-    )
-    meta = {
-        "preset": "tiny",
-        "overrides": {},
-        "kind": "segmentation",
-        "source": "hr",
-        "n_classes": 4,
-        "channels": model.channels,
-        "head": {"head_channels": 32},
-        "classes": list("abcd"),
-        "inputs": _sensor_inputs({"hr": "hr_rgb"}, "hr"),
-        "eval": {"window": WINDOW, "overlap": OVERLAP},
-    }
-    save_finetuned(d / "m.pt", model, meta)
-    return d / "m.pt"
+    return tiny_segmentation_file(d / "m.pt", WINDOW, OVERLAP)
 
 
 def _scene(path: Path, side: int) -> None:
