@@ -59,3 +59,23 @@ def fault_line(proc, command: str, *fragments: str, rc: int | None = None) -> st
     for f in fragments:
         assert str(f) in ours[0], (f, ours[0])
     return ours[0]
+
+
+def kill_when(args: list[str], ready, cwd: Path, env_: dict, timeout: float = 300) -> int:
+    """Start ``args``, SIGKILL it as soon as ``ready()`` holds (or at ``timeout``); the exit
+    code (``-SIGKILL`` when the kill landed)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env_, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

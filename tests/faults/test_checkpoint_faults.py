@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _cli_helpers import SKYSENSE, checksums, env, fault_line, skysense
+from _cli_helpers import SKYSENSE, checksums, env, fault_line, kill_when, skysense
 from affine import Affine
 
 from skysense.data import io
@@ -292,12 +290,9 @@ def test_sigkill_during_pretraining_then_resume_finishes(tmp_path, pretrained):
         *TINY,
         "trainer.max_steps=4",
     ]
-    p = subprocess.Popen(args, cwd=tmp_path, env=env(tmp_path), stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((run / "checkpoints").glob("step_*.pt.sha256")):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_when(
+        args, lambda: list((run / "checkpoints").glob("step_*.pt.sha256")), tmp_path, env(tmp_path)
+    )
     assert list((run / "checkpoints").glob("step_*.pt")), "killed before any checkpoint"
     proc = _pretrain(tmp_path, run, data, "resume=true", "trainer.max_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]

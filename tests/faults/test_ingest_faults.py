@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_helpers import kill_when
 from _ingest_helpers import (
     SKYSENSE,
     checksums,
@@ -240,21 +241,10 @@ def test_sigkill_during_ingest_then_rerun_gives_the_same_result(tmp_path):
     src = source(tmp_path / "src", 4)
     dst = tmp_path / "dst"
     args = [str(SKYSENSE), "ingest", str(src), str(dst), TILE, "shard_size=3", "plots=0"]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(tmp_path)
+    code = kill_when(
+        args, lambda: len(list((dst / "shards").glob("shard-*"))) >= 2, tmp_path, env(tmp_path), 120
     )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if len(list((dst / "shards").glob("shard-*"))) >= 2:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert code == -signal.SIGKILL
     before = checksums(src)
     rerun = cli(tmp_path, src, dst, TILE, "shard_size=3", "plots=0")
     assert rerun.returncode == 0, rerun.stderr
