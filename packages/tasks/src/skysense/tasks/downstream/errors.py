@@ -24,16 +24,13 @@ def as_config_errors(what: str):
         yield
     except ConfigError:
         raise
-    except ValueError as e:
-        if is_input_error(e):  # already one line naming the file (checkpoints, data readers)
-            raise
-        log.debug("%s failed", what, exc_info=True)
-        raise ConfigError(what, f"{type(e).__name__}: {e}") from e
     except MissingMandatoryValue as e:
         raise ConfigError(
             str(e.full_key), "required (???): set it, e.g. on the command line"
         ) from e
     except INPUT_ERRORS as e:
+        if is_input_error(e):  # already one line naming the file (checkpoints, data readers)
+            raise
         log.debug("%s failed", what, exc_info=True)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(what, f"{type(e).__name__}: {msg}") from e
