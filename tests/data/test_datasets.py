@@ -510,5 +510,66 @@ def test_dynamicearthnet_planet_bgr_by_name_and_one_hot_labels(tmp_path):
     assert raw[1].mean() == pytest.approx(1000 / 3000 * 255, abs=0.01)
     assert set(s["mask"].unique().tolist()) == set(range(6)) | {255}  # snow & ice ignored
     assert cls(root, "train", day=5)[0]["hr_doy"] == 5
-    with pytest.raises(NotImplementedError, match="only the Planet images"):
-        cls(root, "train", modalities=["hr", "s2"])
+    # The split lists as the authors wrote them: /reprocess-cropped/UTM-24000/... -> planet/.
+    assert (
+        "/reprocess-cropped/UTM-24000/" in (root / "dynnet_training_splits/train.txt").read_text()
+    )
+    assert ds.items[0]["image"].parts[-6] == "planet"
+
+
+def test_dynamicearthnet_monthly_s2_series_by_name_on_a_coarser_grid(tmp_path):
+    from fakes.segmentation import den_s2_value
+
+    from skysense.data.datasets.readers import S2_L2A_ORDER
+
+    root = fakes.make("dynamicearthnet", tmp_path)
+    cls = get_dataset("dynamicearthnet")
+    ds = cls(root, "train", modalities=["hr", "s2"], months=3)
+    assert ds.modalities == ["s2", "hr"]  # the mask's grid (S2) comes first
+    s = ds[0]  # label 2018-01: composites 2017-11, (2017-12 absent), 2018-01
+    assert s["s2"].shape == (2, 10, 32, 32) and s["s2_doy"].tolist() == [319, 15]
+    assert s["s2_valid"].all() and s["s2_pixel_valid"].all()
+    # 10 m over a 3 m label grid: factor 2 (6 m); the Planet image stays 2 x finer.
+    assert s["hr"].shape == (3, 64, 64) and s["mask"].shape == (32, 32)
+    raw = _raw(s["s2"][1], "s2_l2a")
+    for j, b in enumerate(get_sensor("s2_l2a").model_bands):  # file order = Level-2A order
+        want = den_s2_value(S2_L2A_ORDER.index(b), "2018-01")
+        assert raw[j].min() == pytest.approx(want, abs=0.05), b
+        assert raw[j].max() == pytest.approx(want, abs=0.05), b
+    assert _raw(s["s2"][0], "s2_l2a")[0, 0, 0] == pytest.approx(
+        den_s2_value(1, "2017-11"), abs=0.05
+    )
+    # The mask is the majority of each 2 x 2 block of the 8 px class blocks: the same classes,
+    # snow & ice (band 7) ignored.
+    full = cls(root, "train")[0]["mask"]
+    assert torch.equal(s["mask"], full[::2, ::2])
+    assert (s["mask"] == 255).any() and set(s["mask"].unique().tolist()) == set(range(6)) | {255}
+    # Another band order is a parameter (and is read by it): reversed names swap B2 and B12.
+    rev = cls(root, "train", modalities=["s2"], s2_bands=S2_L2A_ORDER[::-1])[0]
+    assert rev["s2"].shape == (1, 10, 32, 32)
+    assert _raw(rev["s2"][0], "s2_l2a")[0, 0, 0] == pytest.approx(
+        den_s2_value(S2_L2A_ORDER[::-1].index("B2"), "2018-01"), abs=0.05
+    )
+    assert cls(root, "train", modalities=["s2"], grid_factor=4)[0]["mask"].shape == (16, 16)
+    png = ds.plot(s, tmp_path / "den_s2.png")
+    assert png.stat().st_size > 3000
+
+
+def test_dynamicearthnet_s1_channels_must_be_named(tmp_path):
+    root = fakes.make("dynamicearthnet", tmp_path)
+    cls = get_dataset("dynamicearthnet")
+    with pytest.raises(
+        DatasetError, match="8 Sentinel-1 channels without band descriptions.*s1_bands"
+    ):
+        cls(root, "val", modalities=["s1"])[0]
+    names = ["VH", "VV"] + [f"c{i}" for i in range(6)]  # another order: taken by name
+    s = cls(root, "val", modalities=["s1", "s2"], s1_bands=names)[0]
+    assert s["s1"].shape == (1, 2, 32, 32) and s["s1_doy"].tolist() == [74]  # 2018-03-15
+    raw = _raw(s["s1"][0], "s1_grd_db")
+    assert raw[0, 0, 0] == pytest.approx(-17.0, abs=1e-3)  # "VV" = file channel 2
+    assert raw[1, 0, 0] == pytest.approx(-13.0, abs=1e-3)  # "VH" = file channel 1 (2018-03)
+    with pytest.raises(ValueError, match="names 2 bands, not 8"):
+        cls(root, "val", modalities=["s1"], s1_bands=["VV", "VH"])
+    (root / "sentinel2" / "1330_3107_13" / "1330_3107_13_2018_03.tif").unlink()
+    with pytest.raises(FileNotFoundError, match="no s2 composite of 2018-03"):
+        cls(root, "val", modalities=["s2"])

@@ -333,6 +333,33 @@ def test_finetune_two_steps_on_each_public_dataset(name, tmp_path):
         assert 0.0 <= m["metrics"]["rotated_mAP50"] <= 1.0
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # Dyna.-S2: a series of 3 monthly S2 composites (one month absent in the fake).
+        ["data.modalities=[s2]", "data.months=3", "data.crop=16"]
+        + ["task.eval.window=16", "task.eval.overlap=0"],
+        # Dyna.-MM: Planet + S2 + S1 fused; an S2 pixel over 8 x 8 Planet pixels, as the model
+        # fuses them (data.grid_factor=8), the 8 S1 channels named.
+        ["data.modalities=[hr,s2,s1]", "data.s1_bands=[VV,VH,a,b,c,d,e,f]", "data.months=2"]
+        + ["data.grid_factor=8", "data.crop=8", "task.eval.window=8", "task.eval.overlap=0"],
+    ],
+    ids=["s2_series", "planet_s2_s1"],
+)
+def test_finetune_two_steps_on_dynamicearthnet_composites(extra, tmp_path):
+    root = fakes.make("dynamicearthnet", tmp_path / "root")
+    run = tmp_path / "run"
+    argv = ["finetune", "task=multimodal_segmentation", "data=dynamicearthnet", *extra]
+    assert cli.main(argv + [f"data.root={root}", f"run_dir={run}"] + _SMALL) == 0
+    mods = extra[0].split("=")[1].strip("[]").split(",")
+    meta = torch.load(run / "random" / "model.pt", weights_only=True, map_location="cpu")["meta"]
+    # The S2 grid is the reference (the mask's grid), whatever order the modalities are given.
+    assert set(meta["inputs"]["modalities"]) == set(mods) and meta["inputs"]["reference"] == "s2"
+    m = json.loads((run / "random" / "metrics.json").read_text())
+    assert len(m["history"]) == 2 and all(np.isfinite(h["loss"]) for h in m["history"])
+    assert 0.0 <= m["metrics"]["mIoU"] <= 1.0
+
+
 def test_multispectral_class_folders_feed_the_s2_encoder(tmp_path, capsys):
     root = fakes.make("eurosat_ms", tmp_path / "root") / "EuroSAT_MS"
     base = ["finetune", "task=classification", "data=class_folders", f"data.root={root}"]

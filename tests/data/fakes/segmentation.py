@@ -197,26 +197,54 @@ def make_mados(root: Path, size: int = 36) -> Path:
     return root
 
 
+DEN_S2_MONTHS = ("2017-11", "2018-01", "2018-02", "2018-03", "2018-04")
+
+
+def den_s2_value(band_index: int, ym: str) -> float:
+    """Digital number the fake DynamicEarthNet S2 composite of ``ym`` holds in file band
+    ``band_index`` (0-based, file order = the Level-2A order)."""
+    return 1000.0 + 100.0 * band_index + 10.0 * DEN_S2_MONTHS.index(ym)
+
+
 def make_dynamicearthnet(root: Path, size: int = 64) -> Path:
-    """DynamicEarthNet (Planet part): ``planet/<zone>/<aoi>/<cube>/PF-SR/<YYYY-MM-DD>.tif``
-    (4 uint16 bands B G R NIR, UTM 3 m; B = 500, G = 1000, R = 1500 + class pattern),
-    ``labels/<cube>/Labels/Raster/<id>/<id>-<YYYY>_<MM>_01.tif`` (7 uint8 bands, 255 where the
-    class is; some snow & ice) and ``{train,val,test}.txt``; 64 px instead of 1024."""
-    cube, lid = "1330_3107_13", "10N-122W-40N-L3H-SR"
-    planet = f"/planet/10N/27E-188N/{cube}/PF-SR"
+    """DynamicEarthNet as the mediaTUM archives and the authors' split lists lay it out:
+    ``planet/<zone>/<aoi>/<cube>/PF-SR/<YYYY-MM-DD>.tif`` (4 uint16 bands B G R NIR, UTM 3 m;
+    B = 500, G = 1000, R = 1500 + class pattern), ``labels/<cube>_<zone>/Labels/Raster/<id>/
+    <id>-<YYYY>_<MM>_01.tif`` (7 uint8 bands, 255 where the class is; some snow & ice),
+    ``sentinel2/<cube>/<cube>_<YYYY>_<MM>.tif`` (12 uint16 bands, no descriptions, 10 m over a
+    little more than the cube; band j = ``den_s2_value(j, month)``; none for 2017-12),
+    ``sentinel1/<cube>/<cube>_<YYYY>_<MM>.tif`` (8 float32 dB channels, no descriptions:
+    VV = -10 - index in DEN_S2_MONTHS, VH = -17, the others -5) and ``dynnet_training_splits/
+    {train,val,test}.txt`` (planet dirs written as the authors do, /reprocess-cropped/
+    UTM-24000/...); 64 px instead of 1024."""
+    cube, zone, lid = "1330_3107_13", "10N", "10N-122W-40N-L3H-SR"
+    authors = f"/reprocess-cropped/UTM-24000/{zone}/27E-188N/{cube}/PF-SR"
+    planet = root / "planet" / zone / "27E-188N" / cube / "PF-SR"
     lines = {"train": [], "val": [], "test": []}
+    t = Affine(3.0, 0, 550_000.0, 0, -3.0, 4_400_000.0)
+    t10 = Affine(10.0, 0, 550_000.0 - 4.0, 0, -10.0, 4_400_000.0 + 4.0)
+    s10 = int(np.ceil(size * 3 / 10)) + 1
+    for j, ym in enumerate(DEN_S2_MONTHS):
+        y, m = ym.split("-")
+        s2 = np.stack([np.full((s10, s10), den_s2_value(b, ym)) for b in range(12)])
+        write_tif(root / "sentinel2" / cube / f"{cube}_{y}_{m}.tif", s2.astype(np.uint16),
+                  "EPSG:32610", t10)  # fmt: skip
+        s1 = np.full((8, s10, s10), -5.0, np.float32)
+        s1[0], s1[1] = -10.0 - j, -17.0
+        write_tif(root / "sentinel1" / cube / f"{cube}_{y}_{m}.tif", s1, "EPSG:32610", t10)
     for k, ym in enumerate(("2018-01", "2018-02", "2018-03", "2018-04")):
         cls = _blocks(size, k, 7)
         img = np.stack([np.full((size, size), 500), np.full((size, size), 1000),
                         1500 + 100 * cls, np.full((size, size), 3000)]).astype(np.uint16)  # fmt: skip
-        t = Affine(3.0, 0, 550_000.0, 0, -3.0, 4_400_000.0)
         for day in ("01", "05"):
-            write_tif(root / planet.lstrip("/") / f"{ym}-{day}.tif", img, "EPSG:32610", t)
+            write_tif(planet / f"{ym}-{day}.tif", img, "EPSG:32610", t)
         y, m = ym.split("-")
-        lab_rel = f"/labels/{cube}/Labels/Raster/{lid}/{lid}-{y}_{m}_01.tif"
+        lab_rel = f"/labels/{cube}_{zone}/Labels/Raster/{lid}/{lid}-{y}_{m}_01.tif"
         onehot = np.stack([(cls == c) * 255 for c in range(7)]).astype(np.uint8)
         write_tif(root / lab_rel.lstrip("/"), onehot, "EPSG:32610", t)
-        lines[("train", "train", "val", "test")[k]].append(f"{planet} {lab_rel} {ym}")
+        lines[("train", "train", "val", "test")[k]].append(f"{authors} {lab_rel} {ym}")
+    d = root / "dynnet_training_splits"
+    d.mkdir(parents=True, exist_ok=True)
     for s, ls in lines.items():
-        (root / f"{s}.txt").write_text("\n".join(ls) + "\n")
+        (d / f"{s}.txt").write_text("\n".join(ls) + "\n")
     return root
