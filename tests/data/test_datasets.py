@@ -339,6 +339,18 @@ def test_colour_label_outside_the_palette_is_an_error(tmp_path):
         get_dataset("isaid")(root, "train")[0]
 
 
+def test_isaid_palette_matches_the_devkit_colour_keys():
+    """The iSAID devkit (helpers/labels.py) keys each class by R + 256 G + 65536 B of the
+    colour its converter reads from the semantic PNG (in R G B order), background first."""
+    from skysense.data.datasets.segmentation import ISAID_CLASSES, ISAID_PALETTE
+
+    devkit_keys = [0, 4128768, 4144896, 16128, 8339200, 12533504, 16727808, 4161280, 8355584,
+                   8323072, 12517376, 16711680, 8371968, 12549888, 16744192, 10183680]  # fmt: skip
+    assert [r + 256 * g + 65536 * b for r, g, b in ISAID_PALETTE] == devkit_keys
+    assert ISAID_CLASSES[1] == "ship" and ISAID_CLASSES[14] == "plane"
+    assert len(set(ISAID_PALETTE)) == len(ISAID_CLASSES) == 16
+
+
 def test_sen1floods11_s1_s2_and_ignored_labels(tmp_path):
     root = fakes.make("sen1floods11", tmp_path)
     ds = get_dataset("sen1floods11")(root, "train")

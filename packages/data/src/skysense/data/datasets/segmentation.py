@@ -190,6 +190,12 @@ ISAID_CLASSES = (
     "basketball court", "ground track field", "bridge", "large vehicle", "small vehicle",
     "helicopter", "swimming pool", "roundabout", "soccer ball field", "plane", "harbor",
 )  # fmt: skip
+# The colours of the distributed Semantic_masks/*_instance_color_RGB.png, in R G B order, checked
+# against the iSAID devkit (CAPTAIN-WHU/iSAID_Devkit, preprocess/cityscapesScripts/
+# cityscapesscripts/helpers/labels.py): its label colours (ship (0, 0, 63), ..., harbor
+# (0, 100, 155)) are keyed by "m_color" = c0 + 256 c1 + 65536 c2 (ship 4128768 = 63 * 65536),
+# the key its converter (evaluation/instances2dict_with_polygons.py) computes from the PNG as
+# lycon.load reads it, in R G B order: so ship is blue 63, not red. Class order = the devkit's ids.
 ISAID_PALETTE = (
     (0, 0, 0), (0, 0, 63), (0, 63, 63), (0, 63, 0), (0, 63, 127), (0, 63, 191), (0, 63, 255),
     (0, 127, 63), (0, 127, 127), (0, 0, 127), (0, 0, 191), (0, 0, 255), (0, 191, 127),
