@@ -8,12 +8,21 @@ Layout::
                                                                            -1 no data (ignored)
     validation/...
 
-The 6 bands are B02 B03 B04 B8A B11 B12 (blue, green, red, narrow NIR, SWIR 1, SWIR 2) as
-reflectance 0-1; they are scaled to digital numbers (x 10000) and put in the model's band order
-by name. The model's S2 encoder also takes B5, B6, B7 and B8, which HLS chips do not have: they
-are filled with the statistics' mean (0 after normalisation), a choice this reader makes
-visibly (``missing_bands``), not a band read from the file. The day of year comes from the
-file name (``YYYYDDD``).
+The 6 bands, in file order (the dataset card, huggingface.co/datasets/ibm-nasa-geospatial/
+hls_burn_scars, "Band Order"; PANGAEA's hlsburnscars config lists the same B2 B3 B4 B8A B11
+B12), as reflectance 0-1:
+
+    file band   1     2      3    4             5       6
+    HLS S30     B02   B03    B04  B8A           B11     B12
+    name        Blue  Green  Red  NIR (narrow)  SWIR 1  SWIR 2
+
+They are scaled to digital numbers (x 10000) and put in the model's band order by name (band
+descriptions in a file win over this order). The model's S2 encoder takes ten bands, B2 B3 B4
+B5 B6 B7 B8 B8A B11 B12: six come from the file (HLS's NIR is the narrow NIR of Sentinel-2,
+B8A, 865 nm), and the four the chips lack, the red-edge B5 B6 B7 and the broad NIR B8, are
+filled with the S2 statistics' mean, i.e. 0 after normalisation (``missing_bands``): a choice
+this reader makes visibly, not a band read from the file, and the encoder sees no signal
+there. The day of year comes from the file name (``YYYYDDD``).
 """
 
 from __future__ import annotations
