@@ -34,6 +34,11 @@ class OptimConfig:
     warmup_steps: int = 10
     layer_decay: float = 1.0
     grad_clip: float | None = 5.0
+    # fine-tuning's lr schedule: cosine (warm-up then cosine to min_lr) or multistep (PANGAEA:
+    # x gamma at each milestone, shares of the steps); pre-training always uses cosine
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
+    gamma: float = 0.1
 
 
 @dataclass
@@ -83,6 +88,14 @@ class FinetuneTrainConfig:
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None
+    # validation split carved from the training data (0: none), label share trained on,
+    # early stopping: evaluate every N steps (0: off), stop after `patience` evaluations
+    # without an improvement above min_delta (null: run the budget, keep the best weights)
+    val_fraction: float = 0.0
+    label_fraction: float = 1.0
+    eval_every: int = 0
+    patience: int | None = None
+    min_delta: float = 0.0
 
 
 @dataclass

@@ -114,8 +114,24 @@ def build_oscd(cfg, length: int, seed: int) -> TaskData:
         ("change",),
         inputs,
         class_weights(train, 2) if train else None,
-        {"train": [s.name for s in train], "val": [s.name for s in val]},
+        {
+            "train": [s.name for s in train],
+            "val": [s.name for s in val],
+            "counts": {"train": _change_counts(train), "val": _change_counts(val)},
+        },
     )
+
+
+def _change_counts(scenes) -> dict:
+    """Scenes, pixels, labelled pixels, change pixels and the change share of labelled pixels
+    of change scenes (mask: 0 no change, 1 change, IGNORE_INDEX unlabelled)."""
+    from skysense.tasks.downstream.datasets.common import IGNORE_INDEX
+
+    px = sum(int(s.mask.numel()) for s in scenes)
+    lab = sum(int((s.mask != IGNORE_INDEX).sum()) for s in scenes)
+    chg = sum(int((s.mask == 1).sum()) for s in scenes)
+    return {"scenes": len(scenes), "pixels": px, "labelled_pixels": lab, "change_pixels": chg,
+            "change_fraction": chg / lab if lab else None}  # fmt: skip
 
 
 def build_public(cfg, length: int, seed: int, source: str | None = None) -> TaskData:

@@ -87,9 +87,11 @@ def evaluate_dense(
     overlap: int,
     batch_size: int = 8,
     device="cpu",
+    threshold: float | None = None,
 ) -> tuple[dict, Tensor, list[Tensor]]:
-    """Segmentation / change scores over whole scenes. Returns (scores, confusion matrix,
-    per-scene predicted class maps)."""
+    """Segmentation / change scores over whole scenes. ``threshold``: change models predict
+    change where P(change) >= threshold (None: argmax, i.e. 0.5). Returns (scores, confusion
+    matrix, per-scene predicted class maps)."""
     model.eval()
     cm = M.ConfusionMatrix(n_classes, ignore_index=IGNORE_INDEX)
     preds = []
@@ -99,7 +101,10 @@ def evaluate_dense(
         prob = predict_scene(
             model, kind, s.sample, h, w, n_classes, window, overlap, batch_size, device
         )
-        pred = prob.argmax(0)
+        if kind == "change" and threshold is not None:
+            pred = (prob[1] >= threshold).long()
+        else:
+            pred = prob.argmax(0)
         cm.update(pred, s.mask)
         preds.append(pred)
         # per-scene (per-city) scores beside the pooled ones
@@ -117,6 +122,8 @@ def evaluate_dense(
     scores["per_class_IoU"] = M.per_class_iou(mat).tolist()
     scores["per_class_F1"] = M.per_class_f1(mat).tolist()
     scores["per_scene"] = per_scene
+    if kind == "change":
+        scores["threshold"] = 0.5 if threshold is None else float(threshold)
     return scores, mat, preds
 
 

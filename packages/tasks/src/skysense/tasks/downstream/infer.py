@@ -297,7 +297,8 @@ def run_inference(
         window, overlap: in reference pixels (default: the model's evaluation settings).
         batch_size: windows per forward.
         block: output block side (pixels): memory grows with its square, not with the scene.
-        output: "classes" (uint8 argmax, nodata 255) or "probabilities" (float32 per class,
+        output: "classes" (uint8 argmax, nodata 255; change models with a ``threshold`` in
+            their metadata: P(change) >= threshold) or "probabilities" (float32 per class,
             nodata NaN; multi-label models: per-class sigmoid).
         check_sensor: stop when a scene does not look like the product the model was
             fine-tuned on (:func:`check_scenes`); False: warn and go on.
@@ -425,7 +426,12 @@ def run_inference(
                         predict, wg, (y0, y1, x0, x1), n_out, batch_size, on_window=bar.update
                     )
                     win = rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0)
-                    if output == "classes":
+                    if output == "classes" and kind == "change" and meta.get("threshold"):
+                        # the decision threshold chosen on the validation split at fine-tuning
+                        cls = (prob[1] >= meta["threshold"]).numpy().astype(np.uint8)
+                        cls[~valid] = CLASS_NODATA
+                        out.write(cls, 1, window=win)
+                    elif output == "classes":
                         cls = prob.argmax(0).numpy().astype(np.uint8)
                         cls[~valid] = CLASS_NODATA
                         out.write(cls, 1, window=win)

@@ -8,6 +8,17 @@ plots (loss curve, confusion matrix, prediction overlays). ``run_dir/summary.jso
 ``summary.md`` put the runs side by side in one table; ``run_dir/loss.png`` shows their loss
 curves together. Every initialisation sees the same data in the same order and the same head
 initialisation (same seed), so the table compares the encoders only.
+
+Validation (``train.val_fraction`` > 0): a share of the *training* data is held out
+(:mod:`holdout`: whole scenes for dense data, images stratified by class otherwise) and
+``train.label_fraction`` of the rest is trained on. With ``train.eval_every`` > 0 the model is
+scored on that split every so many steps; ``train.patience`` evaluations without improvement
+stop the run, and the best evaluation's weights are kept (:class:`trainer.EarlyStopping`).
+Change detection picks its decision threshold on the validation scenes (best change F1; the
+precision/recall curve in ``<init>/pr_curve.{json,png}``); the threshold is saved in the model
+file's metadata, so ``evaluate`` and ``infer`` use it. ``optim.schedule``: ``cosine`` (warm-up
+then cosine to ``min_lr``) or ``multistep`` (PANGAEA: the lr times ``gamma`` at each of
+``milestones``, shares of ``train.max_steps``).
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ from skysense.tasks.downstream.evaluation import (
     evaluate_dense,
     evaluate_detection,
 )
+from skysense.tasks.downstream.holdout import carve, val_fraction_of
 from skysense.tasks.downstream.losses import TaskLoss
 from skysense.tasks.downstream.model import KINDS, build_task_model
 from skysense.tasks.downstream.optim import build_optimizer, param_groups
-from skysense.tasks.downstream.trainer import train
+from skysense.tasks.downstream.trainer import EarlyStopping, train
+from skysense.tasks.downstream.validation import choose_threshold, score_fn
 from skysense.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,6 +132,22 @@ def scaled_lr(o, batch_size: int) -> float:
     raise ConfigError("optim.lr_scaling", f"none, linear or sqrt, not {mode!r}")
 
 
+def lr_schedule(o, max_steps: int, lr: float):
+    """The base lr of each step for ``optim.schedule`` (None: the trainer's warm-up + cosine)."""
+    name = o.get("schedule") or "cosine"
+    if name == "cosine":
+        return None
+    if name == "multistep":
+        from skysense.tasks.training.schedules import multistep
+
+        ms = tuple(float(m) for m in (o.get("milestones") or (0.6, 0.9)))
+        if any(not 0.0 < m <= 1.0 for m in ms):
+            raise ConfigError("optim.milestones", f"shares of the steps in (0, 1], not {ms}")
+        gamma, warm = float(o.get("gamma", 0.1)), int(o.get("warmup_steps") or 0)
+        return lambda step: multistep(step, max_steps, lr, ms, gamma, warm)
+    raise ConfigError("optim.schedule", f"cosine or multistep, not {name!r}")
+
+
 def _check_task(cfg) -> None:
     task = cfg.task
     if task.get("kind") not in KINDS:
@@ -148,16 +177,24 @@ def write_json(path: Path, obj) -> Path:
 
 
 def evaluate_model(
-    model, kind: str, data: TaskData, cfg, device, out_dir: Path, title: str
+    model,
+    kind: str,
+    data: TaskData,
+    cfg,
+    device,
+    out_dir: Path,
+    title: str,
+    threshold: float | None = None,
 ) -> dict:
-    """Scores on the held-out data, written with the plots into ``out_dir``."""
+    """Scores on the held-out data, written with the plots into ``out_dir`` (``threshold``:
+    change models' decision threshold on P(change); None: argmax)."""
     ev = cfg.task.eval
     n = len(data.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     if kind in ("segmentation", "change"):
         scores, cm, preds = evaluate_dense(
-            model, kind, data.eval, n, ev.window, ev.overlap, ev.batch_size, device
+            model, kind, data.eval, n, ev.window, ev.overlap, ev.batch_size, device, threshold
         )
         files["confusion"] = plots.plot_confusion(
             cm, data.classes, out_dir / "confusion.png", f"{title}: confusion (pixels)"
@@ -230,6 +267,14 @@ def finetune(cfg: DictConfig) -> dict:
             "task",
             f"task {cfg.task.name} ({kind}) does not fit data={cfg.data.name}, whose labels serve {list(data.kinds)}",
         )
+    vf, lf = val_fraction_of(cfg), float(tr.get("label_fraction") or 1.0)
+    val = None
+    if vf > 0 or lf < 1:
+        data, val = carve(data, cfg.data, tr.max_steps * tr.batch_size, cfg.seed,
+                          cfg.task.get("features"), vf, lf)  # fmt: skip
+    every = int(tr.get("eval_every") or 0)
+    if every > 0 and val is None:
+        raise ConfigError("train.eval_every", "needs a validation split: set train.val_fraction")
     source = resolve_source(cfg.task, data)
     head = head_options(cfg.task, kind)
     if data.train_batches is not None:
@@ -291,6 +336,10 @@ def finetune(cfg: DictConfig) -> dict:
                 drop_last=True,
             )
         loss_fn = TaskLoss(kind, weights, head.get("aux_weight", 0.0)).to(device)
+        stopper = None
+        if every > 0:
+            stopper = EarlyStopping(score_fn(kind, val, cfg, device), every,
+                                    tr.get("patience"), float(tr.get("min_delta") or 0.0))  # fmt: skip
         t0 = time.perf_counter()
         history = train(
             model,
@@ -306,10 +355,15 @@ def finetune(cfg: DictConfig) -> dict:
             tr.log_every,
             device,
             desc=f"finetune[{name}]",
+            lr_fn=lr_schedule(o, tr.max_steps, lr),
+            stopper=stopper,
         )
         train_s = time.perf_counter() - t0
         histories[name] = history
         out_dir = run_dir / name
+        thr = None
+        if kind == "change" and val is not None and cfg.task.get("threshold", "val") == "val":
+            thr = choose_threshold(model, val, cfg.task.eval, device, out_dir)
         meta = {
             "preset": info["preset"],
             "overrides": info["overrides"],
@@ -324,11 +378,19 @@ def finetune(cfg: DictConfig) -> dict:
             "data": cfg.data.name,
             "init": {"checkpoint": ckpt, "key": info.get("key")},
             "eval": OmegaConf.to_container(cfg.task.eval, resolve=True),
+            "threshold": thr["threshold"] if thr else None,
         }
         save_finetuned(out_dir / "model.pt", model, meta)
         t1 = time.perf_counter()
         scores = evaluate_model(
-            model, kind, data, cfg, device, out_dir, f"{cfg.task.name} [{name}]"
+            model,
+            kind,
+            data,
+            cfg,
+            device,
+            out_dir,
+            f"{cfg.task.name} [{name}]",
+            meta["threshold"],
         )
         eval_s = time.perf_counter() - t1
         losses = [h["loss"] for h in history]
@@ -338,7 +400,10 @@ def finetune(cfg: DictConfig) -> dict:
             "checkpoint": ckpt,
             "encoder_key": info.get("key"),
             "load_report": info.get("report"),
-            "steps": tr.max_steps,
+            "steps": len(history),
+            "budget_steps": tr.max_steps,
+            "early_stopping": stopper.record(len(history), tr.max_steps) if stopper else None,
+            "threshold": thr,
             "batch_size": tr.batch_size,
             "loss_first": float(np.mean(losses[:k])),
             "loss_last": float(np.mean(losses[-k:])),
@@ -387,14 +452,37 @@ def summary_table(summary: dict) -> str:
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
-            + f" | {r['loss_first']:.4f} -> {r['loss_last']:.4f} | {r['steps']} | {r['train_seconds']:.0f} |"
+            + f" | {r['loss_first']:.4f} -> {r['loss_last']:.4f} | {steps_cell(r)} | {r['train_seconds']:.0f} |"
         )
     lines += [
         "",
         "loss first -> last: the mean training loss over the first and over the last fifth of "
-        "the steps.",
+        "the steps run.",
     ]
+    if any(r.get("early_stopping") for r in summary["runs"].values()):
+        lines.append(
+            "steps: steps run of the budget; best = the step of the best validation score, "
+            "whose weights were kept; early = stopped by patience before the budget."
+        )
+    thr = {n: r["threshold"] for n, r in summary["runs"].items() if r.get("threshold")}
+    if thr:
+        lines.append(
+            "Change threshold chosen on the validation split ("
+            + ", ".join(
+                f"{n}: {t['threshold']:.2f}, val F1 {t['val_F1']:.3f}" for n, t in thr.items()
+            )  # fmt: skip
+            + f"; scenes {next(iter(thr.values()))['val_scenes']}); the scores above use it."
+        )
     return "\n".join(lines)
+
+
+def steps_cell(r: dict) -> str:
+    """``steps`` or, with early stopping, ``run/budget (best B[, early])``."""
+    es = r.get("early_stopping")
+    if not es:
+        return str(r["steps"])
+    tail = ", early" if es["stopped_early"] else ""
+    return f"{es['steps_run']}/{es['budget']} (best {es['best_step']}{tail})"
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -429,7 +517,14 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg, {"task": {"eval": meta.get("eval") or OmegaConf.to_container(cfg.task.eval)}}
     )
     scores = evaluate_model(
-        model, meta["kind"], data, cfg_eval, device, out_dir, f"evaluate {weights.name}"
+        model,
+        meta["kind"],
+        data,
+        cfg_eval,
+        device,
+        out_dir,
+        f"evaluate {weights.name}",
+        meta.get("threshold"),
     )
     res = {
         "weights": str(weights),

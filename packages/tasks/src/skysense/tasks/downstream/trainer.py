@@ -1,8 +1,14 @@
 """The fine-tuning loop: short, read top to bottom.
 
 Each step: a batch, the forward, the task loss, backward, gradient clipping, AdamW with the
-scheduled learning rate (warm-up + cosine, per-group layer-decay scales). Every ``log_every``
-steps the loss goes to the log and to the history that the run's JSON and loss plot keep.
+scheduled learning rate (warm-up + cosine by default, or any ``lr_fn`` of the step, e.g.
+PANGAEA's multi-step; per-group layer-decay scales). Every ``log_every`` steps the loss goes to
+the log and to the history that the run's JSON and loss plot keep.
+
+With an :class:`EarlyStopping`, the model is scored on a validation split every ``every``
+steps (and at the last step); the run stops once ``patience`` evaluations in a row have not
+improved on the best by more than ``min_delta``, and the weights of the best evaluation are
+restored. The stopper keeps the evaluations, the best step and whether the run stopped early.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +35,69 @@ def forward_loss(model: nn.Module, loss_fn: nn.Module, kind: str, batch: Mapping
     return loss_fn(model(batch), batch)
 
 
+class EarlyStopping:
+    """Validation-based stopping.
+
+    Args:
+        score_fn: ``score_fn(model) -> float``, higher is better (the task's headline metric on
+            the validation split; NaN counts as no improvement). Called with the model in eval
+            mode; training mode is restored after.
+        every: evaluate every ``every`` optimizer steps (and after the last step).
+        patience: stop after this many evaluations without improvement (None: never stop
+            early, but still restore the best weights).
+        min_delta: an improvement must exceed the best by more than this.
+    """
+
+    def __init__(self, score_fn: Callable[[nn.Module], float], every: int,
+                 patience: int | None = None, min_delta: float = 0.0):  # fmt: skip
+        if every <= 0:
+            raise ValueError(f"EarlyStopping: every must be > 0, not {every}")
+        self.score_fn, self.every, self.patience, self.min_delta = (
+            score_fn, int(every), patience, float(min_delta))  # fmt: skip
+        self.evals: list[dict] = []
+        self.best, self.best_step, self.best_state = -math.inf, None, None
+        self.bad = 0
+        self.stopped_early = False
+
+    def __call__(self, model: nn.Module, step: int) -> bool:
+        """Evaluate after ``step`` optimizer steps; True when training should stop."""
+        was = model.training
+        model.eval()
+        v = float(self.score_fn(model))
+        model.train(was)
+        self.evals.append({"step": step, "val": v})
+        if math.isfinite(v) and (self.best_step is None or v > self.best + self.min_delta):
+            self.best, self.best_step, self.bad = v, step, 0
+            self.best_state = {k: t.detach().to("cpu", copy=True)
+                               for k, t in model.state_dict().items()}  # fmt: skip
+        else:
+            self.bad += 1
+        log.info("validation at step %d: %.4f (best %.4f at step %s)", step, v, self.best,
+                 self.best_step)  # fmt: skip
+        if self.patience is not None and self.bad >= self.patience:
+            self.stopped_early = True
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the weights of the best evaluation (nothing when none was finite)."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def record(self, steps_run: int, budget: int) -> dict:
+        """What the run's JSON keeps: the evaluations, the best, and how the run ended."""
+        return {
+            "evals": self.evals,
+            "best_step": self.best_step,
+            "best_val": self.best if self.best_step is not None else None,
+            "steps_run": steps_run,
+            "budget": budget,
+            "stopped_early": self.stopped_early and steps_run < budget,
+            "patience": self.patience,
+            "every": self.every,
+        }
+
+
 def train(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -43,9 +112,13 @@ def train(
     log_every: int = 10,
     device: torch.device | str = "cpu",
     desc: str = "finetune",
+    lr_fn: Callable[[int], float] | None = None,
+    stopper: EarlyStopping | None = None,
 ) -> list[dict]:
-    """Run ``max_steps`` optimizer steps over ``batches`` (at least that many). Returns the
-    history: one ``{"step", "loss", "lr", "seconds"}`` per step."""
+    """Run up to ``max_steps`` optimizer steps over ``batches`` (at least that many). ``lr_fn``:
+    the base lr of a step (None: warm-up + cosine from ``lr`` to ``min_lr``); ``stopper``: see
+    :class:`EarlyStopping` (the best weights are restored when it is given). Returns the
+    history: one ``{"step", "loss", "lr", "seconds"}`` per step run."""
     model.train()
     history = []
     it = iter(batches)
@@ -59,7 +132,10 @@ def train(
                 f"the training data ran out after {step} of {max_steps} steps"
             ) from None
         batch = to_device(batch, device)
-        cur = lr_at(step, max_steps, lr, min_lr, warmup_steps)
+        if lr_fn is not None:
+            cur = lr_fn(step)
+        else:
+            cur = lr_at(step, max_steps, lr, min_lr, warmup_steps)
         set_lr(optimizer, cur)
         loss = forward_loss(model, loss_fn, kind, batch)
         if not math.isfinite(loss.item()):
@@ -88,4 +164,12 @@ def train(
                 cur,
                 rec["seconds"],
             )
+        due = stopper is not None and ((step + 1) % stopper.every == 0 or step + 1 == max_steps)
+        if due and stopper(model, step + 1):
+            log.info("%s: early stop at step %d (best %.4f at step %d)", desc, step + 1,
+                     stopper.best, stopper.best_step)  # fmt: skip
+            break
+    bar.close()
+    if stopper is not None:
+        stopper.restore(model)
     return history

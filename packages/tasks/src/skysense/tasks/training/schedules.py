@@ -20,3 +20,20 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float)
     if step < warmup:
         return peak * (step + 1) / warmup
     return cosine(step - warmup, max(total - warmup, 1), peak, final)
+
+
+def multistep(
+    step: int,
+    total: int,
+    peak: float,
+    milestones: tuple[float, ...] = (0.6, 0.9),
+    gamma: float = 0.1,
+    warmup: int = 0,
+) -> float:
+    """Step decay (PANGAEA's fine-tuning schedule): ``peak`` (after an optional linear warm-up
+    of ``warmup`` steps), multiplied by ``gamma`` at each milestone passed. ``milestones`` are
+    shares of ``total`` (0.6 -> step ``round(0.6 * total)``)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    passed = sum(step >= round(m * total) for m in milestones)
+    return peak * gamma**passed

@@ -14,18 +14,25 @@ log = logging.getLogger(__name__)
 SPEC_SENSORS = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
 
 
-def build_manifest_data(cfg, length: int, seed: int, source: str | None = None):
+def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, manifest=None):
+    """``manifest``: an open :class:`Manifest` to read instead of the config's (the
+    validation hold-out of :mod:`skysense.tasks.downstream.holdout` passes one whose splits it
+    relabelled)."""
     from skysense.data import build_loader
     from skysense.data.manifest import Manifest
     from skysense.tasks.downstream.data import TaskData, _sensor_inputs
 
-    if cfg.name == "embedded":
+    if manifest is not None:
+        pass  # given, relabelled
+    elif cfg.name == "embedded":
         from skysense.data.embedded import ensure_embedded
 
         manifest = ensure_embedded(str(cfg.root), cfg.n_samples, cfg.seed)
     else:
         manifest = cfg.manifest
-    man = Manifest(manifest)
+    man = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+    # a given (relabelled) table is read as is; else each loader opens the file itself
+    src = man if isinstance(manifest, Manifest) else man.path
     kind = {"single": "classification", "multi": "multilabel"}.get(man.label_kind)
     if kind is None or not man.classes:
         raise ValueError(
@@ -47,7 +54,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None):
 
     def train_batches(batch_size: int):
         return build_loader(
-            man.path,
+            src,
             split,
             batch_size,
             backend,
@@ -62,7 +69,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None):
 
     def eval_batches(batch_size: int):
         return build_loader(
-            man.path,
+            src,
             val_split,
             batch_size,
             backend,
