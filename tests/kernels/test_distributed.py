@@ -67,6 +67,17 @@ def _worker(rank, port, backends):
         want = sinkhorn_knopp_reference(scores, 3, 0.05)[rows]
         assert torch.allclose(got, want, atol=1e-12), "sinkhorn"
 
+        # Grouped: three groups whose rows are spread over both ranks, a fourth with none.
+        groups = torch.arange(WORLD * N_LOCAL) % 3
+        want = sinkhorn_knopp_reference(scores, 3, 0.05, groups, 4)[rows]
+        for backend in (b for b in backends if b != "reference"):  # reference: one process
+            dt, tol = (torch.float32, 1e-5) if backend == "triton" else (torch.float64, 1e-12)
+            with force_backend("sinkhorn_knopp", backend):
+                got = sinkhorn_knopp(
+                    scores[rows].to(dt), 3, 0.05, distributed=True, groups=groups[rows], n_groups=4
+                )
+            assert torch.allclose(got.double(), want, atol=tol), ("grouped sinkhorn", backend)
+
         c = prototype_center_update(a[rows], center.clone(), w, 0.8, distributed=True)
         want_c = 0.8 * center + 0.2 * (a @ w.t()).mean(0)
         assert torch.allclose(c, want_c, atol=1e-12), "center"

@@ -274,9 +274,10 @@ def _build_call(case: Case):
                                     f32(n, d), f32(m, d))  # fmt: skip
         return calls[0] if case.kernel == "proto_dx" else calls[1]
     scores = e(n, m)
-    vec = f32(m) if case.kernel == "sk_rowsum" else f32(n)
-    out = {"sk_colsum": f32(m), "sk_rowsum": f32(n), "sk_write": e(n, m)}[case.kernel]
-    return tls.sinkhorn_call(case.kernel, scores, f32(n), vec, out, 20.0, c=f32(n))
+    vec = f32(1, m) if case.kernel in ("sk_rowsum", "sk_write") else f32(n)
+    out = {"sk_colsum": f32(1, m), "sk_rowsum": f32(n), "sk_write": e(n, m)}[case.kernel]
+    layout = tls.sinkhorn_groups(torch.zeros(n, dtype=torch.long, device=scores.device), 1)
+    return tls.sinkhorn_call(case.kernel, scores, f32(n), vec, out, 20.0, layout, c=f32(n))
 
 
 def _source(call):

@@ -2,7 +2,7 @@
 
 Backends, picked per call (first that takes the inputs):
 - ``triton``: the fused Triton kernel, forward and backward (``triton_attention``), on CUDA for
-  fp32/fp16/bf16, head dim <= 256, at most two bias tensors, no dropout. Forced, it also runs on
+  fp32/fp16/bf16, head dim <= ``MAX_HEAD_DIM`` (256), at most two bias tensors, no dropout. Forced, it also runs on
   CPU tensors under the Triton interpreter (the test tier).
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` on CUDA, where one of its operators
   actually runs on these inputs (probed once per kind of input and cached: an xformers whose C++
@@ -14,10 +14,8 @@ Backends, picked per call (first that takes the inputs):
   is materialised there).
 - ``reference``: plain PyTorch math (tests).
 
-Biases: ``bias`` is a tensor or a sequence of tensors, each broadcastable to (B, H, Nq, Nk), where
-a leading dim Bb that divides B is applied periodically (batch b reads bias[b % Bb]): Swin passes
-its relative position bias (1, H, N, N) and its shift mask (nW, 1, N, N) for B * nW windows laid
-out image-major.
+Biases: ``bias`` is a tensor or a sequence of tensors, each broadcastable to (B, H, Nq, Nk) by
+the one rule of ``attention_bias`` (a leading dim that divides B is applied periodically).
 """
 
 from __future__ import annotations
@@ -30,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from skysense.kernels import dispatch
+from skysense.kernels.attention_bias import MAX_HEAD_DIM, bias_spec
 
 logger = logging.getLogger(__name__)
 
 OP = "attention"
 BACKENDS = ("triton", "xformers", "sdpa", "matmul", "reference")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _bias_list(bias) -> list[torch.Tensor]:
@@ -80,30 +78,7 @@ def _check(q, k, v, biases, key_padding_mask):
     for i, b in enumerate(biases):
         if b.device != q.device:
             raise ValueError(f"attention: bias[{i}] is on {b.device}, q on {q.device}")
-        _expand_bias(b, i, B, H, Nq, Nk, check_only=True)
-
-
-def _expand_bias(b, index, B, H, Nq, Nk, check_only=False):
-    """A view/copy of bias ``b`` that broadcasts to (B, H, Nq, Nk) with the periodic batch rule."""
-    if not b.is_floating_point():
-        raise TypeError(f"attention: bias[{index}] must be a float tensor, got {b.dtype}")
-    if b.dim() > 4:
-        raise ValueError(f"attention: bias[{index}] has {b.dim()} dims, at most 4 allowed")
-    b4 = b[(None,) * (4 - b.dim())]
-    for d, (size, want) in enumerate(zip(b4.shape, (B, H, Nq, Nk))):
-        ok = size in (1, want) or (d == 0 and want % size == 0)
-        if not ok:
-            rule = " (or a divisor of B, applied periodically)" if d == 0 else ""
-            raise ValueError(
-                f"attention: bias[{index}] of shape {tuple(b.shape)} does not broadcast to "
-                f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}: dim {d} has {size}, expected 1 or "
-                f"{want}{rule}"
-            )
-    if check_only:
-        return None
-    if b4.shape[0] not in (1, B):
-        b4 = b4.repeat(B // b4.shape[0], 1, 1, 1)  # batch b reads bias[b % Bb]
-    return b4
+        bias_spec(b, i, B, H, Nq, Nk)
 
 
 def _merged_bias(q, k, biases, dtype):
@@ -115,8 +90,7 @@ def _merged_bias(q, k, biases, dtype):
     Nk = k.shape[2]
     views = []
     for i, b in enumerate(biases):
-        _expand_bias(b, i, B, H, Nq, Nk, check_only=True)
-        views.append(b[(None,) * (4 - b.dim())])
+        views.append(bias_spec(b, i, B, H, Nq, Nk).view)
     if len(views) == 1 and views[0].shape[0] in (1, B):
         return views[0].to(dtype)
     shape = [max(v.shape[d] for v in views) for d in range(4)]
@@ -286,13 +260,11 @@ def xformers_unavailable_reason(q, has_bias: bool) -> str | None:
 
 
 def _triton_unavailable_reason(q, biases, dropout_p) -> str | None:
-    r = dispatch.triton_unavailable_reason(q.device)
+    r = dispatch.triton_reason(q)
     if r:
         return r
-    if q.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes fp32, fp16 or bf16, got {q.dtype}"
-    if q.shape[-1] > 256:
-        return f"the Triton kernel takes head dims up to 256, got {q.shape[-1]}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
     if len(biases) > 2:
         return f"the Triton kernel takes at most 2 bias tensors, got {len(biases)}"
     if dropout_p > 0.0:
@@ -301,30 +273,20 @@ def _triton_unavailable_reason(q, biases, dropout_p) -> str | None:
 
 
 def _choose(q, biases, key_padding_mask, dropout_p) -> str:
-    forced = dispatch.forced_backend(OP)
-    if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(f"attention: unknown backend {forced!r}; one of {BACKENDS}")
-        reason = None
-        if forced == "triton":
-            reason = _triton_unavailable_reason(q, biases, dropout_p)
-        elif forced == "xformers":
-            reason = xformers_unavailable_reason(q, bool(biases) or key_padding_mask is not None)
-        if reason:
-            raise RuntimeError(f"attention: backend '{forced}' forced but {reason}")
-        return forced
-    if q.is_cuda:
-        if _triton_unavailable_reason(q, biases, dropout_p) is None:
-            return "triton"
-        if xformers_unavailable_reason(q, bool(biases) or key_padding_mask is not None) is None:
-            return "xformers"
-    elif torch.is_grad_enabled() and any(b.requires_grad for b in biases):
+    has_bias = bool(biases) or key_padding_mask is not None
+    reasons = {
+        "triton": lambda: _triton_unavailable_reason(q, biases, dropout_p),
+        "xformers": lambda: xformers_unavailable_reason(q, has_bias),
+    }
+    fallback = "sdpa"
+    if not q.is_cuda and torch.is_grad_enabled() and any(b.requires_grad for b in biases):
         # CPU sdpa with an attn_mask that requires grad (Swin V2's learned position bias) runs
         # unfused on the bias repeated B times; the explicit path was 1.3-1.9x faster forward +
         # backward on Swin windows (256 windows of 64 tokens, 3 or 6 heads of 32, with and
         # without a shift mask).
-        return "matmul"
-    return "sdpa"
+        fallback = "matmul"
+    auto = ("triton", "xformers") if q.is_cuda else ()
+    return dispatch.choose(OP, BACKENDS, reasons, auto, fallback)
 
 
 def attention(q, k, v, bias=None, key_padding_mask=None, scale=None, dropout_p=0.0):

@@ -107,6 +107,45 @@ def triton_unavailable_reason(device) -> str | None:
     )
 
 
+TRITON_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def triton_reason(x) -> str | None:
+    """Why the Triton kernels cannot take tensor ``x`` (device, triton, dtype), or None."""
+    reason = triton_unavailable_reason(x.device)
+    if reason is None and str(x.dtype).removeprefix("torch.") not in TRITON_DTYPES:
+        reason = f"the Triton kernels take fp32, fp16 or bf16, got {x.dtype}"
+    return reason
+
+
+def choose(op: str, backends, reasons, auto, fallback: str) -> str:
+    """The one backend choice of every op: the forced backend if any (checked: a forced backend
+    that cannot take the inputs raises), else the first of ``auto`` whose reason is None, else
+    ``fallback``.
+
+    Args:
+        op: the op's name (``SKYSENSE_BACKEND_<OP>`` and :func:`force_backend` key).
+        backends: every backend name the op knows.
+        reasons: backend -> zero-argument callable giving why it cannot take these inputs
+            (None when it can); backends without an entry take anything.
+        auto: the backends to try, in order, when none is forced.
+        fallback: the backend when none of ``auto`` can.
+    """
+    forced = forced_backend(op)
+    if forced is not None:
+        if forced not in backends:
+            raise ValueError(f"{op}: unknown backend {forced!r}; one of {tuple(backends)}")
+        check = reasons.get(forced)
+        reason = check() if check is not None else None
+        if reason:
+            raise RuntimeError(f"{op}: backend '{forced}' forced but {reason}")
+        return forced
+    for name in auto:
+        if reasons[name]() is None:
+            return name
+    return fallback
+
+
 def poisoning() -> bool:
     """Whether launchers fill their outputs with NaN before the kernel runs (tests set this so
     that an element a kernel forgot to write shows up)."""

@@ -224,24 +224,9 @@ class InfoNCEFunction(torch.autograd.Function):
 
 
 def _choose(a) -> str:
-    forced = dispatch.forced_backend(OP)
-    if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(f"info_nce: unknown backend {forced!r}; one of {BACKENDS}")
-        if forced == "triton":
-            reason = dispatch.triton_unavailable_reason(a.device)
-            if reason is None and a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                reason = f"the Triton kernels take fp32, fp16 or bf16, got {a.dtype}"
-            if reason:
-                raise RuntimeError(f"info_nce: backend 'triton' forced but {reason}")
-        return forced
-    if (
-        a.is_cuda
-        and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and dispatch.triton_unavailable_reason(a.device) is None
-    ):
-        return "triton"
-    return "chunked"
+    triton = lambda: dispatch.triton_reason(a)  # noqa: E731
+    auto = ("triton",) if a.is_cuda else ()
+    return dispatch.choose(OP, BACKENDS, {"triton": triton}, auto, "chunked")
 
 
 def info_nce(a, b, temperature=0.1, gather=False):

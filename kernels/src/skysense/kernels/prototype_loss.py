@@ -191,21 +191,9 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
 
 
 def _choose(x) -> str:
-    forced = dispatch.forced_backend(OP)
-    ok_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(f"{OP}: unknown backend {forced!r}; one of {BACKENDS}")
-        if forced == "triton":
-            reason = dispatch.triton_unavailable_reason(x.device)
-            if reason is None and not ok_dtype:
-                reason = f"the Triton kernels take fp32, fp16 or bf16, got {x.dtype}"
-            if reason:
-                raise RuntimeError(f"{OP}: backend 'triton' forced but {reason}")
-        return forced
-    if x.is_cuda and ok_dtype and dispatch.triton_unavailable_reason(x.device) is None:
-        return "triton"
-    return "chunked"
+    triton = lambda: dispatch.triton_reason(x)  # noqa: E731
+    auto = ("triton",) if x.is_cuda else ()
+    return dispatch.choose(OP, BACKENDS, {"triton": triton}, auto, "chunked")
 
 
 def prototype_cross_entropy(

@@ -7,9 +7,8 @@ backward, which recomputes the probabilities block by block (one kernel for dk, 
 key blocks, one for dq over query blocks). Head dims that are not powers of two (Swin-H's 44) are
 padded to the next power of two inside the kernel with masked loads.
 
-Biases: up to two tensors, each a 4-d view broadcastable to (B, H, Nq, Nk); a broadcast dim has
-stride 0 and a leading dim Bb that divides B is applied periodically (batch b reads bias[b % Bb],
-Swin's shift mask for B * nW windows laid out image-major). Their gradient is reduced to each
+Biases: up to two tensors, read as ``attention_bias.bias_spec`` describes them (a broadcast dim
+has stride 0, a leading dim Bb that divides B is applied periodically). Their gradient is reduced to each
 bias's own shape with fp32 atomics.
 
 This module checks and launches; the kernels are in ``triton_attention_kernels``, their launch
@@ -20,13 +19,13 @@ configurations in ``launch_configs``. Only imported when a Triton backend is ask
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from skysense.kernels import dispatch
 from skysense.kernels import launch_configs as lc
+from skysense.kernels.attention_bias import BiasSpec, bias_spec
 from skysense.kernels.triton_attention_kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -35,56 +34,8 @@ from skysense.kernels.triton_attention_kernels import (
 
 LOG2E = 1.4426950408889634
 MAX_BIASES = 2
-MAX_HEAD_DIM = 256
 
 # --- launcher ------------------------------------------------------------------------------------
-
-
-@dataclass
-class BiasSpec:
-    """One additive bias as the kernels read it: a 4-d view with stride 0 on broadcast dims."""
-
-    tensor: torch.Tensor  # the caller's tensor (for its shape and grad)
-    view: torch.Tensor  # 4-d (Bb|1, H|1, Nq|1, Nk|1) view of it
-    bb: int  # period over the batch (1 = broadcast)
-    strides: tuple[int, int, int, int]  # element strides, 0 on broadcast dims
-    grad_shape: tuple[int, int, int, int]  # the reduced shape its gradient is accumulated in
-
-    @property
-    def red_m(self) -> bool:
-        return self.grad_shape[2] == 1
-
-    @property
-    def red_n(self) -> bool:
-        return self.grad_shape[3] == 1
-
-
-def bias_spec(bias: torch.Tensor, index: int, B: int, H: int, Nq: int, Nk: int) -> BiasSpec:
-    """Check one bias against (B, H, Nq, Nk) and describe how the kernels read it."""
-    if not bias.is_floating_point():
-        raise TypeError(f"attention: bias[{index}] must be a float tensor, got {bias.dtype}")
-    if bias.dim() > 4:
-        raise ValueError(f"attention: bias[{index}] has {bias.dim()} dims (at most 4)")
-    view = bias[(None,) * (4 - bias.dim())]
-    target = (B, H, Nq, Nk)
-    strides, gshape = [], []
-    bb = 1
-    for d, (size, st, want) in enumerate(zip(view.shape, view.stride(), target)):
-        if size == 1 or st == 0:
-            strides.append(0)
-            gshape.append(1)
-        elif size == want or (d == 0 and want % size == 0):
-            strides.append(st)
-            gshape.append(size)
-            if d == 0:
-                bb = size
-        else:
-            rule = " (or a divisor of B, applied periodically)" if d == 0 else ""
-            raise ValueError(
-                f"attention: bias[{index}] of shape {tuple(bias.shape)} does not broadcast to "
-                f"(B, H, Nq, Nk) = {target}: dim {d} has {size}, expected 1 or {want}{rule}"
-            )
-    return BiasSpec(bias, view, bb, tuple(strides), tuple(gshape))
 
 
 def _launch(kernel: str, D: int, dtype: torch.dtype, Nq: int, Nk: int) -> lc.Launch:

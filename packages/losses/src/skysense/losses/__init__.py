@@ -16,7 +16,6 @@ from skysense.losses.cross_modal_alignment import CrossModalAlignment
 from skysense.losses.dino_head import DINOHead
 from skysense.losses.gcpl import GeoContextPrototypeLearning
 from skysense.losses.mgcl import MultiGranularityContrastiveLoss
-from skysense.losses.sinkhorn import grouped_sinkhorn_knopp
 from skysense.losses.skysense_loss import SkySenseLoss, SkySenseLossOutput
 from skysense.losses.teacher_centering import TeacherCentering, teacher_temperature
 
@@ -29,7 +28,6 @@ __all__ = [
     "MultiGranularityContrastiveLoss",
     "CrossModalAlignment",
     "GeoContextPrototypeLearning",
-    "grouped_sinkhorn_knopp",
     "pixel_correspondence",
     "match_steps",
 ]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skysense.kernels import sinkhorn_knopp
 from skysense.losses.distributed import all_reduce_, is_distributed
-from skysense.losses.sinkhorn import grouped_sinkhorn_knopp
 
 
 class GeoContextPrototypeLearning(nn.Module):
@@ -112,13 +112,13 @@ class GeoContextPrototypeLearning(nn.Module):
         protos = prototypes[region[known]]  # (B_k, N_p, D)
         scores = torch.bmm(F.normalize(feats, dim=-1), F.normalize(protos, dim=-1).transpose(1, 2))
         groups = slot[region[known]].repeat_interleave(hw)
-        assign = grouped_sinkhorn_knopp(
+        assign = sinkhorn_knopp(
             scores.reshape(-1, n_p),
-            groups,
-            g,
-            n_iters=self.sinkhorn_iters,
-            epsilon=self.epsilon,
+            self.sinkhorn_iters,
+            self.epsilon,
             distributed=True,
+            groups=groups,
+            n_groups=g,
         ).reshape(b_k, hw, n_p)
 
         # One reduction for the sums S^T F and the masses S^T 1 of every present region.

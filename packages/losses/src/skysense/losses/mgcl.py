@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.kernels import prototype_cross_entropy
+from skysense.kernels import prototype_cross_entropy, sinkhorn_knopp
 from skysense.losses.correspondence import (
     SAMPLING_MODES,
     PixelCorrespondence,
@@ -31,7 +31,6 @@ from skysense.losses.correspondence import (
 )
 from skysense.losses.dino_head import DINOHead
 from skysense.losses.features import FamilyFeatures
-from skysense.losses.sinkhorn import grouped_sinkhorn_knopp
 
 LEVELS = ("pixel", "object", "image")
 
@@ -104,8 +103,8 @@ def _cluster_assignments(x, mask, n_clusters, n_rounds, sinkhorn_iters, epsilon)
     assign = torch.zeros(m, p, n_clusters, dtype=xn.dtype, device=x.device)
     for r in range(n_rounds):
         scores = torch.bmm(xn, centres.transpose(1, 2))  # (M, P, N_C)
-        assign[rows_m, rows_p] = grouped_sinkhorn_knopp(
-            scores[rows_m, rows_p], rows_m, m, n_iters=sinkhorn_iters, epsilon=epsilon
+        assign[rows_m, rows_p] = sinkhorn_knopp(
+            scores[rows_m, rows_p], sinkhorn_iters, epsilon, groups=rows_m, n_groups=m
         )
         if r < n_rounds - 1:
             centres = F.normalize(torch.bmm(assign.transpose(1, 2), xn), dim=-1)
