@@ -70,6 +70,9 @@ class SkySenseFasterRCNN(nn.Module):
             defaults, 2000 / 1000, are sized for 800 px images; tiles here are 128-512 px).
         rois_per_image: proposals sampled per image for the box head's loss.
         freeze_encoder: the encoder runs without gradients, in eval mode (frozen backbone).
+        oriented: add the rotated-box branch of :mod:`.oriented` (DIOR-R, FAIR1M): targets
+            then need ``polygons`` (M, 8) corners, detections gain ``polygons`` (N, 8) and
+            ``obb`` (N, 5) ``cx cy w h theta``, and training adds ``loss_obb_reg``.
 
     ``forward(images, targets=None)``: ``images`` (B, 3, H, W) or a list of (3, H_i, W_i);
     ``targets`` a list of ``{"boxes": (M, 4) xyxy pixels, "labels": (M,) int64 in 0..K-1}``.
@@ -92,6 +95,7 @@ class SkySenseFasterRCNN(nn.Module):
         proposals_test: int = 300,
         rois_per_image: int = 128,
         freeze_encoder: bool = False,
+        oriented: bool = False,
     ):
         super().__init__()
         self.freeze_encoder = freeze_encoder
@@ -127,6 +131,13 @@ class SkySenseFasterRCNN(nn.Module):
             image_std=[1.0, 1.0, 1.0],
             size_divisible=size_divisible,
         )
+        self.oriented = bool(oriented)
+        if self.oriented:
+            from skysense.tasks.downstream.heads.oriented import OrientedRoIHeads
+
+            self.detector.roi_heads = OrientedRoIHeads(
+                self.detector.roi_heads, representation, n_classes + 1
+            )
 
     @property
     def encoder(self) -> nn.Module:
@@ -156,14 +167,15 @@ class SkySenseFasterRCNN(nn.Module):
                         f"image {i}: box labels must be in 0..{self.n_classes - 1}, got "
                         f"{labels.unique().tolist()}"
                     )
-                shifted.append({"boxes": t["boxes"].float(), "labels": labels.long() + 1})
+                st = {"boxes": t["boxes"].float(), "labels": labels.long() + 1}
+                if "polygons" in t:
+                    st["polygons"] = t["polygons"].float().reshape(-1, 8)
+                shifted.append(st)
             targets = shifted
         out = self.detector(images, targets)
         if self.training:
             return out
-        return [
-            {"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out
-        ]
+        return [{**o, "labels": o["labels"] - 1} for o in out]
 
 
 def detection_loss(losses: dict[str, Tensor]) -> Tensor:
