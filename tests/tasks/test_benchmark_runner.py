@@ -57,7 +57,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
     ok, planned, absent = rep["entries"][0], rep["entries"][2], rep["entries"][3]
     assert ok["id"] == "eolearn_slovenia/pixels/linear_probe"
     assert rep["entries"][1]["id"] == "eolearn_slovenia/pixels/knn@0.5"
-    assert planned["status"] == "not implemented" and "frozen_upernet_ltae" in planned["reason"]
+    assert planned["status"] == "not implemented" and "probe-only data" in planned["reason"]
     assert absent["status"] == "data absent"
     for model in ("random init", "spectral"):
         runs = ok["models"][model]["runs"]
@@ -121,7 +121,7 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     run = fro["models"]["random init"]["runs"][0]
     assert run["metric"] == "mIoU" and 0.0 <= run["score"] <= 1.0
     assert run["steps"] == 2
-    assert "per_scene" in run["scores"]  # per-scene scores of the dense evaluation
+    assert run["per_scene"]  # per-scene scores of the dense evaluation (as the probes')
     unet = fro["models"]["unet"]["runs"][0]  # the U-Net from scratch, same crops and steps
     assert unet["metric"] == "mIoU" and 0.0 <= unet["score"] <= 1.0 and unet["steps"] == 2
     assert "unet" not in lp["models"]  # no U-Net row beside a probe
@@ -129,9 +129,11 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     assert probe["metric"] == "mIoU" and probe["n_train"] > 0
     assert by_id["mados/segmentation/frozen_upernet"]["status"] == "data absent"
     assert by_id["oscd/change_detection/siamese"]["status"] == "data absent"
-    assert by_id["pastis/multimodal_segmentation/frozen_upernet_ltae"]["status"] == (
-        "not implemented"
-    )
+    assert by_id["pastis/multimodal_segmentation/frozen_upernet_ltae"]["status"] == "data absent"
+    # no early stopping asked for: the runs used their budget; the table says so
+    assert run["stop"] == "budget" and run["best_step"] is None
+    assert fro["models"]["random init"]["summary"]["stop"] == "budget"
+    assert "| stop |" in (out / "report.md").read_text()
 
 
 @pytest.mark.integration

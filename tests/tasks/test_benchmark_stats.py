@@ -207,19 +207,21 @@ def test_plateau_rule():
     assert plateaued([1.0, 2.0]) is None
 
 
-def test_held_out_city_and_thresholded_scores():
-    from omegaconf import OmegaConf
+def test_f1_at_a_threshold():
+    from skysense.tasks.downstream.validation import f1_at
 
-    from skysense.tasks.benchmark.threshold import _scores, held_out_city
+    # p >= 0.65 marks rows 1 (0.7) and 3 (0.9); the only change is row 3: P 0.5, R 1
+    p, y = torch.tensor([0.1, 0.7, 0.6, 0.9]), torch.tensor([0, 0, 0, 1])
+    assert f1_at(p, y, 0.65) == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert f1_at(p, y, 0.95) == pytest.approx(0.0)
+    assert math.isnan(f1_at(p, torch.zeros(4, dtype=torch.long), 0.95))
 
-    cfg = OmegaConf.create({"train_cities": ["a", "b", "c", "d"]})
-    assert held_out_city(cfg, 0) == (["b", "c", "d"], "a")
-    assert held_out_city(cfg, 5) == (["a", "c", "d"], "b")
-    assert held_out_city(OmegaConf.create({"train_cities": ["a"]}), 0) is None
-    assert held_out_city(OmegaConf.create({}), 0) is None
-    # p >= 0.65 marks rows 1 (0.7) and 3 (0.9); the only change is row 3
-    s = _scores(torch.tensor([0.1, 0.7, 0.6, 0.9]), torch.tensor([0, 0, 0, 1]), 0.65)
-    assert s["change_precision"] == pytest.approx(0.5)  # rows 1 (0.7) and 3 (0.9): one change
-    assert s["change_recall"] == pytest.approx(1.0)
-    assert s["predicted_change_share"] == pytest.approx(0.5)
-    assert s["true_change_share"] == pytest.approx(0.25)
+
+def test_stop_cell():
+    from skysense.tasks.benchmark.report import stop_cell
+
+    assert stop_cell([{"score": 0.5}]) == "n/a"  # probes
+    assert stop_cell([{"stop": "budget", "best_step": None}] * 2) == "budget"
+    runs = [{"stop": "early", "best_step": 40, "budget_steps": 150},
+            {"stop": "budget", "best_step": 150, "budget_steps": 150}]  # fmt: skip
+    assert stop_cell(runs) == "early 1/2, best 40, 150 of 150"

@@ -49,6 +49,11 @@ their footprint), the mask is the majority class of each f x f block (snow & ice
 ignored), and ``hr`` stays on the label grid, f times finer. SkySense fuses one S2 pixel with
 8 x 8 HR pixels, so Planet + S2 (+ S1) runs with ``grid_factor=8`` (a 24 m S2 grid).
 
+An item (``H`` x ``W`` the label grid, ``f`` the factor above, 1 without S2 / S1): ``hr`` (3, H,
+W) float32 + ``hr_doy`` () int64; ``s2`` (T, 10, H/f, W/f) float32, ``s2_doy`` (T,) int64,
+``s2_valid`` (T,) bool, ``s2_pixel_valid`` (T, H/f, W/f) bool; ``s1`` (T, 2, H/f, W/f) likewise;
+``mask`` (H/f, W/f) int64 (255 = ignored); ``latlon`` (2,) float32; ``name``.
+
 Classes: impervious surface, agriculture, forest & other vegetation, wetlands, soil, water;
 the seventh label band (snow & ice) is ignored, as the authors' loader does.
 """

@@ -9,17 +9,23 @@ model (a checkpoint, the random-init encoder or a baseline) with one seed.
 - ``finetune``: the existing full fine-tuning with layer-wise lr decay
   (:func:`skysense.tasks.downstream.run.finetune`) with the entry's ``task`` and ``overrides``.
 - ``frozen_upernet``: the same path with the encoder frozen (UperNet head of the segmentation
-  and change tasks, AdamW lr 1e-4, weight decay 0.05, sliding-window evaluation; PANGAEA's
-  recipe, except that the lr follows the fine-tuning cosine schedule, not multi-step).
+  and change tasks, AdamW lr 1e-4, weight decay 0.05, multi-step lr at 60 % and 90 % of the
+  steps (gamma 0.1) after the task's warm-up, sliding-window evaluation; PANGAEA's recipe).
 - ``siamese`` (change detection): ``frozen_upernet`` on a change task, whose model is PANGAEA's
   siamese form: one frozen encoder runs over both dates (one batch of twice the size), the
   pyramids of the two dates are fused (concatenation and absolute difference) and decoded by
   UperNet. Any other task kind is an error.
-- ``frozen_upernet_ltae``: not implemented (NotImplementedError, in the report).
+- ``frozen_upernet_ltae`` (series segmentation): ``frozen_upernet`` whose per-date maps of the
+  series source (``s2`` / ``s1`` taps) are aggregated by one L-TAE per pyramid level
+  (:mod:`skysense.tasks.downstream.temporal`) instead of the mean over the valid dates.
 
 Every protocol returns ``{"score": headline, "metric": name, "plateaued": bool | None,
-"scores": {...}, ...}``. ``label_fraction`` < 1 keeps that share of the training rows
-(stratified, chosen by the seed); fine-tuning protocols do not take it yet.
+"scores": {...}, ...}``; the trained ones add ``stop`` (early / budget), ``best_step`` and the
+validation curve (:func:`stop_record`). ``label_fraction`` < 1 keeps that share of the training
+data, drawn by the seed: probes and image fine-tuning stratified by class, dense fine-tuning
+whole scenes / tiles (:mod:`skysense.tasks.downstream.holdout`). Fine-tuning protocols hold
+``val_fraction`` of the training data out when early stopping (``eval_every``, ``patience``)
+or change detection's threshold (``change_threshold``) needs a validation split.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ from skysense.tasks.benchmark import probes
 log = logging.getLogger(__name__)
 
 FEATURE_PROTOCOLS = {"linear_probe": "linear", "knn": "knn"}
-TRAIN_PROTOCOLS = ("finetune", "frozen_upernet", "siamese")
-PLANNED = ("frozen_upernet_ltae",)
+TRAIN_PROTOCOLS = ("finetune", "frozen_upernet", "siamese", "frozen_upernet_ltae")
+PLANNED: tuple[str, ...] = ()
 PROTOCOLS = (*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS, *PLANNED)
 
 
@@ -176,64 +182,82 @@ def budget_steps(entry, cfg, seed: int) -> int | None:
     return int(min(max(steps, int(entry.min_steps)), int(entry.max_steps)))
 
 
+def train_over(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int,
+               out_dir: Path) -> dict:  # fmt: skip
+    """The finetune overrides of a fine-tuning protocol run: seed, run_dir, checkpoint; the
+    label fraction; the validation split (``entry.val_fraction``) where early stopping
+    (``entry.eval_every`` > 0, ``entry.patience``) or change detection's threshold needs one;
+    the frozen protocols' PANGAEA optimiser (AdamW lr 1e-4, wd 0.05, ``entry.schedule``:
+    multistep at 60 % and 90 % of the steps by default)."""
+    every = int(entry.get("eval_every") or 0)
+    change = base_cfg.task.kind == "change"
+    thr = change and entry.get("change_threshold", True)
+    train = {"label_fraction": float(entry.label_fraction), "eval_every": every,
+             "patience": entry.get("patience"),
+             "val_fraction": float(entry.val_fraction) if every or thr else 0.0}  # fmt: skip
+    over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
+            "compare_random_init": False, "train": train,
+            "task": {"threshold": "val" if thr else "argmax"}}  # fmt: skip
+    if protocol in ("frozen_upernet", "siamese", "frozen_upernet_ltae"):
+        over["task"]["freeze_encoder"] = True
+        over["optim"] = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 1.0,
+                         "schedule": entry.get("schedule") or "multistep"}  # fmt: skip
+    elif entry.get("schedule"):
+        over["optim"] = {"schedule": entry.schedule}
+    if protocol == "frozen_upernet_ltae":
+        over["task"]["temporal"] = "ltae"
+    return over
+
+
+def stop_record(es: dict | None, hist: list[dict]) -> dict:
+    """``plateaued`` and ``stop`` of a trained run: with early stopping, plateaued = the
+    validation score stopped improving (patience ran out before the budget); without it, the
+    loss-curve rule of :func:`plateaued`."""
+    if not es:
+        return {"plateaued": plateaued([h["loss"] for h in hist]), "stop": "budget",
+                "best_step": None}  # fmt: skip
+    return {"plateaued": bool(es["stopped_early"]),
+            "stop": "early" if es["stopped_early"] else "budget",
+            "best_step": es["best_step"], "budget_steps": es["budget"],
+            "val_curve": es["evals"]}  # fmt: skip
+
+
 def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int,
                    out_dir: Path) -> dict:  # fmt: skip
-    """``finetune`` / ``frozen_upernet`` through downstream.run.finetune: ``base_cfg`` is the
-    composed finetune config of the entry (task, data, overrides)."""
+    """``finetune`` / ``frozen_upernet`` / ``siamese`` / ``frozen_upernet_ltae`` through
+    downstream.run.finetune: ``base_cfg`` is the composed finetune config of the entry (task,
+    data, overrides)."""
     from skysense.tasks.downstream.run import HEADLINE, finetune
 
-    if float(entry.label_fraction) < 1.0:
-        raise NotImplementedError(
-            f"label_fraction < 1 with the {protocol} protocol (the probes take it)"
-        )
-    over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
-            "compare_random_init": False}  # fmt: skip
     if protocol == "siamese" and base_cfg.task.kind != "change":
         raise ValueError(f"the siamese protocol is for change detection, not {base_cfg.task.kind}")
-    if protocol in ("frozen_upernet", "siamese"):
-        over["task"] = {"freeze_encoder": True}
-        over["optim"] = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 1.0}
-    cfg = OmegaConf.merge(base_cfg, over)
-    held = None
-    if cfg.task.kind == "change" and entry.get("change_threshold", True):
-        from skysense.tasks.benchmark.threshold import held_out_city
-
-        held = held_out_city(cfg.data, seed)
-        if held is not None:
-            cfg.data.train_cities = held[0]
+    cfg = OmegaConf.merge(base_cfg, train_over(entry, base_cfg, protocol, checkpoint, seed,
+                                               out_dir))  # fmt: skip
     budget = budget_steps(entry, cfg, seed)
     if budget is not None:
         cfg.train.max_steps = budget
     summary = finetune(cfg)
     run = next(iter(summary["runs"].values()))
-    kind = summary["kind"]
-    metric = HEADLINE[kind][0]
+    metric = HEADLINE[summary["kind"]][0]
     hist = json.loads((out_dir / run["init"] / "metrics.json").read_text()).get("history") or []
-    tuned = {}
-    if held is not None:
-        from skysense.tasks.benchmark.threshold import tuned_change_scores
-        from skysense.tasks.downstream.checkpoint import load_finetuned
-        from skysense.tasks.downstream.run import pick_device
-
-        device = pick_device(cfg.train.device)
-        model, meta = load_finetuned(run["model"])
-        tuned = tuned_change_scores(model.to(device), meta["source"], cfg.data, held[1],
-                                    cfg.task.eval, device)  # fmt: skip
-        tuned["scores_argmax"] = {k: v for k, v in run["metrics"].items()
-                                  if k.startswith("change_") or k == "per_scene"}  # fmt: skip
     res = {
         "score": float(run["metrics"].get(metric, math.nan) or math.nan),
         "metric": metric,
-        "plateaued": plateaued([h["loss"] for h in hist]),
-        "scores": {k: v for k, v in run["metrics"].items() if k != "confusion_matrix"},
+        **stop_record(run.get("early_stopping"), hist),
+        "scores": {
+            k: v for k, v in run["metrics"].items() if k not in ("confusion_matrix", "per_scene")
+        },  # fmt: skip
+        "per_scene": run["metrics"].get("per_scene"),
         "loss_first": run["loss_first"],
         "loss_last": run["loss_last"],
         "steps": run["steps"],
         "budget": f"{entry.epochs} epochs" if budget is not None else "task default",
         "model": run["model"],
         "data_info": summary.get("data_info"),
+        "label_fraction": float(entry.label_fraction),
     }
-    if tuned:  # the threshold chosen on the held-out city replaces the argmax scores
-        res.update(tuned)
-        res["score"] = float(tuned["scores"]["change_F1"])
+    if run.get("threshold"):  # chosen on the validation split; the scores above use it
+        t = run["threshold"]
+        res.update(threshold=t["threshold"], validation_scenes=t["val_scenes"],
+                   val_pr_curve=t["val_pr_curve"])  # fmt: skip
     return res

@@ -5,8 +5,10 @@ with its bootstrap 95 % interval and the single seeds as dots).
 Columns of the table: the entry's headline metric over seeds as mean, IQM and bootstrap 95 %
 interval (:mod:`stats`); ``norm.``: ``(mean - random-init mean) / (1 - random-init mean)`` on
 the same entry; ``plateaued``: runs whose optimisation had flattened (probes: L-BFGS reached
-its gradient tolerance; k-NN: no optimisation; fine-tuning: the mean loss of the last 20 % of
-steps within 5 % of the 20 % before) out of the runs; ``s/run``: mean wall time of a run.
+its gradient tolerance; k-NN: no optimisation; fine-tuning with early stopping: patience ran
+out before the budget; without: the mean loss of the last 20 % of steps within 5 % of the 20 %
+before) out of the runs; ``stop``: how the trained runs ended (:func:`stop_cell`); ``s/run``:
+mean wall time of a run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def summarise(results: dict, n_boot: int = 10000) -> dict:
             s["metric"] = next((r["metric"] for r in runs if "metric" in r), None)
             plat = [r.get("plateaued") for r in runs if r.get("plateaued") is not None]
             s["plateaued"] = f"{sum(bool(p) for p in plat)}/{len(plat)}" if plat else "n/a"
+            s["stop"] = stop_cell(runs)
             s["seconds"] = stats.mean([r.get("seconds", math.nan) for r in runs])
             s["errors"] = sorted({r["error"] for r in runs if r.get("error")})
             m["summary"] = s
@@ -55,6 +58,22 @@ def summarise(results: dict, n_boot: int = 10000) -> dict:
     return results
 
 
+def stop_cell(runs: list[dict]) -> str:
+    """How the trained runs ended: ``early k/n, best <steps> of <budget>`` with early stopping
+    (k runs stopped by patience; the step of each run's best validation score), ``budget``
+    (every run used its steps; no validation), or ``n/a`` (probes)."""
+    trained = [r for r in runs if r.get("stop")]
+    if not trained:
+        return "n/a"
+    best = [r.get("best_step") for r in trained]
+    if all(b is None for b in best):
+        return "budget"
+    early = sum(r["stop"] == "early" for r in trained)
+    budgets = sorted({r.get("budget_steps") for r in trained if r.get("budget_steps")})
+    of = f" of {'/'.join(map(str, budgets))}" if budgets else ""
+    return f"early {early}/{len(trained)}, best {', '.join(map(str, best))}{of}"
+
+
 def markdown(results: dict, wall_s: float) -> str:
     seeds = results["seeds"]
     shown = [m for m in results["models"]
@@ -68,8 +87,8 @@ def markdown(results: dict, wall_s: float) -> str:
         lines.append(f"Note: {results['note']}.")
     lines += [
         "",
-        "| entry | model | metric | mean | IQM | 95 % CI | seeds | norm. | plateaued | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| entry | model | metric | mean | IQM | 95 % CI | seeds | norm. | plateaued | stop | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     absent = []
     for rec in results["entries"]:
@@ -82,7 +101,8 @@ def markdown(results: dict, wall_s: float) -> str:
             lines.append(
                 f"| {rec['id']} | {model} | {s['metric'] or 'n/a'} | {_fmt(s['mean'])} | "
                 f"{_fmt(s['iqm'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | {s['n']}/{len(seeds)} | "
-                f"{_fmt(s['normalised'])} | {s['plateaued']} | {_fmt(s['seconds'], 1)} |"
+                f"{_fmt(s['normalised'])} | {s['plateaued']} | {s['stop']} | "
+                f"{_fmt(s['seconds'], 1)} |"
             )
             for err in s["errors"]:
                 absent.append(f"- `{rec['id']}` / {model}: {err}")
@@ -91,8 +111,12 @@ def markdown(results: dict, wall_s: float) -> str:
         "Columns: the entry's headline metric over seeds (mean, IQM, percentile-bootstrap 95 % "
         "interval of the mean); norm. = (mean - random-init mean) / (1 - random-init mean); "
         "plateaued = runs whose optimisation had flattened (linear probe: L-BFGS reached its "
-        "gradient tolerance; fine-tuning and U-Net: the mean loss of the last 20 % of steps "
-        "within 5 % of the 20 % before; k-NN: n/a). Rows: `random init` = the encoder at random "
+        "gradient tolerance; fine-tuning and U-Net with early stopping: the validation score "
+        "stopped improving for `patience` evaluations before the budget; without: the mean "
+        "loss of the last 20 % of steps within 5 % of the 20 % before; k-NN: n/a); stop = how "
+        "the trained runs ended (early k/n: stopped by patience; best: the step of each run's "
+        "best validation score, whose weights were scored; budget: all steps, no validation). "
+        "Rows: `random init` = the encoder at random "
         "initialisation (drawn per seed); `spectral` = per-band mean and std of the image (or "
         "the pixel's bands) into the entry's probe (a linear probe beside fine-tuning entries); "
         "`unet` = a U-Net trained from scratch with the same crops, loss and steps.",

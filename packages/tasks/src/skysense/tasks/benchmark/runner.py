@@ -202,6 +202,11 @@ def run_benchmark(cfg: DictConfig) -> dict:
             rec.update(status="config error", reason=f"{type(err).__name__}: {err}")
             log.error("%s: %s", eid, rec["reason"])
             continue
+        if base is None and e.protocol in protocols.TRAIN_PROTOCOLS:
+            rec.update(status="not implemented",
+                       reason=f"protocol {e.protocol} on data={e.data}: probe-only data, no "
+                              "fine-tuning reader")  # fmt: skip
+            continue
         if not data_present(data_cfg):
             rec.update(status="data absent", reason=f"data.root {data_cfg.get('root')} not found")
             log.warning("%s: data absent (%s)", eid, data_cfg.get("root"))

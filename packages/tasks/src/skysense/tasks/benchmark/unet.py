@@ -75,40 +75,46 @@ class UNet(nn.Module):
 
 
 def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
-    """Train and evaluate the U-Net on the entry's data with the fine-tuning budget."""
+    """Train and evaluate the U-Net on the entry's data with the fine-tuning budget, the same
+    validation split, label fraction, early stopping and change threshold rule as the
+    encoders' runs (:func:`protocols.train_over`)."""
+    from pathlib import Path
+
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
-    from skysense.tasks.benchmark.protocols import budget_steps, plateaued
+    from skysense.tasks.benchmark.protocols import budget_steps, stop_record, train_over
     from skysense.tasks.downstream.data import build_task_data
     from skysense.tasks.downstream.datasets.common import collate
     from skysense.tasks.downstream.evaluation import evaluate_dense
+    from skysense.tasks.downstream.holdout import carve
     from skysense.tasks.downstream.losses import TaskLoss
     from skysense.tasks.downstream.run import HEADLINE, pick_device, seed_everything
-    from skysense.tasks.downstream.trainer import train
+    from skysense.tasks.downstream.trainer import EarlyStopping, train
+    from skysense.tasks.downstream.validation import choose_threshold, score_fn
 
     cfg = OmegaConf.merge(base_cfg, {"seed": seed})
     kind = cfg.task.kind
     if kind not in ("segmentation", "change"):
         raise NotImplementedError(f"the U-Net baseline serves dense tasks, not {kind}")
-    held = None
-    if kind == "change" and entry.get("change_threshold", True):
-        from skysense.tasks.benchmark.threshold import held_out_city
-
-        held = held_out_city(cfg.data, seed)  # the same cities as the encoders' runs
-        if held is not None:
-            cfg.data.train_cities = held[0]
+    over = train_over(entry, base_cfg, "finetune", None, seed, Path(out_dir))
+    cfg = OmegaConf.merge(cfg, {"train": over["train"], "task": over["task"]})
     steps = budget_steps(entry, cfg, seed) or int(cfg.train.max_steps)
     bs = int(cfg.train.batch_size)
     device = pick_device(cfg.train.device)
     seed_everything(seed)
-    data = build_task_data(cfg.data, steps * bs, seed, cfg.task.get("features"))
+    src = cfg.task.get("features")
+    data = build_task_data(cfg.data, steps * bs, seed, src)
     if data.train_batches is not None:
         raise NotImplementedError("the U-Net baseline reads in-memory dense data only")
+    tr = cfg.train
+    val = None
+    if tr.val_fraction > 0 or tr.label_fraction < 1:
+        data, val = carve(data, cfg.data, steps * bs, seed, src, tr.val_fraction,
+                          tr.label_fraction)  # fmt: skip
     example = collate([data.train[0]])
     one = example["t1"] if kind == "change" else example
     mods = [m for m in ("s2", "s1", "hr") if m in one]
-    src = cfg.task.get("features")
     modality = src if src in mods else mods[0]
     torch.manual_seed(seed + 1)
     model = UNet(one[modality].shape[-3], len(data.classes), modality, kind == "change").to(device)
@@ -117,27 +123,33 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
     weights = data.class_weights if cfg.task.get("class_weights") == "auto" else None
     loader = DataLoader(data.train, batch_size=bs, shuffle=False, collate_fn=collate,
                         drop_last=True)  # fmt: skip
+    stopper = None
+    if tr.eval_every and val is not None:
+        stopper = EarlyStopping(score_fn(kind, val, cfg, device), int(tr.eval_every),
+                                tr.get("patience"))  # fmt: skip
     hist = train(model, TaskLoss(kind, weights).to(device), kind, loader, opt, steps, lr,
-                 0.0, 0, None, 50, device, desc="unet")  # fmt: skip
+                 0.0, 0, None, 50, device, desc="unet", stopper=stopper)  # fmt: skip
     ev = cfg.task.eval
+    thr = None
+    if kind == "change" and val is not None and cfg.task.threshold == "val":
+        thr = choose_threshold(model, val, ev, device)
     scores, _, _ = evaluate_dense(model, kind, data.eval, len(data.classes), ev.window,
-                                  ev.overlap, ev.batch_size, device)  # fmt: skip
+                                  ev.overlap, ev.batch_size, device,
+                                  thr["threshold"] if thr else None)  # fmt: skip
     metric = HEADLINE[kind][0]
     v = scores.get(metric, math.nan)
     res = {
         "score": math.nan if v is None else float(v),
         "metric": metric,
-        "plateaued": plateaued([h["loss"] for h in hist]),
-        "scores": {k: v for k, v in scores.items() if k != "confusion_matrix"},
-        "steps": steps,
+        **stop_record(stopper.record(len(hist), steps) if stopper else None, hist),
+        "scores": {k: v for k, v in scores.items() if k not in ("confusion_matrix", "per_scene")},
+        "per_scene": scores.get("per_scene"),
+        "steps": len(hist),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "data_info": data.info,
+        "label_fraction": float(tr.label_fraction),
     }
-    if held is not None:  # the threshold on the held-out city, as for the encoders
-        from skysense.tasks.benchmark.threshold import tuned_change_scores
-
-        tuned = tuned_change_scores(model, cfg.task.get("features"), cfg.data, held[1], ev,
-                                    device)  # fmt: skip
-        tuned["scores_argmax"] = res["scores"]
-        res.update(tuned)
-        res["score"] = float(tuned["scores"]["change_F1"])
+    if thr:
+        res.update(threshold=thr["threshold"], validation_scenes=thr["val_scenes"],
+                   val_pr_curve=thr["val_pr_curve"])  # fmt: skip
     return res

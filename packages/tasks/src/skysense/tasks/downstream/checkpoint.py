@@ -254,6 +254,8 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict]:
     if meta["kind"] == "detection":
         model = SkySenseFasterRCNN(encoder, meta["channels"], meta["n_classes"], **head)
     else:
+        if meta.get("temporal") == "ltae":  # per-date maps aggregated by L-TAE
+            from skysense.tasks.downstream.temporal import TemporalTaskModel as TaskModel
         model = TaskModel(
             encoder, meta["kind"], meta["source"], meta["n_classes"], meta["channels"], **head
         )

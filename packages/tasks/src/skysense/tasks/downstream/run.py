@@ -46,8 +46,9 @@ from skysense.tasks.downstream.evaluation import (
 )
 from skysense.tasks.downstream.holdout import carve, val_fraction_of
 from skysense.tasks.downstream.losses import TaskLoss
-from skysense.tasks.downstream.model import KINDS, build_task_model
+from skysense.tasks.downstream.model import KINDS
 from skysense.tasks.downstream.optim import build_optimizer, param_groups
+from skysense.tasks.downstream.temporal import build_temporal_model
 from skysense.tasks.downstream.trainer import EarlyStopping, train
 from skysense.tasks.downstream.validation import choose_threshold, score_fn
 from skysense.tasks.errors import ConfigError
@@ -316,7 +317,8 @@ def finetune(cfg: DictConfig) -> dict:
             bool(cfg.model.get("checkpointing", False)),
         )
         torch.manual_seed(cfg.seed + 1)  # the same head initialisation for every encoder
-        model = build_task_model(encoder, kind, source, len(data.classes), example, **dict(head))
+        model = build_temporal_model(encoder, kind, source, len(data.classes), example,
+                                     cfg.task.get("temporal"), **dict(head))  # fmt: skip
         model.to(device)
         o = cfg.optim
         lr = scaled_lr(o, tr.batch_size)
@@ -379,6 +381,7 @@ def finetune(cfg: DictConfig) -> dict:
             "init": {"checkpoint": ckpt, "key": info.get("key")},
             "eval": OmegaConf.to_container(cfg.task.eval, resolve=True),
             "threshold": thr["threshold"] if thr else None,
+            "temporal": cfg.task.get("temporal") or "mean",
         }
         save_finetuned(out_dir / "model.pt", model, meta)
         t1 = time.perf_counter()
