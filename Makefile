@@ -48,6 +48,19 @@ $(REF_STAMP): tests/reference/requirements.txt | $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/skysense pretrain $(if $(findstring resume=,$(ARGS))$(findstring overwrite=,$(ARGS)),,resume=true) $(ARGS)
 
+# Pre-training on the real samples of ../shared/data on a small machine (recipe=cpu_real, about
+# 35 min on 2 CPU cores): stage the unlabelled samples (SKYSENSE_SHARED_DATA overrides the
+# folder; stops naming it where absent), ingest them into $(REAL_DATA)/shards (resumable: a
+# second call finds the ingest done), then pre-train in runs/pretrain-real; a second call
+# continues the run or reports it finished, never overwriting a checkpoint.
+REAL_DATA ?= $(or $(SKYSENSE_REAL_DATA),data/real)
+
+.PHONY: pretrain-real
+pretrain-real: $(STAMP)
+	$(BIN)/python -m skysense.tasks.stage_shared $(REAL_DATA)/src
+	$(BIN)/skysense ingest $(REAL_DATA)/src $(REAL_DATA)/shards missing_bands=fill val_fraction=0 plots=0
+	SKYSENSE_REAL_DATA=$(REAL_DATA) $(BIN)/skysense pretrain recipe=cpu_real $(if $(findstring resume=,$(ARGS))$(findstring overwrite=,$(ARGS)),,resume=true) $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

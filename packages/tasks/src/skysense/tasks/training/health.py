@@ -13,9 +13,12 @@ time, read without augmentation), from the teacher:
   two collapse modes: one prototype for every sample drives the first to 0; a uniform output
   for every sample drives the second to 1).
 - ``proto_usage``: the share of the K prototypes that are the argmax of at least one sample.
+- ``rankme_s2``: RankMe of the pooled S2 tokens of the samples that hold S2 (the features that
+  Sentinel-2 probes read), where the data has S2.
 - ``retrieval``: cross-modal retrieval top-1 between co-located modalities (for each pair of
-  modalities present, whether a sample's pooled tokens in one modality are nearest, by cosine,
-  to the same place's in the other): what CMA should raise above chance (1 / N).
+  modalities, over the samples that hold both, whether a sample's pooled tokens in one modality
+  are nearest, by cosine, to the same place's in the other): what CMA should raise above chance
+  (1 / the number of such samples). Absent when no pair of modalities shares two samples.
 - ``knn``: 20-nearest-neighbour (cosine) accuracy of the labelled split on the training split,
   where the data has labels.
 """
@@ -111,16 +114,32 @@ def health_signals(teacher, batches: list[dict], temp: float, labelled=None) -> 
     sig["proto_entropy_mean"] = float(entropy(p.mean(0)) / log_k)
     sig["proto_entropy_sample"] = float(entropy(p).mean() / log_k)
     sig["proto_usage"] = float(p.argmax(1).unique().numel() / p.shape[1])
-    pooled = {}
+    pooled, present = {}, {}
     for mod in ("hr", "s2", "s1"):
         parts = [pooled_tokens(o, mod) for o in outs]
         if all(x is not None for x in parts):
             pooled[mod] = torch.cat(parts)
+            present[mod] = torch.cat([o[f"valid_{mod}"].any(1) for o in outs])
     mods = sorted(pooled)
-    pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
-    if pairs:
-        sig["retrieval"] = sum(retrieval_top1(pooled[a], pooled[b]) for a, b in pairs) / len(pairs)
-        sig["retrieval_chance"] = 1.0 / n
+    # Retrieval over the samples that hold both modalities (a place without one, e.g. a
+    # Sentinel-2-only place beside a Sentinel-1-only one, has nothing to retrieve); a pair
+    # needs two such samples, and chance is 1 / (their number), averaged over the pairs.
+    scores, chances = [], []
+    for i, a in enumerate(mods):
+        for b in mods[i + 1 :]:
+            both = present[a] & present[b]
+            if int(both.sum()) >= 2:
+                scores.append(retrieval_top1(pooled[a][both], pooled[b][both]))
+                chances.append(1.0 / int(both.sum()))
+    if scores:
+        sig["retrieval"] = sum(scores) / len(scores)
+        sig["retrieval_chance"] = sum(chances) / len(chances)
+    s2 = [pooled_tokens(o, "s2") for o in outs]
+    if all(x is not None for x in s2):
+        # RankMe of the pooled S2 tokens (the features the S2 probes read), where present.
+        keep = present["s2"]
+        if int(keep.sum()) >= 2:
+            sig["rankme_s2"] = rankme(torch.cat(s2)[keep])
     if labelled is not None:
         device = z.device
         xt, yt = extract(teacher.encoder, labelled[0], device)
@@ -187,7 +206,8 @@ def health_line(sig: dict[str, float] | None) -> str:
     if not sig:
         return "health: not measured (trainer.health_every=0)"
     parts = [
-        f"RankMe {sig['rankme']:.1f}/{sig['rankme_max']:.0f}",
+        f"RankMe {sig['rankme']:.1f}/{sig['rankme_max']:.0f}"
+        + (f" (S2 tokens {sig['rankme_s2']:.1f})" if "rankme_s2" in sig else ""),
         f"embedding std {sig['emb_std']:.2f}",
         f"prototype entropy mean {sig['proto_entropy_mean']:.2f} per-sample "
         f"{sig['proto_entropy_sample']:.2f} (of log K), usage {sig['proto_usage']:.2f}",

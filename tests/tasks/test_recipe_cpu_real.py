@@ -1,0 +1,71 @@
+"""The cpu_real pre-training recipe: it composes, it validates against a missing ingest by naming
+the manifest, and its staging finds the real samples of ../shared/data (skipped where absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from skysense.tasks import stage_shared
+from skysense.tasks.cli import compose
+from skysense.tasks.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_recipe_composes_over_the_pretrain_defaults(tmp_path, monkeypatch):
+    from skysense.tasks.pretrain import validate
+
+    monkeypatch.setenv("SKYSENSE_REAL_DATA", str(tmp_path / "real"))
+    cfg = compose("pretrain", ["recipe=cpu_real"])
+    base = compose("pretrain", [])
+    assert cfg.data.name == "shards" and base.data.name == "embedded"
+    assert cfg.data.manifest == str(tmp_path / "real" / "shards" / "manifest.sqlite")
+    assert cfg.run_dir == "runs/pretrain-real" != base.run_dir
+    assert cfg.trainer.linear_probe is False
+    # What the recipe leaves alone is the default (the same model preset as make pretrain).
+    assert cfg.model.preset == base.model.preset == "tiny"
+    # A later override still wins over the recipe.
+    assert compose("pretrain", ["recipe=cpu_real", "trainer.max_steps=7"]).trainer.max_steps == 7
+    # Not ingested yet: validation names the manifest before any work.
+    with pytest.raises(ConfigError, match="data.manifest"):
+        validate(cfg)
+
+
+def test_plan_without_shared_data_gives_reasons(tmp_path, capsys):
+    sources = stage_shared.plan(tmp_path / "absent")
+    assert [s.name for s in sources] == [n for _, n in stage_shared.SOURCES]
+    assert all(s.reason and "does not exist" in s.reason and not s.files for s in sources)
+    assert stage_shared.main([str(tmp_path / "src"), "--root", str(tmp_path / "absent")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "src").exists()
+
+
+@pytest.mark.integration
+def test_stage_finds_the_shared_samples(shared_data: Path, tmp_path):
+    import rasterio
+
+    sources = {s.name: s for s in stage_shared.plan(shared_data)}
+    assert all(s.reason is None for s in sources.values()), {
+        n: s.reason for n, s in sources.items()
+    }
+    oscd = sources["oscd"].files
+    cities = {f.relative_to(sources["oscd"].path).parts[0] for f in oscd}
+    assert len(cities) == 10
+    assert not any("labels" in f.parts or f.name.endswith("-cm.tif") for f in oscd)
+    assert sum(f.name == "dates.txt" for f in oscd) == 10
+
+    src = tmp_path / "src"
+    stage_shared.stage(src, shared_data)
+    tifs = sorted((src / "slovenia").glob("*.tif"))
+    assert [t.name[-12:-4] for t in tifs] == list(stage_shared.SLOVENIA_DATES)
+    with rasterio.open(tifs[0]) as ds:
+        assert ds.count == 13 and ds.dtypes[0] == "uint16"
+        assert ds.crs.to_epsg() == 32633 and ds.descriptions[10] == "B10"
+        assert ds.res == pytest.approx((10.0, 10.0), abs=0.1)
+    links = sorted(p for p in (src / "oscd").rglob("*") if p.is_symlink())
+    assert len(links) == len(oscd) and all(p.resolve().is_file() for p in links)
+    mtime = tifs[0].stat().st_mtime_ns
+    stage_shared.stage(src, shared_data)  # idempotent: nothing rewritten
+    assert tifs[0].stat().st_mtime_ns == mtime
