@@ -109,6 +109,45 @@ def test_crop_boxes_keeps_visible_boxes_shifted():
     assert lab.tolist() == [0]
 
 
+def test_box_crops_move_polygons_with_boxes_and_flips():
+    """BoxCrops (public detection datasets): oriented boxes follow the crop and both flips, so
+    the enclosing box of each kept polygon is its horizontal box (none clipped here)."""
+    from skysense.tasks.downstream.datasets.public import BoxCrops
+
+    rng = np.random.default_rng(3)
+    xy0 = rng.uniform(20, 70, (5, 2))
+    wh = rng.uniform(4, 12, (5, 2))
+    boxes = torch.tensor(np.concatenate([xy0, xy0 + wh], 1), dtype=torch.float32)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    poly = torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], 1)
+
+    class One:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {
+                "hr": torch.rand(3, 100, 100),
+                "boxes": boxes,
+                "labels": torch.arange(5),
+                "polygons": poly.double(),
+            }
+
+    flipped = 0
+    for i in range(12):
+        out = BoxCrops(One(), crop=96, length=12, seed=1, min_visible=1.0)[i]
+        p = out["polygons"]
+        assert p.shape == (len(out["labels"]), 8) and p.dtype == torch.float32
+        env = torch.stack(
+            [p[:, 0::2].amin(1), p[:, 1::2].amin(1), p[:, 0::2].amax(1), p[:, 1::2].amax(1)], 1
+        )
+        torch.testing.assert_close(env, out["boxes"])
+        flipped += int(not torch.equal(p[:, 0], env[:, 0]) or not torch.equal(p[:, 1], env[:, 1]))
+    assert flipped > 0  # some draws flipped (a corner no longer the top-left one)
+    batch = collate([out, out])
+    assert isinstance(batch["polygons"], list) and len(batch["polygons"]) == 2
+
+
 def test_detection_crops_flip_boxes_with_the_image():
     img = torch.zeros(3, 64, 64)
     img[:, 8:16, 40:56] = 1.0  # an object where its box is

@@ -197,6 +197,15 @@ def crop_boxes(
 ) -> tuple[Tensor, Tensor]:
     """Boxes inside the crop (shifted and clipped) that keep at least ``min_visible`` of their
     area."""
+    c, keep = crop_boxes_keep(boxes, top, left, size, min_visible)
+    return c[keep], labels[keep]
+
+
+def crop_boxes_keep(
+    boxes: Tensor, top: int, left: int, size: int, min_visible: float
+) -> tuple[Tensor, Tensor]:
+    """(M, 4) xyxy boxes -> the boxes shifted into a ``size`` crop at (top, left) and clipped
+    (M, 4), and the (M,) bool mask of those that keep ``min_visible`` of their area (and 2 px)."""
     b = boxes.clone()
     b[:, [0, 2]] -= left
     b[:, [1, 3]] -= top
@@ -206,7 +215,7 @@ def crop_boxes(
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     vis = (c[:, 2] - c[:, 0]).clamp_min(0) * (c[:, 3] - c[:, 1]).clamp_min(0)
     keep = (vis >= min_visible * area) & (c[:, 2] - c[:, 0] >= 2) & (c[:, 3] - c[:, 1] >= 2)
-    return c[keep], labels[keep]
+    return c, keep
 
 
 class DetectionCrops(Dataset):

@@ -112,7 +112,7 @@ def _pad_series(xs: list[Tensor], t: int, value=0) -> Tensor:
 
 def collate(samples: Sequence[dict]) -> dict:
     """Samples -> a batch: tensors stacked; series padded to the longest (zeros, doy 0, valid
-    False); ``boxes`` / ``labels`` of detection kept as lists; nested dicts (change pairs)
+    False); ``boxes`` / ``labels`` / ``polygons`` of detection kept as lists; nested dicts (change pairs)
     collated recursively."""
     if not samples:
         raise ValueError("collate: no samples")
@@ -122,7 +122,7 @@ def collate(samples: Sequence[dict]) -> dict:
         vals = [s[k] for s in samples]
         if isinstance(vals[0], dict):
             batch[k] = collate(vals)
-        elif k in ("boxes", "labels"):  # detection: a different number of boxes per image
+        elif k in ("boxes", "labels", "polygons"):  # detection: a varying number per image
             batch[k] = vals
         elif isinstance(vals[0], Tensor):
             m = k.split("_")[0]

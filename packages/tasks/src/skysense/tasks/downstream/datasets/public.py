@@ -208,7 +208,7 @@ class BoxCrops(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        from skysense.tasks.downstream.datasets.boxes import crop_boxes
+        from skysense.tasks.downstream.datasets.boxes import crop_boxes_keep
 
         rng = np.random.default_rng((self.seed, int(i)))
         s = self.ds[i % len(self.ds)]
@@ -217,11 +217,26 @@ class BoxCrops(Dataset):
         c = int(self.crop) if self.crop else min(h, w)
         top, left = random_crop_box(rng, h, w, c)
         img = img[:, top : top + c, left : left + c]
-        boxes, labels = crop_boxes(s["boxes"], s["labels"], top, left, c, self.min_visible)
+        boxes, keep = crop_boxes_keep(s["boxes"], top, left, c, self.min_visible)
+        boxes, labels = boxes[keep], s["labels"][keep]
+        # Oriented boxes (DIOR-R, FAIR1M): (M, 8) corners x1 y1 .. x4 y4, moved with the crop
+        # and the flips (not clipped: their rotated IoU is computed on the whole polygon).
+        poly = None
+        if "polygons" in s:
+            poly = s["polygons"].reshape(-1, 8).to(torch.float32)[keep].clone()
+            poly[:, 0::2] -= left
+            poly[:, 1::2] -= top
         if self.augment and rng.random() < 0.5:
             img = img.flip(-1)
             boxes = torch.stack([c - boxes[:, 2], boxes[:, 1], c - boxes[:, 0], boxes[:, 3]], 1)
+            if poly is not None:
+                poly[:, 0::2] = c - poly[:, 0::2]
         if self.augment and rng.random() < 0.5:
             img = img.flip(-2)
             boxes = torch.stack([boxes[:, 0], c - boxes[:, 3], boxes[:, 2], c - boxes[:, 1]], 1)
-        return {"hr": img.contiguous(), "boxes": boxes.reshape(-1, 4), "labels": labels}
+            if poly is not None:
+                poly[:, 1::2] = c - poly[:, 1::2]
+        out = {"hr": img.contiguous(), "boxes": boxes.reshape(-1, 4), "labels": labels}
+        if poly is not None:
+            out["polygons"] = poly
+        return out
