@@ -94,7 +94,7 @@ def oscd_run(shared_data, tmp_path_factory, pretrain_checkpoint):
     return run_dir, finetune(cfg)
 
 
-def test_change_detection_on_oscd_from_checkpoint_and_random(oscd_run):
+def test_change_detection_on_oscd_from_checkpoint_and_random(oscd_run, shared_data):
     run_dir, summary = oscd_run
     assert set(summary["runs"]) == {"pretrained", "random"}
     for name in ("pretrained", "random"):
@@ -108,10 +108,32 @@ def test_change_detection_on_oscd_from_checkpoint_and_random(oscd_run):
     }
     table = (run_dir / "summary.md").read_text()
     assert "| pretrained |" in table and "| random |" in table and "change_F1" in table
-    assert summary["data_info"] == {
-        "train": ["aguasclaras", "bercy", "bordeaux", "nantes"],
-        "val": ["rennes"],
-    }
+    info = summary["data_info"]
+    train_cities = ["aguasclaras", "bercy", "bordeaux", "nantes"]
+    assert {k: info[k] for k in ("train", "val")} == {"train": train_cities, "val": ["rennes"]}
+    assert set(info) == {"train", "val", "counts", "holdout"}
+    # the counts, against the label GeoTIFFs themselves (1 no change, 2 change)
+    for split, cities in (("train", train_cities), ("val", ["rennes"])):
+        masks = []
+        for c in cities:
+            with rasterio.open(shared_data / "oscd" / "labels" / c / "cm" / f"{c}-cm.tif") as ds:
+                masks.append(ds.read(1))
+        n = info["counts"][split]
+        assert n["scenes"] == len(cities)
+        assert n["pixels"] == sum(m.size for m in masks)
+        assert n["change_pixels"] == sum(int((m == 2).sum()) for m in masks)
+        assert 0.99 * n["pixels"] <= n["labelled_pixels"] <= n["pixels"]
+        assert n["change_fraction"] == pytest.approx(n["change_pixels"] / n["labelled_pixels"])
+    # one training city held out (task change_detection: train.val_fraction 0.25), where the
+    # decision threshold was chosen
+    held = info["holdout"]
+    assert len(held["validation"]) == 1 and sorted(held["train"] + held["validation"]) == sorted(
+        train_cities
+    )
+    for name in ("pretrained", "random"):
+        thr = summary["runs"][name]["threshold"]
+        assert thr["val_scenes"] == held["validation"] and 0.0 < thr["threshold"] < 1.0
+        assert (run_dir / name / "pr_curve.png").is_file()
 
 
 def test_evaluate_reproduces_the_scores(oscd_run, shared_data):

@@ -39,7 +39,10 @@ def test_benchmark_suite_end_to_end(tmp_path):
         [
             entry + ", protocol: linear_probe}",
             entry + ", protocol: knn, label_fraction: 0.5}",
-            entry + ", protocol: frozen_upernet_ltae}",
+            "{data: eolearn_slovenia, task: segmentation, protocol: frozen_upernet_ltae, "
+            f"data_args: {{root: '{root}', block: 4, min_pixels: 10, crop: 16}}, "
+            "eval_every: 1, patience: 1, overrides: ['train.max_steps=3', 'train.batch_size=2', "
+            "'task.eval.window=16', 'task.eval.overlap=0', 'task.features=s2']}",
             "{data: oscd, task: change_detection, protocol: linear_probe, "
             f"data_args: {{root: '{tmp_path / 'absent'}'}}}}",
         ]
@@ -54,10 +57,19 @@ def test_benchmark_suite_end_to_end(tmp_path):
     assert rep["models"] == ["random init", "spectral", "unet"]
     assert set(rep["entries"][0]["models"]) == {"random init", "spectral"}  # no U-Net beside probes
     assert rep["note"].startswith("no checkpoints given")
-    ok, planned, absent = rep["entries"][0], rep["entries"][2], rep["entries"][3]
+    ok, ltae, absent = rep["entries"][0], rep["entries"][2], rep["entries"][3]
     assert ok["id"] == "eolearn_slovenia/pixels/linear_probe"
     assert rep["entries"][1]["id"] == "eolearn_slovenia/pixels/knn@0.5"
-    assert planned["status"] == "not implemented" and "probe-only data" in planned["reason"]
+    # the series through L-TAE (frozen encoder per date, UperNet), the U-Net beside it; early
+    # stopping on a held-out group of training blocks, the best step reported
+    assert ltae["status"] == "ok" and set(ltae["models"]) == {"random init", "spectral", "unet"}
+    for model in ("random init", "unet"):
+        for r in ltae["models"][model]["runs"]:
+            assert "error" not in r, r["error"]
+            assert r["metric"] == "mIoU" and 0.0 <= r["score"] <= 1.0
+            assert r["best_step"] in [e["step"] for e in r["val_curve"]]
+            assert len(r["data_info"]["holdout"]["validation"]) == 1  # of 4 block groups
+        assert ltae["models"][model]["summary"]["stop"].startswith(("early", "budget"))
     assert absent["status"] == "data absent"
     for model in ("random init", "spectral"):
         runs = ok["models"][model]["runs"]
@@ -89,7 +101,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
         )
     md = (out / "report.md").read_text()
     assert "| eolearn_slovenia/pixels/linear_probe | spectral | mIoU |" in md
-    assert "data absent" in md and "not implemented" in md
+    assert "data absent" in md and "eolearn_slovenia/segmentation/frozen_upernet_ltae" in md
     assert all(not math.isnan(r["score"]) for r in ok["models"]["spectral"]["runs"])
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 RANDOM = "random init"
 SPECTRAL = "spectral"
 BASELINES = (SPECTRAL, "unet")
-PROBE_DATA = ("eolearn_slovenia",)  # data names the probes read without a data config
+# data the probes also read without a task config (an entry's task then only names it)
+PROBE_DATA = ("eolearn_slovenia",)
 
 
 def entry_id(e) -> str:
@@ -64,7 +65,9 @@ def entry_configs(cfg, e) -> tuple[DictConfig | None, DictConfig]:
     from skysense.tasks.cli import compose, config_groups
 
     data_args = OmegaConf.to_container(e.data_args, resolve=True) if e.get("data_args") else {}
-    if e.data in PROBE_DATA or e.data not in config_groups("finetune").get("data", []):
+    groups = config_groups("finetune")
+    no_task = e.task not in groups.get("task", []) and e.protocol in protocols.FEATURE_PROTOCOLS
+    if e.data not in groups.get("data", []) or (e.data in PROBE_DATA and no_task):
         if e.data not in PROBE_DATA:
             raise ValueError(f"data={e.data} is neither a data config nor one of {PROBE_DATA}")
         return None, OmegaConf.create({"name": e.data, **data_args})

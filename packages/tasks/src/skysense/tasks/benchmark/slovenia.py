@@ -102,3 +102,45 @@ def slovenia_feature_set(entry, data_cfg, featuriser, device):
         "split": f"{block} x {block} px blocks, test where (i + j) % 3 == 0",
     }
     return FeatureSet("pixels", classes, x[tr], y[tr], groups[tr], x[te], y[te], info)
+
+
+def slovenia_task_data(cfg, length: int, seed: int, source: str | None = None):
+    """The patch as fine-tuning data (``data=eolearn_slovenia``: the fine-tuning protocols,
+    e.g. ``frozen_upernet_ltae``), with the probes' block split: the training blocks are dealt
+    into ``train_groups`` (4) scenes by block index (each the whole image, labelled only on its
+    blocks), so a validation split holds whole block groups out; the one evaluation scene is
+    the whole image labelled only on the test blocks. Inputs see every pixel, as a sliding
+    window over a real scene would; labels never overlap."""
+    from skysense.tasks.downstream.data import TaskData, _sensor_inputs
+    from skysense.tasks.downstream.datasets.dense import DenseCrops, class_weights
+
+    scene, classes = load_slovenia(cfg.root, int(cfg.get("min_pixels", 50)))
+    h, w = scene.mask.shape
+    block = int(cfg.get("block", 10))
+    rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    bi, bj = rr // block, cc // block
+    is_test = (bi + bj) % 3 == 0
+    bid = bi * (w // block + 1) + bj
+    k = int(cfg.get("train_groups", 4))
+
+    def masked(name: str, keep: torch.Tensor) -> DenseScene:
+        m = scene.mask.clone()
+        m[~keep] = IGNORE_INDEX
+        return DenseScene(name, scene.sample, m)
+
+    train = [masked(f"slovenia_train{g}", ~is_test & (bid % k == g)) for g in range(k)]
+    test = [masked("slovenia_test", is_test)]
+    ds = DenseCrops(train, int(cfg.crop), length, seed, augment=bool(cfg.get("augment", True)))
+    count = lambda scs: sum(int((s.mask != IGNORE_INDEX).sum()) for s in scs)  # noqa: E731
+    return TaskData(
+        ds if length else None,
+        test,
+        classes,
+        ("segmentation",),
+        _sensor_inputs({"s2": "s2_l1c"}, "s2"),
+        class_weights(train, len(classes)),
+        {"train": [s.name for s in train], "val": [s.name for s in test],
+         "pixels": {"train": count(train), "test": count(test)},
+         "split": f"{block} x {block} px blocks, test where (i + j) % 3 == 0; training blocks "
+                  f"in {k} groups by block index"},  # fmt: skip
+    )

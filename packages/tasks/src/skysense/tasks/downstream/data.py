@@ -261,6 +261,7 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
 
 
 BUILDERS = {
+    "eolearn_slovenia": None,  # skysense.tasks.benchmark.slovenia.slovenia_task_data
     "oscd": build_oscd,
     "boxes": build_boxes,
     "geotiff_masks": build_geotiff_masks,
@@ -285,4 +286,8 @@ def build_task_data(data_cfg, length: int, seed: int, source: str | None = None)
         )
     if name == "geotiff_masks":
         return build_geotiff_masks(data_cfg, length, seed, source)
+    if name == "eolearn_slovenia":  # the benchmark's series patch (shared sample)
+        from skysense.tasks.benchmark.slovenia import slovenia_task_data
+
+        return slovenia_task_data(data_cfg, length, seed, source)
     return BUILDERS[name](data_cfg, length, seed)
