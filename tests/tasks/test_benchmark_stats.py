@@ -225,3 +225,17 @@ def test_stop_cell():
     runs = [{"stop": "early", "best_step": 40, "budget_steps": 150},
             {"stop": "budget", "best_step": 150, "budget_steps": 150}]  # fmt: skip
     assert stop_cell(runs) == "early 1/2, best 40, 150 of 150"
+
+
+def test_stop_record_plateau_from_the_validation_curve():
+    from skysense.tasks.benchmark.protocols import stop_record
+
+    evals = [{"step": s, "val": v} for s, v in ((25, 0.2), (50, 0.5), (75, 0.4), (100, 0.45))]
+    es = {"evals": evals, "best_step": 50, "budget": 100, "stopped_early": False, "patience": 2}
+    r = stop_record(es, [])
+    assert r["plateaued"] is True and r["stop"] == "budget" and r["best_step"] == 50
+    assert stop_record({**es, "patience": 3}, [])["plateaued"] is False  # 2 evals after best
+    assert stop_record({**es, "best_step": 100, "patience": None}, [])["plateaued"] is False
+    assert stop_record({**es, "stopped_early": True}, [])["stop"] == "early"
+    # no validation: the loss-curve rule
+    assert stop_record(None, [{"loss": v} for v in [5, 4, 3, 2] + [1.0] * 6])["plateaued"]

@@ -210,13 +210,18 @@ def train_over(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int
 
 
 def stop_record(es: dict | None, hist: list[dict]) -> dict:
-    """``plateaued`` and ``stop`` of a trained run: with early stopping, plateaued = the
-    validation score stopped improving (patience ran out before the budget); without it, the
-    loss-curve rule of :func:`plateaued`."""
+    """``plateaued`` and ``stop`` of a trained run. With validation: plateaued = the validation
+    score had stopped improving by the end (``patience`` evaluations after the best, whether
+    that stopped the run early or coincided with the budget's last step; without patience:
+    any evaluation after the best); without validation, the loss-curve rule of
+    :func:`plateaued`."""
     if not es:
         return {"plateaued": plateaued([h["loss"] for h in hist]), "stop": "budget",
                 "best_step": None}  # fmt: skip
-    return {"plateaued": bool(es["stopped_early"]),
+    best = es["best_step"]
+    after = sum(e["step"] > best for e in es["evals"]) if best is not None else 0
+    pat = es.get("patience")
+    return {"plateaued": bool(after >= pat if pat else after > 0),
             "stop": "early" if es["stopped_early"] else "budget",
             "best_step": es["best_step"], "budget_steps": es["budget"],
             "val_curve": es["evals"]}  # fmt: skip

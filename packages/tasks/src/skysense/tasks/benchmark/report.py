@@ -5,9 +5,9 @@ with its bootstrap 95 % interval and the single seeds as dots).
 Columns of the table: the entry's headline metric over seeds as mean, IQM and bootstrap 95 %
 interval (:mod:`stats`); ``norm.``: ``(mean - random-init mean) / (1 - random-init mean)`` on
 the same entry; ``plateaued``: runs whose optimisation had flattened (probes: L-BFGS reached
-its gradient tolerance; k-NN: no optimisation; fine-tuning with early stopping: patience ran
-out before the budget; without: the mean loss of the last 20 % of steps within 5 % of the 20 %
-before) out of the runs; ``stop``: how the trained runs ended (:func:`stop_cell`); ``s/run``:
+its gradient tolerance; k-NN: no optimisation; fine-tuning with early stopping: no validation
+improvement for ``patience`` evaluations by the end; without: the mean loss of the last 20 % of
+steps within 5 % of the 20 % before) out of the runs; ``stop``: how the trained runs ended (:func:`stop_cell`); ``s/run``:
 mean wall time of a run.
 """
 
@@ -112,7 +112,7 @@ def markdown(results: dict, wall_s: float) -> str:
         "interval of the mean); norm. = (mean - random-init mean) / (1 - random-init mean); "
         "plateaued = runs whose optimisation had flattened (linear probe: L-BFGS reached its "
         "gradient tolerance; fine-tuning and U-Net with early stopping: the validation score "
-        "stopped improving for `patience` evaluations before the budget; without: the mean "
+        "had not improved for `patience` evaluations by the end of the run; without: the mean "
         "loss of the last 20 % of steps within 5 % of the 20 % before; k-NN: n/a); stop = how "
         "the trained runs ended (early k/n: stopped by patience; best: the step of each run's "
         "best validation score, whose weights were scored; budget: all steps, no validation). "

@@ -139,8 +139,11 @@ def slovenia_task_data(cfg, length: int, seed: int, source: str | None = None):
         ("segmentation",),
         _sensor_inputs({"s2": "s2_l1c"}, "s2"),
         class_weights(train, len(classes)),
-        {"train": [s.name for s in train], "val": [s.name for s in test],
-         "pixels": {"train": count(train), "test": count(test)},
-         "split": f"{block} x {block} px blocks, test where (i + j) % 3 == 0; training blocks "
-                  f"in {k} groups by block index"},  # fmt: skip
+        {
+            "train": [s.name for s in train],
+            "val": [s.name for s in test],
+            "pixels": {"train": count(train), "test": count(test)},
+            "split": f"{block} x {block} px blocks, test where (i + j) % 3 == 0; training blocks "
+            f"in {k} groups by block index",
+        },  # fmt: skip
     )
