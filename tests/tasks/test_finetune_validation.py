@@ -181,6 +181,22 @@ def test_change_detection_threshold_on_validation_early_stopping(tmp_path):
     res = evaluate(cli.compose(cli.COMMANDS["evaluate"].config, [*base, f"run_dir={run}"]))
     assert res["metrics"]["threshold"] == pytest.approx(t)
     assert res["metrics"]["confusion_matrix"] == r["metrics"]["confusion_matrix"]
+    # infer: classes are P(change) >= the saved threshold, not the argmax
+    import rasterio
+
+    city = root / "images" / "paris"
+    common = [f"checkpoint={run / 'random' / 'model.pt'}", f"src2={city / 'imgs_2'}",
+              "window=32", "overlap=0", "progress=false", "check_sensor=false"]  # fmt: skip
+    assert cli.main(["infer", str(city / "imgs_1"), str(tmp_path / "c.tif"), *common]) == 0
+    assert cli.main(["infer", str(city / "imgs_1"), str(tmp_path / "p.tif"), *common,
+                     "output=probabilities"]) == 0  # fmt: skip
+    with rasterio.open(tmp_path / "c.tif") as c, rasterio.open(tmp_path / "p.tif") as pr:
+        cls, p1 = c.read(1), pr.read(2)
+    ok = np.isfinite(p1)
+    assert ok.sum() > 100 and t != pytest.approx(0.5)
+    np.testing.assert_array_equal(cls[ok], (p1[ok] >= t).astype(np.uint8))
+    lo, hi = min(t, 0.5), max(t, 0.5)
+    assert (ok & (p1 >= lo) & (p1 < hi)).any()  # pixels where the argmax would differ
     # eval_every without a validation split is a config error
     cfg = cli.compose(cli.COMMANDS["finetune"].config, [
         *base, f"run_dir={tmp_path / 'r2'}", "train.val_fraction=0", "train.eval_every=2",
