@@ -274,8 +274,11 @@ def finetune(cfg: DictConfig) -> dict:
         data, val = carve(data, cfg.data, tr.max_steps * tr.batch_size, cfg.seed,
                           cfg.task.get("features"), vf, lf)  # fmt: skip
     every = int(tr.get("eval_every") or 0)
-    if every > 0 and val is None:
+    if every > 0 and vf == 0:
         raise ConfigError("train.eval_every", "needs a validation split: set train.val_fraction")
+    if every > 0 and val is None:  # a single training scene / image: nothing to hold out
+        log.warning("train.eval_every: no validation split could be held out; no early stop")
+        every = 0
     source = resolve_source(cfg.task, data)
     head = head_options(cfg.task, kind)
     if data.train_batches is not None:
