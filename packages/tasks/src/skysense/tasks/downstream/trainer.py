@@ -166,8 +166,9 @@ def train(
             )
         due = stopper is not None and ((step + 1) % stopper.every == 0 or step + 1 == max_steps)
         if due and stopper(model, step + 1):
-            log.info("%s: early stop at step %d (best %.4f at step %d)", desc, step + 1,
-                     stopper.best, stopper.best_step)  # fmt: skip
+            if step + 1 < max_steps:
+                log.info("%s: early stop at step %d (best %.4f at step %d)", desc, step + 1,
+                         stopper.best, stopper.best_step)  # fmt: skip
             break
     bar.close()
     if stopper is not None:
