@@ -88,11 +88,6 @@ class Batch(TypedDict, total=False):
     view_affine: torch.Tensor
 
 
-class ViewsBatch(TypedDict):
-    view1: Batch
-    view2: Batch
-
-
 class BatchError(ValueError):
     """A batch that breaks the contract; the message names the key and what is wrong."""
 

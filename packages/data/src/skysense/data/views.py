@@ -67,9 +67,6 @@ class ViewConfig:
         if isinstance(d, ViewConfig):
             return d
         d = dict(d)
-        if "max_steps_s2" in d or "max_steps_s1" in d:
-            ms = {"s2": d.pop("max_steps_s2", 20), "s1": d.pop("max_steps_s1", 10)}
-            d["max_steps"] = ms
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"unknown view_config field(s) {sorted(unknown)}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -176,8 +175,3 @@ class SkySenseFasterRCNN(nn.Module):
         if self.training:
             return out
         return [{**o, "labels": o["labels"] - 1} for o in out]
-
-
-def detection_loss(losses: dict[str, Tensor]) -> Tensor:
-    """Sum of torchvision's RPN and box-head losses."""
-    return torch.stack(list(losses.values())).sum()
