@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from skysense.kernels import dispatch
 from skysense.kernels.attention_bias import MAX_HEAD_DIM, bias_spec
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 OP = "attention"
 BACKENDS = ("triton", "xformers", "sdpa", "matmul", "reference")
@@ -251,7 +251,7 @@ def xformers_unavailable_reason(q, has_bias: bool) -> str | None:
         except Exception as e:  # any failure (import, no operator, kernel error) rules it out
             reason = f"xformers cannot run these inputs: {type(e).__name__}: {str(e)[:200]}"
     if reason:
-        logger.info("attention: xformers unavailable for %s: %s", key, reason)
+        log.info("attention: xformers unavailable for %s: %s", key, reason)
     _xformers_probe[key] = reason
     return reason
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from skysense.kernels import dispatch
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 OP = "normalize_crop_flip"
 _DTYPES = (np.uint8, np.int16, np.uint16, np.float32)
@@ -206,7 +206,7 @@ def normalize_crop_flip(
             f"got {x.dtype}"
         )
     if backend == "numpy" and not forced and not cpp_available() and not _warned:
-        logger.warning(
+        log.warning(
             "skysense.kernels._C is not available (%s): normalize_crop_flip runs the slower "
             "numpy sequence",
             _C_ERROR or "extension without this kernel",

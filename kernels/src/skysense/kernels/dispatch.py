@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _state = threading.local()
 _last: dict[str, str] = {}
@@ -64,9 +64,9 @@ def record(op: str, backend: str) -> None:
         return
     if (op, backend) not in _seen:
         _seen.add((op, backend))
-        logger.info("%s: backend %s", op, backend)
+        log.info("%s: backend %s", op, backend)
     else:
-        logger.debug("%s: backend %s", op, backend)
+        log.debug("%s: backend %s", op, backend)
 
 
 def last_backend(op: str) -> str | None:
