@@ -5,6 +5,7 @@ chosen on the validation split (saved with the model, used by evaluate and infer
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -203,3 +204,20 @@ def test_change_detection_threshold_on_validation_early_stopping(tmp_path):
         "train.max_steps=2", "train.batch_size=2"])  # fmt: skip
     with pytest.raises(ConfigError, match="train.eval_every"):
         finetune(cfg)
+
+
+def test_validation_loss_metric():
+    from skysense.tasks.downstream.validation import mean_loss, score_fn
+
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    assert mean_loss("classification", p, torch.tensor([0, 1])) == pytest.approx(
+        -(math.log(0.5) + math.log(0.1)) / 2
+    )
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    want = -(math.log(0.5) + math.log(0.5) + math.log(0.1) + math.log(0.9)) / 4
+    assert mean_loss("multilabel", p, y) == pytest.approx(want)
+    cfg = OmegaConf.create({"task": {"eval": {}}, "train": {"eval_batch_size": 2}})
+    with pytest.raises(NotImplementedError, match="image tasks"):
+        score_fn("segmentation", None, cfg, "cpu", "loss")
+    with pytest.raises(ValueError, match="score or loss"):
+        score_fn("classification", None, cfg, "cpu", "acc")

@@ -193,7 +193,7 @@ def train_over(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int
     change = base_cfg.task.kind == "change"
     thr = change and entry.get("change_threshold", True)
     train = {"label_fraction": float(entry.label_fraction), "eval_every": every,
-             "patience": entry.get("patience"),
+             "patience": entry.get("patience"), "val_metric": entry.get("val_metric") or "score",
              "val_fraction": float(entry.val_fraction) if every or thr else 0.0}  # fmt: skip
     over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
             "compare_random_init": False, "train": train,

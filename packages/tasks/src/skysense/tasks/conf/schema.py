@@ -96,6 +96,8 @@ class FinetuneTrainConfig:
     eval_every: int = 0
     patience: int | None = None
     min_delta: float = 0.0
+    # what early stopping compares: score (the task's headline metric) or loss (image tasks)
+    val_metric: str = "score"
 
 
 @dataclass

@@ -279,6 +279,7 @@ def finetune(cfg: DictConfig) -> dict:
     if every > 0 and val is None:  # a single training scene / image: nothing to hold out
         log.warning("train.eval_every: no validation split could be held out; no early stop")
         every = 0
+    vmetric = tr.get("val_metric") or "score"
     source = resolve_source(cfg.task, data)
     head = head_options(cfg.task, kind)
     if data.train_batches is not None:
@@ -343,7 +344,7 @@ def finetune(cfg: DictConfig) -> dict:
         loss_fn = TaskLoss(kind, weights, head.get("aux_weight", 0.0)).to(device)
         stopper = None
         if every > 0:
-            stopper = EarlyStopping(score_fn(kind, val, cfg, device), every,
+            stopper = EarlyStopping(score_fn(kind, val, cfg, device, vmetric), every,
                                     tr.get("patience"), float(tr.get("min_delta") or 0.0))  # fmt: skip
         t0 = time.perf_counter()
         history = train(

@@ -1,10 +1,13 @@
 """Scores on the validation split that :mod:`holdout` carves from the training data: what early
 stopping compares, and change detection's decision threshold.
 
-- :func:`score_fn`: ``model -> float``, the task's headline metric on the validation split
-  (higher is better): OA (classification), mAP (multi-label), mIoU (segmentation), and for
-  change detection the change F1 at the best threshold on that split (threshold-free: the
-  threshold is chosen once more at the end).
+- :func:`score_fn`: ``model -> float``, higher is better: the task's headline metric on the
+  validation split (``metric="score"``): OA (classification), mAP (multi-label), mIoU
+  (segmentation), and for change detection the change F1 at the best threshold on that split
+  (threshold-free: the threshold is chosen once more at the end); or, for image tasks, minus
+  the mean validation loss (``metric="loss"``: cross-entropy / binary cross-entropy of the
+  predicted probabilities), which moves smoothly where a handful of validation images make
+  the accuracy jump in steps of 1/N.
 - :func:`choose_threshold`: P(change) over the labelled pixels of the validation scenes, the
   threshold of the best change F1 (0.01 .. 0.99, the benchmark's
   :func:`skysense.tasks.benchmark.probes.best_threshold`), and the precision/recall curve
@@ -40,9 +43,14 @@ def f1_at(p: torch.Tensor, y: torch.Tensor, t: float) -> float:
     return 2 * (pred & pos).sum().item() / denom if denom else math.nan
 
 
-def score_fn(kind: str, val, cfg, device) -> Callable[[nn.Module], float]:
+def score_fn(kind: str, val, cfg, device, metric: str = "score") -> Callable[[nn.Module], float]:
     """The validation score of ``kind`` on ``val`` (a :class:`TaskData` of the validation
-    split); ``cfg``: the finetune config (task.eval, train.eval_batch_size)."""
+    split); ``cfg``: the finetune config (task.eval, train.eval_batch_size); ``metric``:
+    "score" or "loss" (image tasks only; module docstring)."""
+    if metric not in ("score", "loss"):
+        raise ValueError(f"train.val_metric must be score or loss, not {metric!r}")
+    if metric == "loss" and kind not in ("classification", "multilabel"):
+        raise NotImplementedError(f"train.val_metric=loss for {kind} (image tasks only)")
     from skysense.tasks.benchmark.probes import best_threshold
 
     ev = cfg.task.eval
@@ -61,11 +69,23 @@ def score_fn(kind: str, val, cfg, device) -> Callable[[nn.Module], float]:
                 batches = val.eval_batches(bs)
             else:
                 batches = DataLoader(val.eval, batch_size=bs, collate_fn=collate)
-            s, _ = evaluate_classification(model, kind, batches, len(val.classes), device)
+            s, extra = evaluate_classification(model, kind, batches, len(val.classes), device)
+            if metric == "loss":
+                return -mean_loss(kind, extra["scores"], extra["targets"])
             return float(s["OA" if kind == "classification" else "mAP"])
         raise NotImplementedError(f"a validation score of {kind} models")
 
     return score
+
+
+def mean_loss(kind: str, probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean cross-entropy of softmax ``probs`` (N, K) at ``targets`` (N,), or mean binary
+    cross-entropy of sigmoid ``probs`` (N, K) against ``targets`` (N, K) {0, 1}."""
+    p = probs.double().clamp(1e-12, 1 - 1e-12)
+    if kind == "classification":
+        return float(-p.gather(1, targets.long()[:, None]).log().mean())
+    y = targets.double()
+    return float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
 
 
 def choose_threshold(model: nn.Module, val, ev, device, out_dir: Path | None = None) -> dict:
