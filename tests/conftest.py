@@ -45,3 +45,18 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``), restored afterwards. The CPU is shared with other
+    jobs, where idle OpenMP threads spin (steps up to 30x slower with 2), and one thread, as
+    the subprocesses have (OMP_NUM_THREADS=1), makes in-process and subprocess runs bitwise
+    comparable. Module scope, so that it is set before a module's own run fixtures."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,17 +18,7 @@ from skysense.encoders import build_skysense
 from skysense.tasks import cli
 from skysense.tasks.downstream.run import evaluate, finetune
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
-    (several times slower with 2); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _cfg(overrides, command="finetune"):

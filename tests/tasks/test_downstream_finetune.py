@@ -19,17 +19,7 @@ import skysense.encoders
 from skysense.tasks import cli
 from skysense.tasks.downstream.run import evaluate, finetune
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
-    (several times slower with 2); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)

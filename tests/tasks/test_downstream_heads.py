@@ -9,7 +9,6 @@ from test_downstream_standin import StandInSkySense, build_standin, make_batch
 
 import skysense.encoders
 from skysense.tasks.downstream import checkpoint as ckpt
-from skysense.tasks.downstream import optim
 from skysense.tasks.downstream.heads import (
     ChangeHead,
     ClassificationHead,
@@ -17,19 +16,10 @@ from skysense.tasks.downstream.heads import (
     UperNetHead,
 )
 from skysense.tasks.downstream.model import TaskModel, build_task_model
+from skysense.tasks.training import optim
 from skysense.tasks.training.checkpoint import CheckpointError
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
-    (several times slower with 2); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _upernet_reference(head: UperNetHead, feats):
@@ -156,7 +146,7 @@ def test_linear_probing_freezes_the_encoder():
     model(batch)["logits"].sum().backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert model.head.fc.weight.grad is not None
-    groups = optim.param_groups(model, 1e-3, 0.05, layer_decay=0.5)
+    groups = optim.param_groups(model, 0.05, layer_decay=0.5)
     n = sum(len(g["params"]) for g in groups)
     assert n == len(list(model.head.parameters()))
 
@@ -182,7 +172,7 @@ def test_layer_decay_orders_depths():
     spatial = max(v for k, v in depth.items() if not k.startswith("fusion"))
     assert min(v for k, v in depth.items() if k.startswith("fusion")) >= spatial
     assert depth["fusion.layers.1.weight"] == top
-    groups = optim.param_groups(model, 1.0, 0.05, layer_decay=0.9)
+    groups = optim.param_groups(model, 0.05, layer_decay=0.9)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert scale_of[id(model.head.fc.weight)] == 1.0
@@ -190,16 +180,8 @@ def test_layer_decay_orders_depths():
     assert scale_of[id(enc.fusion.layers[1].weight)] == pytest.approx(0.9)
     assert wd_of[id(enc.hr.patch_embed.bias)] == 0.0 and wd_of[id(enc.dtpe)] == 0.0
     assert wd_of[id(enc.hr.patch_embed.weight)] == 0.05
-    flat = optim.param_groups(model, 1.0, 0.05, layer_decay=1.0)
+    flat = optim.param_groups(model, 0.05, layer_decay=1.0)
     assert {g["lr_scale"] for g in flat} == {1.0}
-
-
-def test_lr_schedule():
-    assert optim.lr_at(0, 100, 1.0, 0.0, 10) == pytest.approx(0.1)
-    assert optim.lr_at(9, 100, 1.0, 0.0, 10) == pytest.approx(1.0)
-    assert optim.lr_at(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
-    assert optim.lr_at(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
-    assert optim.lr_at(55, 100, 1.0, 0.0, 10) == pytest.approx(0.5)
 
 
 @pytest.fixture

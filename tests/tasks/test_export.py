@@ -19,14 +19,7 @@ from skysense.tasks.downstream.model import build_task_model
 HAVE_ONNX = all(importlib.util.find_spec(p) for p in ("onnx", "onnxscript", "onnxruntime"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
-    (several times slower with 2); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta(kind, sensors, ref, window):

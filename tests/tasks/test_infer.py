@@ -36,14 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared with other jobs, where idle OpenMP threads spin
-    (several times slower with 2); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------- windows, blending

@@ -69,15 +69,7 @@ RANDOM = ["loss.max_pixel_pairs=8", "++model.overrides.fusion_drop_path_rate=0.2
 SCALE_REL = 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the subprocesses (OMP_NUM_THREADS=1): idle OpenMP threads spin on
-    the shared CPU (steps up to 30x slower), and one thread makes in-process and subprocess runs
-    bitwise comparable. Module scope, so that it is set before the module's run fixtures."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,9 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be
+    opened. Also the tasks' checkpoints use it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -107,7 +109,7 @@ def write_shard(
             info["arrays"][name] = {"shape": list(a.shape), "dtype": a.dtype.name}
         current = tmp / "shard.json"
         current.write_text(json.dumps(info, indent=1))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         current = final
         tmp.rename(final)
     except OSError as e:
@@ -117,7 +119,7 @@ def write_shard(
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(current)) from e
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final.relative_to(root)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from skysense.encoders.checkpointing import run_block
 from skysense.encoders.drop_path import DropPath
 from skysense.encoders.mlp import Mlp
+from skysense.encoders.weight_init import init_weights
 from skysense.encoders.window_attention import WindowAttentionV2
 
 
@@ -216,7 +217,7 @@ class SwinTransformerV2(nn.Module):
                 )
             )
         self.out_norms = nn.ModuleList(nn.LayerNorm(d, eps=norm_eps) for d in self.dims)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def stride(self) -> int:
@@ -251,13 +252,3 @@ class SwinTransformerV2(nn.Module):
 
         The maps are channels-first views of channels-last storage (not contiguous)."""
         return tuple(o.permute(0, 3, 1, 2) for o in self.forward_channels_last(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

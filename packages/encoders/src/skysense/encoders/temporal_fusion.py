@@ -12,6 +12,7 @@ from torch import nn
 from skysense.encoders.block import Block
 from skysense.encoders.checkpointing import run_block
 from skysense.encoders.dtpe import DateSpecificTemporalEncoding
+from skysense.encoders.weight_init import init_weights
 
 
 class TemporalFusion(nn.Module):
@@ -62,10 +63,7 @@ class TemporalFusion(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else None
         self.checkpointing = False
         nn.init.trunc_normal_(self.extra_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     def set_checkpointing(self, enabled: bool = True) -> None:
         self.checkpointing = enabled

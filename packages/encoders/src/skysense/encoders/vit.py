@@ -12,6 +12,7 @@ from torch import nn
 
 from skysense.encoders.block import Block
 from skysense.encoders.checkpointing import run_block
+from skysense.encoders.weight_init import init_weights
 
 
 class VisionTransformer(nn.Module):
@@ -79,7 +80,7 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def set_checkpointing(self, enabled: bool = True) -> None:
         self.checkpointing = enabled
@@ -133,13 +134,3 @@ class VisionTransformer(nn.Module):
         """x: (N, in_chans, H, W) -> taps (N, dim, H / patch, W / patch), channels-first views."""
         taps, _ = self.forward_channels_last(x)
         return tuple(t.permute(0, 3, 1, 2) for t in taps)
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

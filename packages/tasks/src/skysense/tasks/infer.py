@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 def main(cfg, command: str = "infer") -> int:
     from skysense.tasks.downstream.errors import as_config_errors
     from skysense.tasks.downstream.infer import run_inference
-    from skysense.tasks.downstream.run import set_threads
+    from skysense.tasks.training.runtime import set_threads
 
     set_threads(cfg.get("threads"))
     with as_config_errors("infer"):
@@ -22,6 +22,8 @@ def main(cfg, command: str = "infer") -> int:
 
 
 def _run(cfg, run_inference):
+    from skysense.tasks.training.runtime import resolve_device
+
     return run_inference(
         cfg.checkpoint,
         cfg.src,
@@ -33,16 +35,8 @@ def _run(cfg, run_inference):
         batch_size=cfg.batch_size,
         block=cfg.block,
         output=cfg.output,
-        device="cuda"
-        if cfg.device == "auto" and _cuda()
-        else ("cpu" if cfg.device == "auto" else cfg.device),
+        device=resolve_device(cfg.device, "device"),
         overwrite=cfg.overwrite,
         progress=cfg.progress,
         check_sensor=cfg.check_sensor,
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

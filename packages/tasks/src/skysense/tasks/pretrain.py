@@ -56,7 +56,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.strategy", f"'{t.strategy}' is not one of ddp, fsdp")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError("trainer.precision", f"'{t.precision}' is not one of auto, fp32, bf16")
-    _validate_device(str(t.device))
+    from skysense.tasks.training.runtime import resolve_device
+
+    resolve_device(t.device, "trainer.device")
     if cfg.data.name == "shards":
         manifest = cfg.data.get("manifest")
         if manifest in (None, "???") or OmegaConf.is_missing(cfg.data, "manifest"):
@@ -77,21 +79,6 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
-
-
-def _validate_device(name: str) -> None:
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError("trainer.device", f"'{name}' is not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", f"'{name}' asked for, but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("trainer.device", f"'{name}': only auto, cpu and cuda[:N] are supported")
 
 
 def _validate_views(views) -> None:
@@ -285,13 +272,11 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
         argv = [a for a in sys.argv[2:] if not a.startswith("trainer.nproc=")]
         return D.launch(cfg.trainer.nproc, command, argv + [f"trainer.nproc={cfg.trainer.nproc}"])
 
-    from skysense.tasks.training.loop import NonFiniteLoss, scaled_lr, train
+    from skysense.tasks.training.loop import NonFiniteLoss, train
+    from skysense.tasks.training.optim import scaled_lr
+    from skysense.tasks.training.runtime import set_threads
 
-    threads = cfg.trainer.get("threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    set_threads(cfg.trainer.get("threads"))
     info = D.init(cfg.trainer.device)
     try:
         if info.is_main:

@@ -170,12 +170,13 @@ def run_one(cfg, e, base, data_cfg, feats, model, ckpt, seed, out: Path) -> dict
 
 
 def run_benchmark(cfg: DictConfig) -> dict:
-    from skysense.tasks.downstream.run import pick_device, set_threads, write_json
+    from skysense.tasks.downstream.run import write_json
+    from skysense.tasks.training.runtime import resolve_device, set_threads
 
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     set_threads(cfg.threads)
     models = models_of(cfg)
     feats = Featurisers(cfg, device)

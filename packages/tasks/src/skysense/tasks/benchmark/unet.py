@@ -89,9 +89,10 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
     from skysense.tasks.downstream.evaluation import evaluate_dense
     from skysense.tasks.downstream.holdout import carve
     from skysense.tasks.downstream.losses import TaskLoss
-    from skysense.tasks.downstream.run import HEADLINE, pick_device, seed_everything
+    from skysense.tasks.downstream.run import HEADLINE
     from skysense.tasks.downstream.trainer import EarlyStopping, train
     from skysense.tasks.downstream.validation import choose_threshold, score_fn
+    from skysense.tasks.training.runtime import resolve_device, seed_everything
 
     cfg = OmegaConf.merge(base_cfg, {"seed": seed})
     kind = cfg.task.kind
@@ -101,7 +102,7 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
     cfg = OmegaConf.merge(cfg, {"train": over["train"], "task": over["task"]})
     steps = budget_steps(entry, cfg, seed) or int(cfg.train.max_steps)
     bs = int(cfg.train.batch_size)
-    device = pick_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     seed_everything(seed)
     src = cfg.task.get("features")
     data = build_task_data(cfg.data, steps * bs, seed, src)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -47,11 +46,12 @@ from skysense.tasks.downstream.evaluation import (
 from skysense.tasks.downstream.holdout import carve, val_fraction_of
 from skysense.tasks.downstream.losses import TaskLoss
 from skysense.tasks.downstream.model import KINDS
-from skysense.tasks.downstream.optim import build_optimizer, param_groups
 from skysense.tasks.downstream.temporal import build_temporal_model
 from skysense.tasks.downstream.trainer import EarlyStopping, train
 from skysense.tasks.downstream.validation import choose_threshold, score_fn
 from skysense.tasks.errors import ConfigError
+from skysense.tasks.training.optim import build_optimizer, scaled_lr
+from skysense.tasks.training.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +68,6 @@ _DET_HEAD = {
     "representation": "representation",
     "size_divisible": "size_divisible",
 }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (third-party code may draw from the global state)
-    torch.manual_seed(seed)
-
-
-def set_threads(n) -> None:
-    """``torch.set_num_threads(n)`` when ``n`` is set (see train.threads in finetune.yaml)."""
-    if n:
-        torch.set_num_threads(int(n))
-        log.info("torch CPU threads: %d", int(n))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", f"'{name}' asked for, but CUDA is not available")
-    return dev
 
 
 def resolve_source(task, data: TaskData) -> str:
@@ -116,21 +94,6 @@ def head_options(task, kind: str) -> dict:
     }
     out["freeze_encoder"] = bool(task.get("freeze_encoder", False))
     return out
-
-
-def scaled_lr(o, batch_size: int) -> float:
-    """``optim.lr`` scaled to the batch by ``optim.lr_scaling`` (none, linear, sqrt) against
-    ``optim.ref_batch``. Fine-tuning keeps the weight decay constant (``weight_decay_end`` is a
-    pre-training schedule and is not used here)."""
-    mode = o.get("lr_scaling", "none")
-    ratio = batch_size / float(o.get("ref_batch", batch_size) or batch_size)
-    if mode == "none":
-        return float(o.lr)
-    if mode == "linear":
-        return float(o.lr) * ratio
-    if mode == "sqrt":
-        return float(o.lr) * ratio**0.5
-    raise ConfigError("optim.lr_scaling", f"none, linear or sqrt, not {mode!r}")
 
 
 def lr_schedule(o, max_steps: int, lr: float):
@@ -256,7 +219,7 @@ def finetune(cfg: DictConfig) -> dict:
     _check_task(cfg)
     kind = cfg.task.kind
     tr = cfg.train
-    device = pick_device(tr.device)
+    device = resolve_device(tr.device, "train.device")
     set_threads(tr.get("threads"))
     run_dir = Path(str(cfg.run_dir))
     seed_everything(cfg.seed)
@@ -327,8 +290,8 @@ def finetune(cfg: DictConfig) -> dict:
         o = cfg.optim
         lr = scaled_lr(o, tr.batch_size)
         layer_decay = 1.0 if head["freeze_encoder"] else o.layer_decay
-        groups = param_groups(model, lr, o.weight_decay, layer_decay)
-        optimizer = build_optimizer(groups, lr, tuple(o.betas))
+        # Fine-tuning keeps the weight decay constant (weight_decay_end is pre-training's).
+        optimizer = build_optimizer(model, o, lr, layer_decay)
         if data.train_batches is not None:
             loader = data.train_batches(tr.batch_size)
         else:
@@ -504,7 +467,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "weights", f"{weights} does not exist (fine-tune first, or set weights=...)"
         )
     model, meta = load_finetuned(weights)
-    device = pick_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     set_threads(cfg.train.get("threads"))
     model.to(device)
     seed_everything(cfg.seed)

@@ -23,7 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from skysense.tasks.downstream.datasets.common import to_device
-from skysense.tasks.downstream.optim import lr_at, set_lr
+from skysense.tasks.training.optim import set_lr_wd
+from skysense.tasks.training.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ def train(
         if lr_fn is not None:
             cur = lr_fn(step)
         else:
-            cur = lr_at(step, max_steps, lr, min_lr, warmup_steps)
-        set_lr(optimizer, cur)
+            cur = warmup_cosine(step, max_steps, warmup_steps, lr, min_lr)
+        set_lr_wd(optimizer, cur)
         loss = forward_loss(model, loss_fn, kind, batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} (lr {cur:.2e})")

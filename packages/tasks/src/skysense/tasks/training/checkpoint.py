@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skysense.data.shards import fsync_dir
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -51,19 +53,6 @@ class CheckpointError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be
-    opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, write) -> None:

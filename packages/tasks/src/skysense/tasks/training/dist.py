@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from skysense.tasks.training.runtime import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -36,19 +38,9 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' asked for, but CUDA is not available here")
-    return dev
-
-
 def init(device_name: str = "auto") -> DistInfo:
     """Join the process group when started by torchrun; a single process otherwise."""
-    device = pick_device(device_name)
+    device = resolve_device(device_name, "trainer.device")
     if not launched_by_torchrun():
         return DistInfo(0, 1, 0, device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from skysense.tasks.training import checkpoint as ckpt
 from skysense.tasks.training import dist as D
 from skysense.tasks.training.meta_arch import Student, Teacher, ema_update
-from skysense.tasks.training.optim import build_optimizer, set_lr_wd
+from skysense.tasks.training.optim import build_optimizer, scaled_lr, set_lr_wd
+from skysense.tasks.training.runtime import seed_everything
 from skysense.tasks.training.schedules import cosine, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -106,17 +107,6 @@ def _load_state(student, teacher, optimizer, state):
     for name, p in module.named_parameters():
         if name not in saved and p in optimizer.state:
             del optimizer.state[p]
-
-
-def scaled_lr(ocfg, batch_size: int) -> float:
-    """The peak learning rate for the global batch under ``optim.lr_scaling``."""
-    rule = ocfg.get("lr_scaling", "none")
-    ratio = batch_size / ocfg.get("ref_batch", 256)
-    if rule == "linear":
-        return ocfg.lr * ratio
-    if rule == "sqrt":
-        return ocfg.lr * math.sqrt(ratio)
-    return ocfg.lr
 
 
 class Trainer:
@@ -247,13 +237,13 @@ def train(cfg: DictConfig, run) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    seed_everything(cfg.seed)  # the same initial weights on every process
     encoder = run.build_encoder()
     trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
     trainer.distribute()
     # Then one random stream per process: stochastic depth and the pixel-pair draws of one
     # process must not repeat those of another (a resume restores each process's own stream).
-    torch.manual_seed(cfg.seed + info.rank)
+    seed_everything(cfg.seed + info.rank)
 
     start_step, data_position, history = 0, 0, []
     if cfg.resume:

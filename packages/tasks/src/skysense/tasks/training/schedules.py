@@ -1,6 +1,8 @@
-"""Schedules of pre-training: learning rate (linear warm-up then cosine), weight decay (cosine
-from start to end value), teacher EMA momentum (cosine from base to 1). Pure functions of the
-step, so a resumed run needs only the step to be where it was."""
+"""Schedules of pre-training and fine-tuning, pure functions of the step (a resumed run needs
+only the step to be where it was): the learning rate of both (linear warm-up then cosine,
+:func:`warmup_cosine`; fine-tuning may take PANGAEA's :func:`multistep` instead); pre-training's
+weight decay (cosine from start to end value) and teacher EMA momentum (cosine from base to 1),
+both :func:`cosine`."""
 
 from __future__ import annotations
 
