@@ -27,15 +27,7 @@ from skysense.tasks.training.schedules import multistep
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import fakes  # noqa: E402
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)
