@@ -67,7 +67,9 @@ def loss_config() -> dict:
         from skysense.tasks.cli import compose
 
         cfg = compose("pretrain", ["model=tiny"])
-        return OmegaConf.to_container(cfg.loss, resolve=True)
+        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+        # The teacher-temperature warm-up fields are the meta-architecture's.
+        return {k: v for k, v in loss_cfg.items() if k in SkySenseLoss.config_fields()}
     except Exception as e:
         log.warning("loss config unavailable (%s): SkySenseLoss defaults", e)
         return {}
@@ -156,7 +158,7 @@ def setup():
     if QUICK:
         cfg["head_hidden_dim"] = 512
     torch.manual_seed(0)
-    loss = SkySenseLoss.from_config(cfg, c_g, d_f).train()  # training: the centre update counts
+    loss = SkySenseLoss.from_config(cfg, c_g, d_f).train()
     t_heads = copy.deepcopy(loss.heads).requires_grad_(False)
     params = dict(
         C_g=c_g,

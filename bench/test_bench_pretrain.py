@@ -1,4 +1,4 @@
-"""Pre-training: the full SkySense pre-training step (``skysense.tasks.training.loop.Trainer``,
+"""Pre-training: the full SkySense pre-training step (``skysense.tasks.training.meta_arch.MetaArch``,
 tiny preset, this CPU, fp32), its throughput and its share of this CPU's matmul rate, and how
 its cost grows with the work.
 
@@ -71,14 +71,14 @@ def setup(embedded):
 
     from skysense.tasks.pretrain import Run
     from skysense.tasks.training import dist as D
-    from skysense.tasks.training.loop import Trainer
+    from skysense.tasks.training.meta_arch import MetaArch
 
     cfg = compose_pretrain(BATCH)
     info = D.init("cpu")
     run = Run(cfg, info, embedded)
     torch.manual_seed(cfg.seed)
     encoder = run.build_encoder()
-    trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+    trainer = MetaArch(cfg, info, encoder)
     views_cfg = OmegaConf.to_container(cfg.data.views, resolve=True)
     return trainer, views_cfg, embedded
 

@@ -1,6 +1,6 @@
 """One-shot GPU check of the full SkySense pre-training step at the base and huge presets.
 
-On one NVIDIA GPU, for each preset, ``skysense.tasks.training.loop.Trainer.step`` (what
+On one NVIDIA GPU, for each preset, ``skysense.tasks.training.meta_arch.MetaArch.step`` (what
 ``skysense pretrain`` runs per batch: the teacher on both views, the student and SkySenseLoss,
 backward, clipping, AdamW, EMA, GCPL) under bf16 autocast, on synthetic views batches of the
 batch contract's shapes (``skysense.data.batch``: no data files). Per row: seconds per step
@@ -282,9 +282,8 @@ class Bench:
     def build(self, preset, batch, hr_px, s_px, ckpt):
         torch = self.torch
         from skysense.encoders import build_skysense
-        from skysense.losses import SkySenseLoss
         from skysense.tasks.training.dist import DistInfo
-        from skysense.tasks.training.loop import Trainer
+        from skysense.tasks.training.meta_arch import MetaArch
 
         overrides = {
             "trainer.batch_size": batch,
@@ -301,9 +300,9 @@ class Bench:
         torch.manual_seed(0)
         with self.device:  # parameters made where they live: huge has ~1.7 G of them
             encoder = build_skysense(preset, **enc_over)
-            loss = SkySenseLoss.from_encoder(encoder, **_container(cfg.loss))
         info = DistInfo(0, 1, 0, self.device)
-        trainer = Trainer(cfg, info, encoder, loss)
+        with self.device:  # the loss heads made where they live
+            trainer = MetaArch(cfg, info, encoder)
         params = sum(p.numel() for p in trainer.student.parameters())
         return trainer, params, source
 
@@ -439,7 +438,7 @@ def _header(dry: bool, bench: Bench) -> str:
     mm = ", ".join(f"{r / 1e12:.3g}" for r in bench.mm_rates)
     return (
         f"# SkySense pre-training step on one GPU\n\ndevice: {dev}; torch {torch.__version__}; "
-        f"python {platform.python_version()}; config {bench.config_source}\n\nOne step = Trainer.step (teacher on both views, "
+        f"python {platform.python_version()}; config {bench.config_source}\n\nOne step = MetaArch.step (teacher on both views, "
         "student + SkySenseLoss, backward, clip, AdamW, EMA, GCPL), precision "
         f"{bench.precision}, synthetic views of the batch contract. s/step: median of timed steps after warm-up. Model FLOPs: "
         "FlopCounterMode over one step, recomputation of checkpointed blocks left out (shown "

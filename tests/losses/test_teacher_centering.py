@@ -1,4 +1,4 @@
-"""Teacher centring (EMA of the mean logits, never forming them) and the temperature schedule."""
+"""Teacher centring (EMA of the mean logits, never forming them)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skysense.losses import TeacherCentering, teacher_temperature
+from skysense.losses import TeacherCentering
 
 pytestmark = pytest.mark.unit
 
@@ -41,12 +41,3 @@ def test_centre_errors():
         c.update({"zz": (torch.zeros(3), 1)}, lambda n: torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
         c.update({"a": (torch.zeros(2), 1)}, lambda n: torch.zeros(4, 3))
-
-
-def test_teacher_temperature_warmup():
-    assert teacher_temperature(0, 0.07, 0.04, 100) == pytest.approx(0.04)
-    assert teacher_temperature(50, 0.07, 0.04, 100) == pytest.approx(0.055)
-    assert teacher_temperature(100, 0.07, 0.04, 100) == pytest.approx(0.07)
-    assert teacher_temperature(10**6, 0.07, 0.04, 100) == pytest.approx(0.07)
-    assert teacher_temperature(None, 0.07, 0.04, 100) == pytest.approx(0.07)
-    assert teacher_temperature(3, 0.07, 0.04, 0) == pytest.approx(0.07)

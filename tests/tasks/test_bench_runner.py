@@ -168,7 +168,7 @@ def test_runner_end_to_end_reference_then_regression(tmp_path, monkeypatch, caps
 
 @pytest.mark.slow
 def test_gpu_pretrain_check_dry_run(tmp_path):
-    """bench/gpu/check_pretrain.py's CPU path: the tiny preset through Trainer.step with
+    """bench/gpu/check_pretrain.py's CPU path: the tiny preset through MetaArch.step with
     activation checkpointing, model FLOPs with the recompute left out, the table; with Hydra and
     OmegaConf hidden, as on the GPU image (fp32: the CPU's bf16 is slow). In its own process: the
     script puts a stand-in omegaconf module in sys.modules."""

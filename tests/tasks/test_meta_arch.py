@@ -1,21 +1,36 @@
-"""Gradient accumulation (``SkySenseLoss.accumulation``) and the MGCL row counts it normalises by:
-micro-batches of one batch give that batch's MGCL terms, gradients and one centre update."""
+"""The meta-architecture's loss protocol on synthetic features: gradient accumulation
+(``StepAccumulator``: micro-batches of one batch give that batch's MGCL terms, gradients and one
+centre update), the MGCL row counts it normalises by, the teacher-temperature schedule, the
+``loss`` config group and the loss built for an encoder."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import inspect
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from losses_synth import make_batch
+import yaml
 
 from skysense.losses import SkySenseLoss
+from skysense.tasks.training.meta_arch import (
+    TEACHER_SCHEDULE_FIELDS,
+    StepAccumulator,
+    build_loss,
+    loss_config_fields,
+    teacher_temperature,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
+from losses_synth import make_batch  # noqa: E402  (the losses tests' synthetic features)
 
 pytestmark = pytest.mark.unit
 
 KW = dict(n_prototypes=41, head_hidden_dim=24, head_bottleneck_dim=16, n_clusters=3)
 B = 4
+CONF = Path(__file__).resolve().parents[2] / "packages/tasks/src/skysense/tasks/conf/loss"
 
 
 def take(d, sl):
@@ -46,24 +61,24 @@ def setup(seed=31, **kw):
 
 def run(loss, t_heads, students, teachers, views, cuts, accumulate=True):
     """One optimizer step's forward/backward over the micro-batches ``cuts`` (slices of the
-    batch): terms averaged over them (as the trainer logs), gradients, centres."""
+    batch), as ``MetaArch.step`` runs them (``accumulate``) or as independent steps (not):
+    terms averaged over them (as the trainer logs), gradients, centres."""
     s = leaves(students)
     parts = [
         ([take(o, c) for o in s], [take(o, c) for o in teachers], [take(v, c) for v in views])
         for c in cuts
     ]
     terms = {}
-    ctx = (
-        loss.accumulation([p[1] for p in parts], [p[2] for p in parts])
-        if accumulate
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        for ps, pt, pv in parts:
-            out = loss(ps, pt, pv, t_heads, step=3)
+    groups = [parts] if accumulate else [[p] for p in parts]
+    for group in groups:
+        acc = StepAccumulator(loss, [p[1] for p in group], [p[2] for p in group])
+        for ps, pt, pv in group:
+            out = loss(ps, pt, pv, t_heads, teacher_temp=0.05, row_norm=acc.row_norm)
+            acc.add(out)
             (out.total / len(cuts)).backward()
             for k, v in out.terms.items():
                 terms[k] = terms.get(k, 0.0) + v / len(cuts)
+        acc.finish(t_heads)
     grads = {f"heads.{n}": p.grad for n, p in loss.heads.named_parameters()}
     grads.update(
         {f"{i}/{k}": v.grad for i, o in enumerate(s) for k, v in o.items() if v.grad is not None}
@@ -91,11 +106,10 @@ def test_micro_batches_give_the_whole_batch(cuts):
         torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=atol, msg=k)
     # One centre update, from the whole batch's statistics.
     torch.testing.assert_close(centres, whole_centres, rtol=1e-5, atol=1e-6)
-    assert int(loss_a.calls) == int(loss.calls) == 1
 
 
 def test_plain_micro_batches_do_not():
-    """Without ``accumulation`` the micro-batches average per-micro-batch means and update the
+    """Micro-batches run as steps of their own average per-micro-batch means and update the
     centres once per call: what the accumulation fixes (the test above has teeth)."""
     loss, t_heads, students, teachers, views = setup()
     loss_a = copy.deepcopy(loss)
@@ -106,7 +120,6 @@ def test_plain_micro_batches_do_not():
     plain, _, centres = run(loss_a, t_heads, students, teachers, views, cuts, accumulate=False)
     assert not torch.allclose(plain["mgcl/s2/pixel"], whole["mgcl/s2/pixel"], rtol=1e-3)
     assert not torch.allclose(centres, whole_centres, rtol=1e-3)
-    assert int(loss_a.calls) == 2
 
 
 @pytest.mark.parametrize("cap", [None, 2, 5])
@@ -120,27 +133,74 @@ def test_row_counts_are_the_forward_rows(cap):
     assert counts["s2/pixel"] > 0 and counts["s2/object"] % KW["n_clusters"] == 0
 
 
-def test_an_exception_applies_nothing_and_a_mismatch_is_named():
+def test_an_abandoned_step_applies_nothing_and_a_mismatch_is_named():
     loss, t_heads, students, teachers, views = setup(seed=33)
     before = loss.centering.center.clone()
-    with pytest.raises(ZeroDivisionError), loss.accumulation([teachers], [views]):
-        loss(students, teachers, views, t_heads)
-        raise ZeroDivisionError
-    assert torch.equal(loss.centering.center, before) and int(loss.calls) == 0
-    # Usable again, and a plain call after it updates the centres at once.
-    loss(students, teachers, views, t_heads)
-    assert not torch.equal(loss.centering.center, before) and int(loss.calls) == 1
-    # Teacher outputs of other micro-batches than those run: named on leaving.
+    acc = StepAccumulator(loss, [teachers, teachers], [views, views])
+    acc.add(loss(students, teachers, views, t_heads, row_norm=acc.row_norm))
+    assert torch.equal(loss.centering.center, before)  # nothing moves before finish
+    # Teacher outputs of other micro-batches than those run: named at the end of the step.
     half = [take(o, slice(0, 2)) for o in teachers]
     half_views = [take(v, slice(0, 2)) for v in views]
-    with (
-        pytest.raises(RuntimeError, match="teacher outputs given on entering"),
-        loss.accumulation([half], [half_views]),
-    ):
-        loss(students, teachers, views, t_heads)
-    with (
-        pytest.raises(RuntimeError, match="already accumulating"),
-        loss.accumulation([teachers], [views]),
-        loss.accumulation([teachers], [views]),
-    ):
-        pass
+    acc = StepAccumulator(loss, [half, half], [half_views, half_views])
+    acc.add(loss(students, teachers, views, t_heads, row_norm=acc.row_norm))
+    with pytest.raises(RuntimeError, match="teacher outputs given hold"):
+        acc.finish(t_heads)
+    with pytest.raises(ValueError, match="needs the same number"):
+        StepAccumulator(loss, [teachers], [views, views])
+
+
+def test_centres_move_in_training_mode_only():
+    loss, t_heads, students, teachers, views = setup(seed=34)
+    before = loss.centering.center.clone()
+    for mode, moved in ((False, False), (True, True)):
+        loss.train(mode)
+        acc = StepAccumulator(loss, [teachers], [views])
+        assert acc.row_norm is None  # a lone call of one process: its own means
+        acc.add(loss(students, teachers, views, t_heads))
+        acc.finish(t_heads)
+        assert (not torch.equal(loss.centering.center, before)) == moved
+
+
+def test_teacher_temperature_warmup():
+    assert teacher_temperature(0, 0.07, 0.04, 100) == pytest.approx(0.04)
+    assert teacher_temperature(50, 0.07, 0.04, 100) == pytest.approx(0.055)
+    assert teacher_temperature(100, 0.07, 0.04, 100) == pytest.approx(0.07)
+    assert teacher_temperature(10**6, 0.07, 0.04, 100) == pytest.approx(0.07)
+    assert teacher_temperature(None, 0.07, 0.04, 100) == pytest.approx(0.07)
+    assert teacher_temperature(3, 0.07, 0.04, 0) == pytest.approx(0.07)
+
+
+def test_config_group_lists_every_field():
+    """conf/loss/default.yaml holds every keyword argument of SkySenseLoss and the teacher
+    schedule's fields, each commented; build_loss splits them."""
+    cfg = yaml.safe_load((CONF / "default.yaml").read_text())
+    params = inspect.signature(SkySenseLoss.__init__).parameters
+    fields = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(cfg) == fields | set(TEACHER_SCHEDULE_FIELDS) == loss_config_fields()
+    # The head sizes follow the model preset (model.heads).
+    assert cfg["n_prototypes"] == "${model.heads.n_prototypes}" and "mgcl" in cfg and "cma" in cfg
+    text = (CONF / "default.yaml").read_text()
+    for f in set(cfg):  # each field is commented (a comment line somewhere above it)
+        assert f"\n{f}:" in text
+    sizes = {"n_prototypes": 32, "head_hidden_dim": 16, "head_bottleneck_dim": 8}
+    loss = SkySenseLoss.from_config({k: cfg[k] for k in fields} | sizes, 12, 10)
+    assert loss.heads["s2"].n_prototypes == 32 and loss.heads["fused"].in_dim == 10
+    with pytest.raises(ValueError, match="unknown field.*'mgcl_weight'"):
+        SkySenseLoss.from_config({"mgcl_weight": 1.0}, 12, 10)
+
+
+def test_build_loss_reads_the_encoders_dims_and_the_schedule():
+    class Cfg:
+        grid_dim, fusion_dim = 12, 10
+
+    class Enc(torch.nn.Module):
+        cfg = Cfg()
+
+    loss, schedule = build_loss(
+        {"n_prototypes": 16, "head_hidden_dim": 8, "warmup_teacher_temp_steps": 5}, Enc()
+    )
+    assert loss.heads["hr"].in_dim == 12 and loss.heads["fused"].in_dim == 10
+    assert schedule == {"warmup_teacher_temp": 0.04, "warmup_teacher_temp_steps": 5}
+    with pytest.raises(ValueError, match="unknown field.*'bogus'"):
+        build_loss({"bogus": 1}, Enc())

@@ -1,19 +1,27 @@
-"""The distributed paths on 2 gloo processes (CPU) against one process on the concatenated batch:
-CMA with gathered negatives (losses and gradients), the teacher-centre update, the GCPL
-prototype update; and a batch whose modalities differ between processes (no deadlock)."""
+"""The distributed paths of the loss protocol on 2 gloo processes (CPU) against one process on
+the concatenated batch: CMA with gathered negatives (losses and gradients), the teacher-centre
+update and MGCL's row normalisation (``StepAccumulator``), DDP's idle parameters (``Student``),
+the GCPL prototype update; and a batch whose modalities differ between processes (no
+deadlock)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from losses_synth import make_batch
+from torch import nn
 
 from skysense.losses import SkySenseLoss
+from skysense.tasks.training.meta_arch import StepAccumulator, Student
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
+from losses_synth import make_batch  # noqa: E402  (the losses tests' synthetic features)
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
@@ -62,6 +70,46 @@ def prepare(loss, students, teachers, views, drop_s1):
     )
 
 
+class Outputs(nn.Module):
+    """An encoder stand-in: returns the given output of each view (matched by identity)."""
+
+    def __init__(self, views, outputs):
+        super().__init__()
+        self.by_view = {id(v): o for v, o in zip(views, outputs)}
+
+    def forward(self, view):
+        return self.by_view[id(view)]
+
+
+def step(loss, students, teachers, views, micro=1):
+    """One optimizer step's forward/backward as ``MetaArch.step`` runs it, on this process's
+    batch in ``micro`` micro-batches: the terms (summed over micro-batches / micro, as the
+    trainer logs them), the rows, the outputs."""
+    b = views[0]["view_affine"].shape[0]
+    cuts = [slice(i * b // micro, (i + 1) * b // micro) for i in range(micro)]
+    parts = [
+        (
+            [take(o, c) for o in students],
+            [take(o, c) for o in teachers],
+            [take(v, c) for v in views],
+        )
+        for c in cuts
+    ]
+    acc = StepAccumulator(loss, [p[1] for p in parts], [p[2] for p in parts])
+    terms, rows, outs = {}, {}, []
+    for ps, pt, pv in parts:
+        out = Student(Outputs(pv, ps), loss)(pv, pt, loss.heads, loss.teacher_temp, acc.row_norm)
+        acc.add(out)
+        (out.total / micro).backward()
+        for k, v in out.terms.items():
+            terms[k] = terms.get(k, 0.0) + v / micro
+        for k, n in out.rows.items():
+            rows[k] = rows.get(k, 0) + n
+        outs.append(out)
+    acc.finish(loss.heads)
+    return terms, rows, outs
+
+
 def compute(students, teachers, views, protos, drop_s1=False):
     """Everything the test compares, on whatever batch this process holds."""
     torch.manual_seed(0)
@@ -80,49 +128,28 @@ def compute(students, teachers, views, protos, drop_s1=False):
             if p.weight.grad is not None:
                 res[f"grad/proj/{m}"] = p.weight.grad.clone()
     loss.zero_grad(set_to_none=True)
-    out = loss(students, teachers, views)  # training mode: the centres move
+    _, _, (out,) = step(loss, students, teachers, views)  # training mode: the centres move
     res["centers"] = loss.centering.center.clone()
     res["total_finite"] = torch.tensor(bool(torch.isfinite(out.total)))
-    out.total.backward()
     # What DDP needs: a gradient for every parameter, on every process.
     res["grads_everywhere"] = torch.tensor(all(p.grad is not None for p in loss.parameters()))
     p = protos.clone()
     fused = torch.cat([t["fused"] for t in teachers])
     region = torch.cat([t["region"] for t in teachers])
-    loss.update_prototypes(p, fused, region, momentum=0.8)
+    loss.gcpl.update(p, fused, region, momentum=0.8)
     res["prototypes"] = p
     return res
 
 
 def mgcl_run(students, teachers, views, drop_s1=False, micro=1):
     """MGCL alone (CMA weighted 0), training mode, on whatever batch this process holds, in
-    ``micro`` micro-batches under ``SkySenseLoss.accumulation`` (one plain call for 1): the
-    terms (summed over micro-batches / micro, as the trainer logs them), rows, the gradients
-    of the heads and of the student tokens, the centres after the step."""
+    ``micro`` micro-batches (:func:`step`): the terms, rows, the gradients of the heads and
+    of the student tokens, the centres after the step."""
     torch.manual_seed(0)
     loss = SkySenseLoss(12, 10, cma=0.0, **KW).train()
     students, teachers, views = prepare(loss, students, teachers, views, drop_s1)
     s = leaves(students)
-    terms, rows = {}, {}
-    if micro == 1:
-        out = loss(s, teachers, views)
-        out.total.backward()
-        terms, rows = dict(out.terms), dict(out.rows)
-    else:
-        b = views[0]["view_affine"].shape[0]
-        cuts = [slice(i * b // micro, (i + 1) * b // micro) for i in range(micro)]
-        parts = [
-            ([take(o, c) for o in s], [take(o, c) for o in teachers], [take(v, c) for v in views])
-            for c in cuts
-        ]
-        with loss.accumulation([p[1] for p in parts], [p[2] for p in parts]):
-            for ps, pt, pv in parts:
-                out = loss(ps, pt, pv)
-                (out.total / micro).backward()
-                for k, v in out.terms.items():
-                    terms[k] = terms.get(k, 0.0) + v / micro
-                for k, n in out.rows.items():
-                    rows[k] = rows.get(k, 0) + n
+    terms, rows, _ = step(loss, s, teachers, views, micro)
     res = {f"term/{k}": v for k, v in terms.items() if k.startswith("mgcl")}
     res.update({f"rows/{k}": torch.tensor(n) for k, n in rows.items()})
     for n, p in loss.heads.named_parameters():
@@ -132,7 +159,6 @@ def mgcl_run(students, teachers, views, drop_s1=False, micro=1):
             if k in o:
                 res[f"grad/{i}/{k}"] = o[k].grad.clone()
     res["centers"] = loss.centering.center.clone()
-    res["calls"] = loss.calls.clone()
     return res
 
 
@@ -283,10 +309,9 @@ def test_mgcl_with_a_modality_on_one_process_equals_one_process(ranks):
 
 
 def test_mgcl_accumulated_over_processes_equals_one_process(ranks):
-    """Two processes, two micro-batches each under ``SkySenseLoss.accumulation``: the terms,
-    gradients and centres (updated once) of one call on the whole batch."""
+    """Two processes, two micro-batches each (one ``StepAccumulator``): the terms, gradients
+    and centres (updated once) of one call on the whole batch."""
     students, teachers, views, _ = full_batch()
     single = mgcl_run(students, teachers, views)
     per = [r["mgcl_accum"] for r in ranks]
     assert_mgcl_matches(per, single)
-    assert all(int(r["calls"]) == 1 for r in per)

@@ -154,12 +154,19 @@ def _zero_rows(out, all_masked):
     return out.masked_fill(all_masked[:, None, None, None], 0.0)
 
 
-def _sdpa(q, k, v, biases, key_padding_mask, scale, dropout_p):
+def _additive_mask(q, k, biases, key_padding_mask):
+    """The biases and the padding as one additive mask broadcastable to (B, H, Nq, Nk) (None
+    when there is neither), and the (B,) bool rows whose keys are all padding (or None)."""
     mask = _merged_bias(q, k, biases, q.dtype)
     all_masked = None
     if key_padding_mask is not None:
         pad, all_masked = _padding(q, key_padding_mask)
         mask = pad if mask is None else mask + pad
+    return mask, all_masked
+
+
+def _sdpa(q, k, v, biases, key_padding_mask, scale, dropout_p):
+    mask, all_masked = _additive_mask(q, k, biases, key_padding_mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return _zero_rows(out, all_masked)
 
@@ -217,11 +224,7 @@ _xformers_probe: dict[tuple, str | None] = {}
 def _xformers_call(q, k, v, biases, key_padding_mask, scale, dropout_p):
     import xformers.ops as xops
 
-    mask = _merged_bias(q, k, biases, q.dtype)
-    all_masked = None
-    if key_padding_mask is not None:
-        pad, all_masked = _padding(q, key_padding_mask)
-        mask = pad if mask is None else mask + pad
+    mask, all_masked = _additive_mask(q, k, biases, key_padding_mask)
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out = xops.memory_efficient_attention(

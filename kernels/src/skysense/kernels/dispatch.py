@@ -146,21 +146,41 @@ def choose(op: str, backends, reasons, auto, fallback: str) -> str:
     return fallback
 
 
-def poisoning() -> bool:
-    """Whether launchers fill their outputs with NaN before the kernel runs (tests set this so
-    that an element a kernel forgot to write shows up)."""
-    return getattr(_state, "poison", False) or os.environ.get(_POISON_ENV, "0") == "1"
+def thread_flag(name: str) -> bool:
+    """The per-thread test switch ``name`` (off unless :func:`set_thread_flag` is active)."""
+    return getattr(_state, f"flag_{name}", False)
 
 
 @contextlib.contextmanager
-def poison_outputs(enabled: bool = True):
-    """Inside the block, kernel launchers allocate their outputs filled with NaN."""
-    old = getattr(_state, "poison", False)
-    _state.poison = enabled
+def set_thread_flag(name: str, enabled: bool = True):
+    """Turn the per-thread test switch ``name`` on (or off) inside the ``with`` block."""
+    key = f"flag_{name}"
+    old = getattr(_state, key, False)
+    setattr(_state, key, enabled)
     try:
         yield
     finally:
-        _state.poison = old
+        setattr(_state, key, old)
+
+
+def poisoning() -> bool:
+    """Whether launchers fill their outputs with NaN before the kernel runs (tests set this so
+    that an element a kernel forgot to write shows up)."""
+    return thread_flag("poison") or os.environ.get(_POISON_ENV, "0") == "1"
+
+
+def poison_outputs(enabled: bool = True):
+    """Inside the block, kernel launchers allocate their outputs filled with NaN."""
+    return set_thread_flag("poison", enabled)
+
+
+def no_autocast(t):
+    """Autocast off inside the loss engines: under bf16 / fp16 autocast every block's matmul
+    would round the logits (and G y) to half precision (3-7 % relative error in the heads'
+    gradients); the engines read half-precision operands and accumulate in float32 instead."""
+    import torch
+
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def new_output(shape, dtype, device):

@@ -142,13 +142,6 @@ class ChunkedEngine:
         return dx
 
 
-def _no_autocast(t: torch.Tensor):
-    """Autocast off inside the engines: under bf16 / fp16 autocast every block's matmul would
-    round the logits (and G y) to half precision (3-7 % relative error in the heads'
-    gradients); the engines read half-precision operands and accumulate in float32 instead."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
 def _engine(name):
     if name == "triton":
         from skysense.kernels.triton_losses import TritonInfoNCEEngine
@@ -168,12 +161,12 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, temperature, gather, engine_name):
-        with _no_autocast(a):
+        with dispatch.no_autocast(a):
             return InfoNCEFunction._forward(ctx, a, b, temperature, gather, engine_name)
 
     @staticmethod
     def backward(ctx, g):
-        with _no_autocast(g):
+        with dispatch.no_autocast(g):
             return InfoNCEFunction._backward(ctx, g)
 
     @staticmethod

@@ -27,9 +27,9 @@ Triton in the test process.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
+
+from skysense.kernels import dispatch
 
 MIN_BLOCK = 16  # smallest tile side of tl.dot
 INTERPRETER_BLOCK = 256  # the interpreter's row / column block (few, large programs)
@@ -111,22 +111,13 @@ def width(dtype_name: str) -> int:
     return 4 if dtype_name == "float32" else 2
 
 
-_state = threading.local()
-
-
-@contextlib.contextmanager
 def gpu_blocks(enabled: bool = True):
     """Make the launchers use this module's GPU tables under the interpreter too (tests)."""
-    old = getattr(_state, "gpu", False)
-    _state.gpu = enabled
-    try:
-        yield
-    finally:
-        _state.gpu = old
+    return dispatch.set_thread_flag("gpu_blocks", enabled)
 
 
 def gpu_blocks_forced() -> bool:
-    return getattr(_state, "gpu", False)
+    return dispatch.thread_flag("gpu_blocks")
 
 
 def _L(warps: int, stages: int, maxnreg: int | None = None, **blocks: int) -> Launch:

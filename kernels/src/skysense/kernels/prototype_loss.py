@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from skysense.kernels import dispatch
-from skysense.kernels import distributed as sdist
 
 OP = "prototype_cross_entropy"
 BACKENDS = ("triton", "chunked", "reference")
@@ -120,13 +119,6 @@ class ChunkedEngine:
         return dsx, dw
 
 
-def _no_autocast(t: torch.Tensor):
-    """Autocast off inside the engines: under bf16 / fp16 autocast every block's matmul would
-    round the logits (and G y) to half precision (3-7 % relative error in the heads'
-    gradients); the engines read half-precision operands and accumulate in float32 instead."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
 def _engine(name):
     if name == "triton":
         from skysense.kernels.triton_losses import TritonPrototypeEngine
@@ -140,14 +132,14 @@ class PrototypeCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sx, w, tx, tw, center, student_temp, teacher_temp, engine_name):
-        with _no_autocast(sx):
+        with dispatch.no_autocast(sx):
             return PrototypeCrossEntropyFunction._forward(
                 ctx, sx, w, tx, tw, center, student_temp, teacher_temp, engine_name
             )
 
     @staticmethod
     def backward(ctx, g):
-        with _no_autocast(g):
+        with dispatch.no_autocast(g):
             return PrototypeCrossEntropyFunction._backward(ctx, g)
 
     @staticmethod
@@ -252,14 +244,13 @@ def prototype_cross_entropy(
 
 
 @torch.no_grad()
-def prototype_center_update(
-    teacher_x, center, teacher_weight, momentum=0.9, distributed=False
-) -> torch.Tensor:
+def prototype_center_update(teacher_x, center, teacher_weight, momentum=0.9) -> torch.Tensor:
     """EMA of the teacher centre, in place: center <- m center + (1 - m) mean_n(teacher_x Wt^T).
 
     The mean of the teacher logits over samples is (mean_n teacher_x) Wt^T (the layer is
-    linear), so this costs O(N d + K d) and never forms (N, K). With ``distributed`` the mean is
-    over every rank's samples (all-reduced).
+    linear), so this costs O(N d + K d) and never forms (N, K). Across processes, reduce the
+    sums of teacher_x and pass their global mean as one row (``TeacherCentering`` does, for
+    every logit set in one all-reduce).
 
     Args:
         teacher_x: (N, d); center: (K,) or (1, K) float tensor, updated in place;
@@ -289,8 +280,6 @@ def prototype_center_update(
             torch.tensor([teacher_x.shape[0]], dtype=acc_dt, device=teacher_x.device),
         ]
     )
-    if distributed:
-        sdist.all_reduce_sum_(total)
     mean_x = total[:-1] / total[-1]
     batch_center = teacher_weight.to(acc_dt) @ mean_x  # (K,)
     center.mul_(momentum).add_(

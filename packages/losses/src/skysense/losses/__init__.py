@@ -1,10 +1,9 @@
 """SkySense pre-training objectives (spec: "Pre-training objectives").
 
-- :class:`SkySenseLoss`: the public entry point; MGCL + CMA weighted, every term by name, and
-  the GCPL prototype update.
+- :class:`SkySenseLoss`: the public entry point; MGCL + CMA weighted, every term by name,
+  computed from features (the student/teacher wiring is ``skysense.tasks.training.meta_arch``).
 - :class:`DINOHead`: projection head with a weight-normalised prototype layer.
-- :class:`TeacherCentering`: the teacher centres (and :func:`teacher_temperature`, the
-  sharpening schedule).
+- :class:`TeacherCentering`: the teacher centres.
 - :class:`MultiGranularityContrastiveLoss`, :class:`CrossModalAlignment`,
   :class:`GeoContextPrototypeLearning`: the three objectives.
 
@@ -17,14 +16,13 @@ from skysense.losses.dino_head import DINOHead
 from skysense.losses.gcpl import GeoContextPrototypeLearning
 from skysense.losses.mgcl import MultiGranularityContrastiveLoss
 from skysense.losses.skysense_loss import SkySenseLoss, SkySenseLossOutput
-from skysense.losses.teacher_centering import TeacherCentering, teacher_temperature
+from skysense.losses.teacher_centering import TeacherCentering
 
 __all__ = [
     "SkySenseLoss",
     "SkySenseLossOutput",
     "DINOHead",
     "TeacherCentering",
-    "teacher_temperature",
     "MultiGranularityContrastiveLoss",
     "CrossModalAlignment",
     "GeoContextPrototypeLearning",

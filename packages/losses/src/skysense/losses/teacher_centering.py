@@ -1,13 +1,13 @@
-"""Teacher-side centring and sharpening (DINO): the teacher's logits are centred by an EMA of
-their batch mean and sharpened by a low temperature, warmed up linearly.
+"""Teacher-side centring (DINO): the teacher's logits are centred by an EMA of their batch mean
+(and sharpened by a low temperature, whose warm-up schedule is the meta-architecture's).
 
 The centre of a logit set is ``mean_n(teacher_x W_t^T) = (mean_n teacher_x) W_t^T``: linear, so
 the update never forms the (N, K) logits; it needs only the sum of the teacher's bottleneck
 features and their count, which is what crosses processes. The sums and counts of all twelve
 logit sets (four families x three levels) travel in ONE all-reduce, called on every step
-whatever the local batch holds, rather than one ``prototype_center_update(distributed=True)``
-per set: fewer collectives, and none skipped by a process whose batch lacks a modality (which
-would deadlock the others). The kernel's helper then applies the EMA to the global mean.
+whatever the local batch holds, rather than one all-reduce per set: fewer collectives, and none
+skipped by a process whose batch lacks a modality (which would deadlock the others). The
+kernel's helper then applies the EMA to the global mean.
 """
 
 from __future__ import annotations
@@ -19,16 +19,6 @@ from torch import nn
 
 from skysense.kernels import prototype_center_update
 from skysense.losses.distributed import all_reduce_
-
-
-def teacher_temperature(
-    step: int | None, final: float, warmup_start: float, warmup_steps: int
-) -> float:
-    """The teacher temperature at optimizer step ``step``: linear from ``warmup_start`` to
-    ``final`` over ``warmup_steps`` steps, ``final`` afterwards (and when ``step`` is None)."""
-    if step is None or warmup_steps <= 0 or step >= warmup_steps:
-        return float(final)
-    return float(warmup_start + (final - warmup_start) * max(step, 0) / warmup_steps)
 
 
 class TeacherCentering(nn.Module):
@@ -51,8 +41,6 @@ class TeacherCentering(nn.Module):
         self.momentum = momentum
         self._row = {n: i for i, n in enumerate(self.names)}
         self.register_buffer("center", torch.zeros(len(self.names), n_prototypes))
-        # (len(names), dim + 1) float64 sums and counts not yet applied (see accumulate).
-        self._pending: torch.Tensor | None = None
 
     def get(self, name: str) -> torch.Tensor:
         """The (K,) centre of logit set ``name``."""
@@ -64,8 +52,7 @@ class TeacherCentering(nn.Module):
         stats: Mapping[str, tuple[torch.Tensor, torch.Tensor | float]],
         teacher_weight: Callable[[str], torch.Tensor],
     ) -> None:
-        """EMA of every centre towards its batch mean logits: :meth:`accumulate` then
-        :meth:`apply`.
+        """One EMA step of every centre towards its batch mean logits.
 
         Args:
             stats: name -> (sum over the batch's rows of the teacher's normalised bottleneck
@@ -77,38 +64,8 @@ class TeacherCentering(nn.Module):
         process calls this exactly once per step whatever its batch holds, and all end with the
         centres one process would compute on the whole batch.
         """
-        self.accumulate(stats)
-        self.apply(teacher_weight)
-
-    @torch.no_grad()
-    def accumulate(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor | float]]) -> None:
-        """Add one (micro-)batch's teacher statistics (as in :meth:`update`) to the pending
-        sums, locally: no collective, the centres unchanged until :meth:`apply`."""
-        unknown = set(stats) - set(self._row)
-        if unknown:
-            raise KeyError(f"TeacherCentering: unknown logit sets {sorted(unknown)}")
-        if self._pending is None:
-            self._pending = self._zero_stats()
-        acc = self._pending
-        for name, (s, n) in stats.items():
-            if s.shape != (self.dim,):
-                raise ValueError(
-                    f"TeacherCentering: the feature sum of '{name}' has shape {tuple(s.shape)}, "
-                    f"expected ({self.dim},)"
-                )
-            acc[self._row[name], :-1] += s.to(acc)
-            acc[self._row[name], -1] += float(n)
-
-    @torch.no_grad()
-    def apply(self, teacher_weight: Callable[[str], torch.Tensor]) -> None:
-        """One EMA step of every centre towards the mean of the statistics accumulated since
-        the last call (over every process: one all-reduce, made on every process whatever it
-        accumulated, also nothing), then clear them."""
-        acc = self._pending
-        self._pending = None
-        if acc is None:
-            acc = self._zero_stats()
-        all_reduce_(acc)
+        acc = self._sums(stats)
+        all_reduce_(acc)  # on every process, whatever it holds (also nothing)
         # In float32 also when called under autocast (from a bfloat16 forward).
         with torch.autocast(acc.device.type, enabled=False):
             for name, i in self._row.items():
@@ -119,14 +76,22 @@ class TeacherCentering(nn.Module):
                 # The batch mean is already global: the kernel's EMA runs on it as a one-row
                 # batch.
                 mean_x = (acc[i, :-1] / count).to(w.dtype)[None]
-                prototype_center_update(mean_x, self.center[i], w, self.momentum, distributed=False)
+                prototype_center_update(mean_x, self.center[i], w, self.momentum)
 
-    def _zero_stats(self) -> torch.Tensor:
-        """(len(names), dim + 1) float64 zeros: per logit set, summed logits and a count."""
-        return torch.zeros(
+    def _sums(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor | float]]) -> torch.Tensor:
+        """(len(names), dim + 1) float64: per logit set, the summed features and the count."""
+        unknown = set(stats) - set(self._row)
+        if unknown:
+            raise KeyError(f"TeacherCentering: unknown logit sets {sorted(unknown)}")
+        acc = torch.zeros(
             len(self.names), self.dim + 1, dtype=torch.float64, device=self.center.device
         )
-
-    def discard(self) -> None:
-        """Drop the statistics accumulated since the last :meth:`apply`."""
-        self._pending = None
+        for name, (s, n) in stats.items():
+            if s.shape != (self.dim,):
+                raise ValueError(
+                    f"TeacherCentering: the feature sum of '{name}' has shape {tuple(s.shape)}, "
+                    f"expected ({self.dim},)"
+                )
+            acc[self._row[name], :-1] += s.to(acc)
+            acc[self._row[name], -1] += float(n)
+        return acc

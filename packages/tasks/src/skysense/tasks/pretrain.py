@@ -91,14 +91,15 @@ def _validate_views(views) -> None:
 
 
 def _validate_loss(loss) -> None:
-    from skysense.losses import SkySenseLoss
+    from skysense.tasks.training.meta_arch import loss_config_fields
 
-    known = SkySenseLoss.config_fields()
+    known = loss_config_fields()
     unknown = sorted(set(loss) - known)
     if unknown:
         raise ConfigError(
             f"loss.{unknown[0]}",
-            f"not a field of the loss (SkySenseLoss takes: {', '.join(sorted(known))})",
+            f"not a field of the loss (SkySenseLoss and its teacher schedule take: "
+            f"{', '.join(sorted(known))})",
         )
 
 
@@ -117,13 +118,6 @@ class Run:
         if self.cfg.model.checkpointing:
             overrides["checkpointing"] = True
         return build_skysense(self.cfg.model.preset, **overrides)
-
-    def build_loss(self, encoder):
-        from skysense.losses import SkySenseLoss
-
-        return SkySenseLoss.from_encoder(
-            encoder, **OmegaConf.to_container(self.cfg.loss, resolve=True)
-        )
 
     def build_loader(self, start_batch: int, batch_size: int):
         from skysense.data import build_loader
@@ -272,7 +266,7 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
         argv = [a for a in sys.argv[2:] if not a.startswith("trainer.nproc=")]
         return D.launch(cfg.trainer.nproc, command, argv + [f"trainer.nproc={cfg.trainer.nproc}"])
 
-    from skysense.tasks.training.loop import NonFiniteLoss, train
+    from skysense.tasks.training.loop import train
     from skysense.tasks.training.optim import scaled_lr
     from skysense.tasks.training.runtime import set_threads
 
@@ -302,7 +296,7 @@ def main(cfg: DictConfig, command: str = "pretrain") -> int:
         )
         try:
             summary = train(cfg, Run(cfg, info, manifest))
-        except NonFiniteLoss as e:
+        except FloatingPointError as e:
             log.error("%s", e)
             print(f"skysense {command}: {e}", file=sys.stderr, flush=True)
             return 1

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -14,56 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from skysense.tasks.training import checkpoint as ckpt
 from skysense.tasks.training import dist as D
-from skysense.tasks.training.meta_arch import Student, Teacher, ema_update
-from skysense.tasks.training.optim import build_optimizer, scaled_lr, set_lr_wd
+from skysense.tasks.training.meta_arch import MetaArch, to_device
 from skysense.tasks.training.runtime import seed_everything
-from skysense.tasks.training.schedules import cosine, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss went NaN/inf: names the step and the terms that went bad."""
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    return batch
-
-
-def _loss_inputs(outputs: list[dict]) -> list[dict]:
-    """The keys of the teacher's outputs that the loss and the GCPL update read (the taps and
-    stages of every micro-batch need not be held through the step)."""
-    keep = ("tokens_", "valid_")
-    return [
-        {k: v for k, v in o.items() if k.startswith(keep) or k in ("fused", "region")}
-        for o in outputs
-    ]
-
-
-def split_micro(views: dict, n: int) -> list[list[dict]]:
-    """Split a views batch {"view1": b, "view2": b} into ``n`` equal micro-batches (list of
-    [view1, view2])."""
-    if n == 1:
-        return [[views["view1"], views["view2"]]]
-    out = []
-    for i in range(n):
-        pair = []
-        for key in ("view1", "view2"):
-            b = views[key]
-            size = next(v.shape[0] for v in b.values() if torch.is_tensor(v))
-            chunk = size // n
-            pair.append(
-                {
-                    k: (v[i * chunk : (i + 1) * chunk] if torch.is_tensor(v) else v)
-                    for k, v in b.items()
-                }
-            )
-        out.append(pair)
-    return out
 
 
 def _state_dicts(student, teacher, optimizer, info):
@@ -109,126 +61,6 @@ def _load_state(student, teacher, optimizer, state):
             del optimizer.state[p]
 
 
-class Trainer:
-    """Student, teacher, optimizer and one optimizer step, built from the config.
-
-    ``step(views, step)`` runs the teacher on both views, the student and the loss on each
-    micro-batch, backward, clipping, the AdamW step with the scheduled lr and weight decay, the
-    teacher EMA and the GCPL prototype update. The loop, the benchmarks and the tests share it.
-    With ``trainer.grad_accum`` > 1 the micro-batches run under ``SkySenseLoss.accumulation``:
-    the step's MGCL terms, gradients and teacher-centre update are those of the whole batch
-    (CMA's InfoNCE takes its negatives from each micro-batch).
-    """
-
-    def __init__(self, cfg: DictConfig, info: D.DistInfo, encoder: torch.nn.Module, loss_fn):
-        self.cfg, self.info = cfg, info
-        self.tcfg, self.ocfg = cfg.trainer, cfg.optim
-        device = info.device
-        self.student = Student(encoder.to(device), loss_fn.to(device))
-        self.teacher = Teacher(self.student).to(device)
-        self.optimizer = build_optimizer(self.student, self.ocfg)
-        self.peak_lr = scaled_lr(self.ocfg, self.tcfg.batch_size)
-        use_bf16 = self.tcfg.precision == "bf16" or (
-            self.tcfg.precision == "auto" and device.type == "cuda"
-        )
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.wrapped = self.student
-
-    def distribute(self) -> None:
-        """Wrap for DDP/FSDP and compile, before any checkpoint is loaded (loading goes through
-        the distributed state-dict API, which shards a full checkpoint as the wrapping says)."""
-        self.wrapped = D.wrap(self.student, self.tcfg.strategy, self.info)
-        if self.tcfg.strategy == "fsdp" and self.info.distributed:
-            D.wrap(self.teacher, "fsdp", self.info)
-            # fully_shard replaces every parameter with a sharded one: an optimizer built on
-            # the old tensors would step on copies the model no longer reads.
-            self.optimizer = build_optimizer(self.student, self.ocfg)
-        if self.tcfg.compile:
-            self.student.encoder.compile()
-            self.teacher.encoder.compile()
-
-    def autocast(self):
-        """The precision context of the forward passes (bf16 autocast, or none)."""
-        return torch.autocast(
-            self.info.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
-
-    def schedules(self, step: int) -> tuple[float, float, float]:
-        t, o = self.tcfg, self.ocfg
-        lr = warmup_cosine(step, t.max_steps, o.warmup_steps, self.peak_lr, o.min_lr)
-        wd = cosine(step, t.max_steps, o.weight_decay, o.weight_decay_end)
-        momentum = cosine(step, t.max_steps, t.teacher_momentum, 1.0)
-        return lr, wd, momentum
-
-    def step(self, views: dict, step: int) -> dict:
-        """One optimizer step on a views batch (this process's share of the global batch)."""
-        lr, wd, momentum = self.schedules(step)
-        set_lr_wd(self.optimizer, lr, wd)
-        self.optimizer.zero_grad(set_to_none=True)
-        accum = self.tcfg.grad_accum
-        terms_acc: dict[str, float] = {}
-        total_acc = 0.0
-        fused = []
-        micros = split_micro(views, accum)
-        if accum > 1:
-            # Gradient accumulation: the teacher's outputs of every micro-batch first, so that
-            # the loss normalises each MGCL level by the rows of the whole step and updates the
-            # teacher centres once (SkySenseLoss.accumulation); grad_accum micro-batches then
-            # give the loss, gradients and centres of one batch (CMA aside: its negatives are
-            # the micro-batch's).
-            with self.autocast():
-                teacher_all = [_loss_inputs(self.teacher(m)) for m in micros]
-            accumulation = self.student.loss.accumulation(teacher_all, micros)
-        else:
-            teacher_all, accumulation = [None], contextlib.nullcontext()
-        with accumulation:
-            for micro, teacher_outs in zip(micros, teacher_all):
-                with self.autocast():
-                    if teacher_outs is None:
-                        teacher_outs = self.teacher(micro)
-                    out = self.wrapped(micro, teacher_outs, self.teacher.heads, step)
-                total, terms = out["total"], out["terms"]
-                if not torch.isfinite(total.detach()):
-                    bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
-                    raise NonFiniteLoss(
-                        f"step {step + 1}: loss is {float(total.detach())}; terms that went "
-                        f"bad: {bad or ['total']} (nothing was saved for this step)"
-                    )
-                (total / accum).backward()
-                total_acc += float(total.detach()) / accum
-                for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / accum
-                fused += [(o["fused"].float(), o["region"]) for o in teacher_outs if "fused" in o]
-        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.ocfg.grad_clip)
-        self.optimizer.step()
-        D.reshard(self.teacher)  # FSDP: the EMA works on the shards
-        ema_update(self.teacher, self.student, momentum)
-        self.update_prototypes(fused)
-        return {
-            "loss": total_acc,
-            "terms": terms_acc,
-            "lr": lr,
-            "wd": wd,
-            "momentum": momentum,
-            "grad_norm": float(gnorm),
-        }
-
-    @torch.no_grad()
-    def update_prototypes(self, fused: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """GCPL: EMA of the region prototypes towards the teacher's F_fus of this step (both
-        views), accumulated across processes by the loss module, then shared with the teacher."""
-        geo = getattr(self.student.encoder, "geo_context", None)
-        gcpl = getattr(self.student.loss, "gcpl", None)
-        if geo is None or gcpl is None or not fused:
-            return
-        f = torch.cat([x for x, _ in fused])
-        r = torch.cat([r for _, r in fused])
-        gcpl.update(geo.prototypes, f, r)
-        self.teacher.encoder.geo_context.prototypes.copy_(geo.prototypes)
-
-
 def train(cfg: DictConfig, run) -> dict:
     """Run pre-training as ``cfg`` says. ``run`` carries what the entry point prepared (model
     builders, loaders, probe, logging sinks, the dist info). Returns the summary dict."""
@@ -239,7 +71,7 @@ def train(cfg: DictConfig, run) -> dict:
 
     seed_everything(cfg.seed)  # the same initial weights on every process
     encoder = run.build_encoder()
-    trainer = Trainer(cfg, info, encoder, run.build_loss(encoder))
+    trainer = MetaArch(cfg, info, encoder)
     trainer.distribute()
     # Then one random stream per process: stochastic depth and the pixel-pair draws of one
     # process must not repeat those of another (a resume restores each process's own stream).
@@ -311,8 +143,7 @@ def train(cfg: DictConfig, run) -> dict:
                 writer.add_scalar("throughput/samples_per_s", sps, step + 1)
             every = tcfg.get("health_every", 0)
             if monitor is not None and ((step + 1) % every == 0 or step + 1 == tcfg.max_steps):
-                temp = trainer.student.loss.teacher_temp_at(step)
-                health = monitor(temp, step + 1)
+                health = monitor(rec["teacher_temp"], step + 1)
                 history[-1]["health"] = health
                 for k, v in health.items():
                     if writer is not None:
@@ -369,7 +200,7 @@ def check_resume_config(cfg: DictConfig, state: dict, path) -> None:
             )
 
 
-def save_checkpoint(ckpt_dir, step, data_position, trainer: Trainer, history, cfg):
+def save_checkpoint(ckpt_dir, step, data_position, trainer: MetaArch, history, cfg):
     info = trainer.info
     s, t, o = _state_dicts(trainer.student, trainer.teacher, trainer.optimizer, info)
     rngs = [ckpt.rng_state()]
