@@ -3,13 +3,12 @@ with blocks small enough to take several, and the Triton kernels under the inter
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from conftest import assert_close
 
 from skysense.kernels import (
+    dispatch,
     force_backend,
     info_nce,
     last_backend,
@@ -23,16 +22,11 @@ from skysense.kernels.losses import (
     sinkhorn_knopp_reference,
 )
 
-# The package re-exports the functions under the modules' names: reach the modules themselves.
-info_nce_mod = importlib.import_module("skysense.kernels.info_nce")
-proto_mod = importlib.import_module("skysense.kernels.prototype_loss")
-
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of a few rows/prototypes, so every size below runs over several of them."""
-    monkeypatch.setattr(info_nce_mod, "_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(proto_mod, "_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(dispatch, "_BLOCK_ELEMS", 64)
 
 
 def _nce_case(n, d, dtype, backend, temperature, atol, rtol):

@@ -174,6 +174,21 @@ def poison_outputs(enabled: bool = True):
     return set_thread_flag("poison", enabled)
 
 
+# --- the chunked engines' block size -------------------------------------------------------------
+
+_BLOCK_ELEMS: int | None = None  # elements of one slab of logits; None = slab_elems() (tests)
+
+
+def slab_elems(total: int) -> int:
+    """Elements of one block of logits of the chunked loss engines for a (rows x cols) =
+    ``total`` problem: at most 1/32 of the whole matrix (the peak stays far below the naive
+    loss's several full matrices), but 4M-16M elements, where a block's matmuls run near full
+    speed on the CPU."""
+    if _BLOCK_ELEMS is not None:
+        return _BLOCK_ELEMS
+    return min(1 << 24, max(1 << 22, total // 32))
+
+
 def no_autocast(t):
     """Autocast off inside the loss engines: under bf16 / fp16 autocast every block's matmul
     would round the logits (and G y) to half precision (3-7 % relative error in the heads'

@@ -32,16 +32,6 @@ from skysense.kernels import distributed as sdist
 
 OP = "info_nce"
 BACKENDS = ("triton", "chunked", "reference")
-_BLOCK_ELEMS: int | None = None  # elements of one slab of logits; None = slab_elems()
-
-
-def slab_elems(total: int) -> int:
-    """Elements of one block of logits for a (rows x cols) = ``total`` problem: at most 1/32 of
-    the whole matrix (the peak stays far below the naive loss's several full matrices), but
-    4M-16M elements, where a block's matmuls run near full speed on the CPU."""
-    if _BLOCK_ELEMS is not None:
-        return _BLOCK_ELEMS
-    return min(1 << 24, max(1 << 22, total // 32))
 
 
 EXP_FLOOR = -80.0  # see prototype_loss.EXP_FLOOR: keeps exp off its slow path, changes nothing
@@ -77,7 +67,7 @@ def info_nce_reference(a, b, temperature=0.1, gather=False):
 
 def _rows_per_block(n_cols: int, n_rows: int | None = None) -> int:
     n_rows = n_cols if n_rows is None else n_rows
-    return max(1, slab_elems(n_rows * n_cols) // max(1, n_cols))
+    return max(1, dispatch.slab_elems(n_rows * n_cols) // max(1, n_cols))
 
 
 class ChunkedEngine:

@@ -21,16 +21,6 @@ from skysense.kernels import dispatch
 
 OP = "prototype_cross_entropy"
 BACKENDS = ("triton", "chunked", "reference")
-_BLOCK_ELEMS: int | None = None  # elements of one slab of logits; None = slab_elems()
-
-
-def slab_elems(total: int) -> int:
-    """Elements of one block of logits for a (rows x cols) = ``total`` problem: at most 1/32 of
-    the whole matrix (the peak stays far below the naive loss's several full matrices), but
-    4M-16M elements, where a block's matmuls run near full speed on the CPU."""
-    if _BLOCK_ELEMS is not None:
-        return _BLOCK_ELEMS
-    return min(1 << 24, max(1 << 22, total // 32))
 
 
 # exp(x) for x below this is < 2e-35 next to a row maximum of exp(0) = 1: flooring the argument
@@ -78,7 +68,7 @@ class ChunkedEngine:
         mt = torch.full((n,), float("-inf"), dtype=dt, device=dev)
         lt = torch.zeros(n, dtype=dt, device=dev)
         acc = torch.zeros(n, dtype=dt, device=dev)  # sum_k exp(t_k - mt) * s_k
-        step = max(1, slab_elems(n * k_total) // max(1, n))
+        step = max(1, dispatch.slab_elems(n * k_total) // max(1, n))
         for k0 in range(0, k_total, step):
             s = (sx @ w[k0 : k0 + step].t()).mul_(inv_ts)
             t = tx @ tw[k0 : k0 + step].t()
@@ -105,7 +95,7 @@ class ChunkedEngine:
         n, k_total = sx.shape[0], w.shape[0]
         dsx = torch.zeros_like(sx)
         dw = torch.empty_like(w)
-        step = max(1, slab_elems(n * k_total) // max(1, n))
+        step = max(1, dispatch.slab_elems(n * k_total) // max(1, n))
         for k0 in range(0, k_total, step):
             wk = w[k0 : k0 + step]
             s = (sx @ wk.t()).mul_(inv_ts)
