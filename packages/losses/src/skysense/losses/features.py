@@ -7,7 +7,7 @@ step). The keys follow docs/contracts.md ("Encoder output" and "Pre-training vie
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +97,30 @@ def family_features(
         index = index.long()
         valid = valid & (index >= 0)
     return FamilyFeatures(tok, valid, index)
+
+
+def paired_family_features(
+    student: Sequence[Mapping[str, torch.Tensor]],
+    teacher: Sequence[Mapping[str, torch.Tensor]],
+    views: Sequence[Mapping[str, torch.Tensor]],
+    family: str,
+) -> tuple[list[FamilyFeatures | None], list[FamilyFeatures | None]] | None:
+    """``family`` in every view on both sides (student list, teacher list), or None where the
+    batch lacks it; a family on one side of a view only is an error naming the view."""
+    s_f = [
+        family_features(o, v, family, f"student view {i + 1}")
+        for i, (o, v) in enumerate(zip(student, views))
+    ]
+    t_f = [
+        family_features(o, v, family, f"teacher view {i + 1}")
+        for i, (o, v) in enumerate(zip(teacher, views))
+    ]
+    for i, (s, t) in enumerate(zip(s_f, t_f)):
+        if (s is None) != (t is None):
+            side = "student" if s is None else "teacher"
+            raise ValueError(
+                f"view {i + 1}: the {side} output lacks the {family} features the other has"
+            )
+    if all(s is None for s in s_f):
+        return None
+    return s_f, t_f

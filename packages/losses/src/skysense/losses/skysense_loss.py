@@ -28,7 +28,12 @@ from torch import nn
 
 from skysense.losses.cross_modal_alignment import CrossModalAlignment
 from skysense.losses.dino_head import DINOHead
-from skysense.losses.features import FAMILIES, MODALITIES, family_features
+from skysense.losses.features import (
+    FAMILIES,
+    MODALITIES,
+    family_features,
+    paired_family_features,
+)
 from skysense.losses.gcpl import GeoContextPrototypeLearning
 from skysense.losses.mgcl import LEVELS, MultiGranularityContrastiveLoss
 from skysense.losses.teacher_centering import TeacherCentering
@@ -242,25 +247,11 @@ class SkySenseLoss(nn.Module):
         mgcl_terms: dict[str, torch.Tensor] = {}
         stats: dict[str, tuple[torch.Tensor, int]] = {}
         for fam in FAMILIES:
-            s_f = [
-                family_features(o, v, fam, f"student view {i + 1}")
-                for i, (o, v) in enumerate(zip(student, views))
-            ]
-            t_f = [
-                family_features(o, v, fam, f"teacher view {i + 1}")
-                for i, (o, v) in enumerate(zip(teacher, views))
-            ]
-            for i, (s, t) in enumerate(zip(s_f, t_f)):
-                if (s is None) != (t is None):
-                    side = "student" if s is None else "teacher"
-                    raise ValueError(
-                        f"view {i + 1}: the {side} output lacks the {fam} features the other has"
-                    )
-            if all(s is None for s in s_f):
+            pair = paired_family_features(student, teacher, views, fam)
+            if pair is None:
                 continue
             losses, fam_stats = self.mgcl(
-                s_f,
-                t_f,
+                *pair,
                 affines,
                 self.heads[fam],
                 t_heads[fam],
