@@ -22,6 +22,7 @@ from skysense.tasks.downstream.datasets import boxes as B
 from skysense.tasks.downstream.datasets.common import IGNORE_INDEX, collate
 from skysense.tasks.downstream.datasets.dense import DenseCrops, DenseScene, class_weights
 from skysense.tasks.downstream.datasets.masks import read_label_mask
+from skysense.tasks.training.checkpoint import safe_load
 
 pytestmark = pytest.mark.unit
 
@@ -370,6 +371,11 @@ def test_finetune_two_steps_on_each_public_dataset(name, tmp_path):
     assert all(np.isfinite(h["loss"]) for h in m["history"]) and len(m["history"]) == 2
     if name in ("dior_r", "fair1m"):  # oriented ground truth: rotated-box AP50 reported too
         assert 0.0 <= m["metrics"]["rotated_mAP50"] <= 1.0
+    if name.startswith(("dior", "fair1m")):  # task.head.oriented: auto = on for oriented data
+        saved = safe_load(run / "random" / "model.pt")
+        oriented = name != "dior"
+        assert saved["meta"]["head"]["oriented"] is oriented
+        assert any("obb" in k for k in saved["state_dict"]) is oriented
 
 
 @pytest.mark.parametrize(

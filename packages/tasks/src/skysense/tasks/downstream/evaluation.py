@@ -187,9 +187,8 @@ def evaluate_detection(model: nn.Module, scenes: Sequence, device="cpu") -> tupl
 
 def _rotated_scores(preds: Sequence[dict], scenes: Sequence) -> dict:
     """Rotated-box AP50 (DOTA-style, all-point) of oriented datasets (DIOR-R, FAIR1M): the
-    horizontal predictions as 4-corner polygons against the oriented ground truth. The detector
-    is horizontal (it trains on the boxes' envelopes), so this is a lower bound of what an
-    oriented head would score."""
+    detector's rotated boxes (``polygons`` (N, 8), from the oriented head) against the oriented
+    ground truth; a horizontal detector's boxes enter as 4-corner polygons (a lower bound)."""
     import numpy as np
 
     from skysense.data.datasets.oriented import rotated_map
@@ -200,7 +199,9 @@ def _rotated_scores(preds: Sequence[dict], scenes: Sequence) -> dict:
 
     p = [
         {
-            "polygons": corners(o["boxes"]),
+            "polygons": (
+                o["polygons"].numpy().reshape(-1, 8) if "polygons" in o else corners(o["boxes"])
+            ),
             "scores": o["scores"].numpy(),
             "labels": o["labels"].numpy(),
         }

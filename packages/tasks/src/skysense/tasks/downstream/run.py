@@ -67,6 +67,8 @@ _DET_HEAD = {
     "anchor_sizes": "anchor_sizes",
     "representation": "representation",
     "size_divisible": "size_divisible",
+    # auto: the rotated-box branch when the training data carry oriented boxes (DIOR-R, FAIR1M).
+    "oriented": "oriented",
 }
 
 
@@ -249,6 +251,8 @@ def finetune(cfg: DictConfig) -> dict:
         example = next(iter(data.train_batches(1)))
     else:
         example = collate([data.train[0]])
+    if kind == "detection" and head.get("oriented", "auto") == "auto":
+        head["oriented"] = "polygons" in example
     weights = None
     if kind in ("segmentation", "change"):
         cw = cfg.task.get("class_weights")

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 def forward_loss(model: nn.Module, loss_fn: nn.Module, kind: str, batch: Mapping) -> torch.Tensor:
     if kind == "detection":
         targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
+        for t, poly in zip(targets, batch.get("polygons") or ()):
+            t["polygons"] = poly  # oriented boxes (M, 8), for the rotated-box branch
         return loss_fn(model(batch["hr"], targets), batch)
     return loss_fn(model(batch), batch)
 
