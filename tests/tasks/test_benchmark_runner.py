@@ -120,13 +120,21 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     out = tmp_path / "run"
     small = ["'train.max_steps=2'", "'train.batch_size=2'", "'task.eval.window=32'",
              "'task.eval.overlap=0'", "'data.crop=16'"]  # fmt: skip
+    # The suite's budget: 80 epochs with early stopping (PANGAEA); here 2 steps, no stopping.
+    tiny = [f"suite.entries.{i}.{k}" for i in (0, 1) for k in ("epochs", "eval_every", "patience")]
     rc = main(["benchmark", "suite=pangaea", f"run_dir={out}", f"datasets_root={datasets}",
                "seeds=[0]", "n_boot=200", "baselines=[spectral,unet]",
                "entry_defaults.l2_grid=[1e-2]", "entry_defaults.window=32",
-               f"suite.entries.0.overrides=[{','.join(small)}]"])  # fmt: skip
+               *[f"{k}=null" for k in tiny],
+               f"suite.entries.0.overrides=[{','.join(small)}]",
+               f"suite.entries.1.overrides=[{','.join(small)}]"])  # fmt: skip
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     by_id = {r["id"]: r for r in rep["entries"]}
+    # the 10 % limited-label variant of the frozen protocol ran on a tenth of the tiles
+    few = by_id["hls_burn_scars/segmentation/frozen_upernet@0.1"]
+    assert few["status"] == "ok"
+    assert few["models"]["random init"]["runs"][0]["label_fraction"] == 0.1
     fro = by_id["hls_burn_scars/segmentation/frozen_upernet"]
     lp = by_id["hls_burn_scars/segmentation/linear_probe@0.1"]
     assert fro["status"] == "ok" and lp["status"] == "ok"
