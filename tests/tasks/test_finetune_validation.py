@@ -213,3 +213,22 @@ def test_validation_loss_metric():
         score_fn("segmentation", None, cfg, "cpu", "loss")
     with pytest.raises(ValueError, match="score or loss"):
         score_fn("classification", None, cfg, "cpu", "acc")
+
+
+def test_detection_holdout_and_early_stopping_on_rotated_map(tmp_path):
+    """DIOR-R (oriented boxes): whole images held out for validation, a label fraction of the
+    rest trained on, early stopping on the validation rotated-box mAP50."""
+    root = fakes.make("dior_r", tmp_path / "dior_r")
+    run = tmp_path / "run"
+    cfg = cli.compose(cli.COMMANDS["finetune"].config, [
+        "task=detection", "data=dior_r", f"data.root={root}", "data.crop=64", f"run_dir={run}",
+        "train.max_steps=4", "train.batch_size=1", "train.val_fraction=0.34",
+        "train.label_fraction=0.5", "train.eval_every=2", "train.patience=5"])  # fmt: skip
+    summary = finetune(cfg)
+    h = summary["data_info"]["holdout"]
+    n = summary["data_info"]["train"]
+    assert h["unit"] == "images" and h["validation"] == max(1, round(0.34 * n))
+    assert h["train"] == max(1, round(0.5 * (n - h["validation"])))
+    es = summary["runs"]["random"]["early_stopping"]
+    assert [e["step"] for e in es["evals"]] == [2, 4]
+    assert all(0.0 <= e["val"] <= 1.0 for e in es["evals"])

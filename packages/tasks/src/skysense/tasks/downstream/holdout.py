@@ -10,11 +10,12 @@ change detection's decision threshold) would leak. :func:`carve` therefore holds
 - dense datasets read tile by tile (:class:`TileCrops`): whole tiles;
 - image classification (:class:`ItemCycle`, manifests): images, stratified by class where the
   labels are single class indices (a seeded share of each class, at least one image of each),
-  a seeded random share for multi-label data.
+  a seeded random share for multi-label data;
+- detection datasets (:class:`BoxCrops`: DIOR, DIOR-R, FAIR1M): whole images.
 
 The validation split is returned as a :class:`TaskData` whose ``eval`` / ``eval_batches`` hold
-it (no augmentation), so the same evaluation code scores it. Detection data is not carved
-(NotImplementedError).
+it (no augmentation), so the same evaluation code scores it. A single labelled detection scene
+split by a line (data=osbs) is not carved (NotImplementedError).
 """
 
 from __future__ import annotations
@@ -96,7 +97,13 @@ def carve(data: TaskData, data_cfg, length: int, seed: int, source: str | None,
     ``length`` training items; ``data.info`` gains a ``holdout`` record (what was held out,
     the label fraction and the counts)."""
     from skysense.tasks.downstream.datasets.dense import DenseCrops, class_weights
-    from skysense.tasks.downstream.datasets.public import ItemCycle, Scenes, TileCrops
+    from skysense.tasks.downstream.datasets.public import (
+        BoxCrops,
+        DetectionScenes,
+        ItemCycle,
+        Scenes,
+        TileCrops,
+    )
 
     vf, lf = float(val_fraction), float(label_fraction)
     if not 0.0 <= vf < 1.0 or not 0.0 < lf <= 1.0:
@@ -136,6 +143,15 @@ def carve(data: TaskData, data_cfg, length: int, seed: int, source: str | None,
         rec = {"unit": "tiles" if isinstance(tr, TileCrops) else "images",
                "train": len(keep), "validation": len(held),
                "stratified": labels is not None}  # fmt: skip
+    elif isinstance(tr, BoxCrops):  # detection datasets: whole images (not stratified)
+        keep, held = choose(len(tr.ds), vf, lf, seed)
+        new = copy.copy(tr)
+        new.ds = _subset_dataset(tr.ds, keep)
+        weights = data.class_weights
+        if held:
+            val = replace(data, train=None, eval=DetectionScenes(_subset_dataset(tr.ds, held)))
+        rec = {"unit": "images", "train": len(keep), "validation": len(held),
+               "stratified": False}  # fmt: skip
     else:
         raise NotImplementedError(
             f"a validation split / label fraction of {type(tr).__name__} training data "

@@ -3,8 +3,9 @@ stopping compares, and change detection's decision threshold.
 
 - :func:`score_fn`: ``model -> float``, higher is better: the task's headline metric on the
   validation split (``metric="score"``): OA (classification), mAP (multi-label), mIoU
-  (segmentation), and for change detection the change F1 at the best threshold on that split
-  (threshold-free: the threshold is chosen once more at the end); or, for image tasks, minus
+  (segmentation), mAP50 (detection; rotated-box mAP50 on oriented data), and for change
+  detection the change F1 at the best threshold on that split (threshold-free: the threshold
+  is chosen once more at the end); or, for image tasks, minus
   the mean validation loss (``metric="loss"``: cross-entropy / binary cross-entropy of the
   predicted probabilities), which moves smoothly where a handful of validation images make
   the accuracy jump in steps of 1/N.
@@ -26,7 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from skysense.tasks.downstream.datasets.common import collate
-from skysense.tasks.downstream.evaluation import evaluate_classification, evaluate_dense
+from skysense.tasks.downstream.evaluation import (
+    evaluate_classification,
+    evaluate_dense,
+    evaluate_detection,
+)
 
 
 def _change_pv(model, val, ev, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +78,9 @@ def score_fn(kind: str, val, cfg, device, metric: str = "score") -> Callable[[nn
             if metric == "loss":
                 return -mean_loss(kind, extra["scores"], extra["targets"])
             return float(s["OA" if kind == "classification" else "mAP"])
+        if kind == "detection":  # rotated-box mAP50 where the data carry oriented boxes
+            s, _ = evaluate_detection(model, val.eval, device)
+            return float(s.get("rotated_mAP50", s["mAP50"]))
         raise NotImplementedError(f"a validation score of {kind} models")
 
     return score
