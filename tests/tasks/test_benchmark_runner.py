@@ -49,6 +49,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
     )
     out = tmp_path / "run"
     rc = main(["benchmark", f"suite.entries=[{suite}]", "suite.name=tiny", f"run_dir={out}",
+               "suite.pretrained=null",
                "seeds=[0,1]", "n_boot=500", "entry_defaults.l2_grid=[1e-3,1e-1]"])  # fmt: skip
     assert rc == 0
     for ext in ("md", "json", "png"):
@@ -166,6 +167,7 @@ def test_shared_oscd_change_probe_threshold_on_validation(shared_data, tmp_path)
              "val_fraction: 0.25, pixels_per_scene: 300, max_test_pixels: 20000, "
              f"data_args: {{root: '{shared_data / 'oscd'}'}}}}")  # fmt: skip
     rc = main(["benchmark", f"suite.entries=[{entry}]", "suite.name=oscd", f"run_dir={out}",
+               "suite.pretrained=null",
                "seeds=[0]", "n_boot=200", "entry_defaults.l2_grid=[1e-2]"])  # fmt: skip
     assert rc == 0
     rec = json.loads((out / "report.json").read_text())["entries"][0]
@@ -204,3 +206,29 @@ def test_unet_baseline_shapes():
     assert out.shape == (2, 2, 13, 15)
     out.sum().backward()
     assert chg.enc1[0].weight.grad.abs().sum() > 0
+
+
+def test_suite_pretrained_row_pretrains_once_then_reuses(tmp_path):
+    """suite.pretrained (suite=quick's pre-trained tiny row): without checkpoints, the benchmark
+    pre-trains in its run folder when that holds no finished run, then reuses the finished run
+    (nothing retrained or overwritten) and puts its newest checkpoint beside random init."""
+    pre = tmp_path / "pretrain"
+    args = ["benchmark", "suite.name=q", "suite.entries=[{data: embedded, task: classification, "
+            "protocol: knn, cv_folds: 2}]", "suite.pretrained.name=tiny2",
+            f"suite.pretrained.run_dir={pre}", "suite.pretrained.overrides=['trainer.max_steps=2',"
+            "'trainer.batch_size=2','trainer.linear_probe=false','trainer.health_every=0']",
+            "seeds=[0]", "n_boot=100", "baselines=[]"]  # fmt: skip
+    assert main([*args, f"run_dir={tmp_path / 'a'}"]) == 0
+    ckpt = pre / "checkpoints" / "step_0000002.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["models"] == ["tiny2", "random init"]
+    assert rep["checkpoints"] == {"tiny2": str(ckpt)}
+    assert rep["entries"][0]["models"]["tiny2"]["runs"][0]["score"] >= 0.0
+    assert main([*args, f"run_dir={tmp_path / 'b'}"]) == 0
+    assert ckpt.stat().st_mtime_ns == stamp  # the finished run reused, not trained again
+    # checkpoints given: no pre-training
+    other = tmp_path / "other"
+    assert main([*args[:5], f"suite.pretrained.run_dir={other}", *args[6:],
+                 f"run_dir={tmp_path / 'c'}", f"checkpoints={{x: {ckpt}}}"]) == 0  # fmt: skip
+    assert not other.exists()

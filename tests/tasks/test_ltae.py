@@ -109,6 +109,7 @@ def test_frozen_upernet_ltae_protocol_on_fake_pastis(tmp_path):
              f"eval_every: 1, patience: 1, val_fraction: 0.3, data_args: {{root: '{root}'}}, "
              f"overrides: [{','.join(small)}]}}")  # fmt: skip
     rc = main(["benchmark", f"suite.entries=[{entry}]", "suite.name=ltae", f"run_dir={out}",
+               "suite.pretrained=null",
                "seeds=[0]", "n_boot=100", "baselines=[]"])  # fmt: skip
     assert rc == 0
     rec = json.loads((out / "report.json").read_text())["entries"][0]

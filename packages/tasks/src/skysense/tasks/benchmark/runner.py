@@ -23,9 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from skysense.tasks.benchmark import protocols, report
+from skysense.tasks.benchmark.pretrained import pretrained_checkpoints
 from skysense.tasks.benchmark.sources import feature_set
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,11 @@ def run_benchmark(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     device = resolve_device(cfg.device, "device")
+    found = pretrained_checkpoints(cfg)  # before set_threads: pre-training keeps its own
+    if found:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.checkpoints = found
     set_threads(cfg.threads)
     models = models_of(cfg)
     feats = Featurisers(cfg, device)
