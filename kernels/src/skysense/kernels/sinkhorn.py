@@ -23,8 +23,8 @@ absorbed by c_n, which starts at exp((m_n - M_g) / eps), M_g the group's max ove
 the reference's shift: it changes nothing but the range of exp.
 
 Backends: ``triton`` (CUDA, or forced under the interpreter: exp recomputed on the fly in fp32,
-the output written once), ``chunked`` (torch, in float64: E stored once, the sums by
-matrix-vector products or one ``index_add_`` per pass), ``reference`` (one process).
+the output written once), ``chunked`` (torch, in float32, float64 for float64 scores: E
+stored once, the sums by matrix-vector products or one ``index_add_`` per pass), ``reference`` (one process).
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ def _no_iterations(scores, epsilon, distributed):
 
 @torch.no_grad()
 def _chunked(scores, groups, n_groups, n_iters, epsilon, distributed):
-    s = scores.double()
+    s = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     row_max = s.amax(dim=1, keepdim=True)
     gmax = _group_max(row_max.reshape(-1), groups, n_groups, distributed)
     e = (s - row_max).div_(epsilon).exp_()  # (N, K), the only N x K buffer
-    c = torch.exp((row_max.reshape(-1) - gmax[groups]) / epsilon)
-    n_rows = _group_rows(groups, n_groups, distributed)[groups]  # (N,) N_g of each row
+    c = torch.exp((row_max.reshape(-1) - gmax[groups]) / epsilon).to(e.dtype)
+    n_rows = _group_rows(groups, n_groups, distributed)[groups].to(e.dtype)  # (N,) N_g of row
     k = scores.shape[1]
     tiny = torch.finfo(e.dtype).tiny
     r = None
