@@ -23,6 +23,14 @@ def _bias_tile(ptr, b, h, offs_m, offs_n, Nq, Nk, bb, sb, sh, sm, sn):
 
 
 @triton.jit
+def _tile(X, b, h, offs_r, offs_d, sb, sh, sr, sd, mask):
+    """The (rows, BLOCK_D) tile X[b, h, offs_r, offs_d], 0 outside ``mask``."""
+    return tl.load(
+        X + b * sb + h * sh + offs_r[:, None] * sr + offs_d[None, :] * sd, mask=mask, other=0.0
+    )
+
+
+@triton.jit
 def _scores(
     q,
     kT,
@@ -96,11 +104,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Nq) & dmask[None, :],
-        other=0.0,
-    )
+    q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, (offs_m[:, None] < Nq) & dmask[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -124,11 +128,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=nmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
+        v = _tile(V, b, h, offs_n, offs_d, svb, svh, svn, svd, nmask[:, None] & dmask[None, :])
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32, PREC)
         m_i = m_new
     empty = l_i == 0.0  # every key masked: output zeros, lse +inf (probabilities 0 in backward)
@@ -194,16 +194,8 @@ def _attn_bwd_dkdv_kernel(
     dmask = offs_d < D
     nmask = offs_n < Nk
     kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(
-        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-        mask=kv_mask,
-        other=0.0,
-    )
+    k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, kv_mask)
+    v = _tile(V, b, h, offs_n, offs_d, svb, svh, svn, svd, kv_mask)
     kT = tl.trans(k)
     vT = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -212,16 +204,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + offs_m0
         mmask = offs_m < Nq
         qd_mask = mmask[:, None] & dmask[None, :]
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=qd_mask,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-            mask=qd_mask,
-            other=0.0,
-        )
+        q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, qd_mask)
+        do = _tile(DO, b, h, offs_m, offs_d, sdob, sdoh, sdom, sdod, qd_mask)
         lse = tl.load(LSE + bh * Nq + offs_m, mask=mmask, other=float("inf"))
         delta = tl.load(DELTA + bh * Nq + offs_m, mask=mmask, other=0.0)
         s = _scores(
@@ -236,40 +220,14 @@ def _attn_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])  # d loss / d (scale q.k + bias)
         if GRAD_B0:
             _acc_dbias(
-                DB0,
-                ds,
-                b,
-                h,
-                offs_m,
-                offs_n,
-                Nq,
-                Nk,
-                b0_bb,
-                db0_sb,
-                db0_sh,
-                db0_sm,
-                db0_sn,
-                RED0_M,
-                RED0_N,
-            )
+                DB0, ds, b, h, offs_m, offs_n, Nq, Nk, b0_bb, db0_sb,
+                db0_sh, db0_sm, db0_sn, RED0_M, RED0_N,
+            )  # fmt: skip
         if GRAD_B1:
             _acc_dbias(
-                DB1,
-                ds,
-                b,
-                h,
-                offs_m,
-                offs_n,
-                Nq,
-                Nk,
-                b1_bb,
-                db1_sb,
-                db1_sh,
-                db1_sm,
-                db1_sn,
-                RED1_M,
-                RED1_N,
-            )
+                DB1, ds, b, h, offs_m, offs_n, Nq, Nk, b1_bb, db1_sb,
+                db1_sh, db1_sm, db1_sn, RED1_M, RED1_N,
+            )  # fmt: skip
         dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32, PREC)
     dk *= sm_scale
     out_off = bh * Nk * D + offs_n[:, None] * D + offs_d[None, :]
@@ -302,32 +260,16 @@ def _attn_bwd_dq_kernel(
     dmask = offs_d < D
     mmask = offs_m < Nq
     qd_mask = mmask[:, None] & dmask[None, :]
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=qd_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-        mask=qd_mask,
-        other=0.0,
-    )
+    q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, qd_mask)
+    do = _tile(DO, b, h, offs_m, offs_d, sdob, sdoh, sdom, sdod, qd_mask)
     lse = tl.load(LSE + bh * Nq + offs_m, mask=mmask, other=float("inf"))
     delta = tl.load(DELTA + bh * Nq + offs_m, mask=mmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n < Nk)[:, None] & dmask[None, :]
-        k = tl.load(
-            K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, kv_mask)
+        v = _tile(V, b, h, offs_n, offs_d, svb, svh, svn, svd, kv_mask)
         s = _scores(
             q, tl.trans(k), b, h, offs_m, offs_n, Nq, Nk, qk_scale,
             B0, b0_bb, b0_sb, b0_sh, b0_sm, b0_sn,
