@@ -343,7 +343,7 @@ def compiled_kernels(dry: bool) -> str:
     the resulting warps per SM (``skysense.kernels.aot.occupancy`` with the card's limits)."""
     if dry:
         return "## Compiled kernels\n\n(none: the interpreter compiles nothing)\n"
-    from skysense.kernels import aot, triton_attention, triton_losses
+    from skysense.kernels import aot, triton_attention, triton_losses, triton_sinkhorn
 
     cc = aot.native_target()
     lines = [
@@ -352,7 +352,7 @@ def compiled_kernels(dry: bool) -> str:
         "| kernel | blocks | warps | stages | regs | spills | smem KiB | warps/SM |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for mod in (triton_attention, triton_losses):
+    for mod in (triton_attention, triton_losses, triton_sinkhorn):
         for name in sorted(dir(mod)):
             fn = getattr(mod, name)
             if not name.endswith("_kernel") or not hasattr(fn, "device_caches"):

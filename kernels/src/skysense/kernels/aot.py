@@ -276,8 +276,10 @@ def _build_call(case: Case):
     scores = e(n, m)
     vec = f32(1, m) if case.kernel in ("sk_rowsum", "sk_write") else f32(n)
     out = {"sk_colsum": f32(1, m), "sk_rowsum": f32(n), "sk_write": e(n, m)}[case.kernel]
-    layout = tls.sinkhorn_groups(torch.zeros(n, dtype=torch.long, device=scores.device), 1)
-    return tls.sinkhorn_call(case.kernel, scores, f32(n), vec, out, 20.0, layout, c=f32(n))
+    from skysense.kernels import triton_sinkhorn as tsk
+
+    layout = tsk.sinkhorn_groups(torch.zeros(n, dtype=torch.long, device=scores.device), 1)
+    return tsk.sinkhorn_call(case.kernel, scores, f32(n), vec, out, 20.0, layout, c=f32(n))
 
 
 def _source(call):

@@ -1,5 +1,5 @@
 """Launch configurations of every Triton kernel: one table per kernel, read by the launchers
-(``triton_attention``, ``triton_losses``) and enumerated by the ahead-of-time compile tier
+(``triton_attention``, ``triton_losses``, ``triton_sinkhorn``) and enumerated by the ahead-of-time compile tier
 (``aot``, ``tests/kernels/test_gpu_compile.py``), so what CI compiles for sm_80 and sm_90 is
 what a card runs.
 

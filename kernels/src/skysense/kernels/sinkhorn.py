@@ -189,7 +189,7 @@ def sinkhorn_knopp(scores, n_iters=3, epsilon=0.05, distributed=False, groups=No
             n_groups = 1
             groups = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
         if backend == "triton":
-            from skysense.kernels.triton_losses import sinkhorn_triton
+            from skysense.kernels.triton_sinkhorn import sinkhorn_triton
 
             out = sinkhorn_triton(scores, groups, n_groups, n_iters, epsilon, distributed)
         else:
