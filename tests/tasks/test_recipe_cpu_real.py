@@ -69,3 +69,19 @@ def test_stage_finds_the_shared_samples(shared_data: Path, tmp_path):
     mtime = tifs[0].stat().st_mtime_ns
     stage_shared.stage(src, shared_data)  # idempotent: nothing rewritten
     assert tifs[0].stat().st_mtime_ns == mtime
+
+
+def test_dense_tokens_keep_the_valid_steps_of_samples_that_hold_the_modality():
+    import torch
+
+    from skysense.tasks.training.health import dense_tokens, rankme
+
+    tok = torch.randn(3, 2, 5, 2, 4)  # (B, T, C, h, w)
+    valid = torch.tensor([[True, False], [False, False], [True, True]])
+    rows = dense_tokens({"tokens_s2": tok, "valid_s2": valid}, "s2")
+    assert rows.shape == (2 * 2 * 4, 5)  # the sample without S2 is left out
+    assert torch.allclose(rows[:8], tok[0, 0].permute(1, 2, 0).reshape(8, 5))
+    assert torch.allclose(rows[8:], tok[2].mean(0).permute(1, 2, 0).reshape(8, 5))
+    assert dense_tokens({}, "s2") is None
+    # Rows along one direction have an effective rank of about 1, spread rows more.
+    assert rankme(torch.randn(16, 1) * torch.randn(1, 5)) < 1.5 < rankme(rows)

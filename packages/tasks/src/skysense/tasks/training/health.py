@@ -13,8 +13,9 @@ time, read without augmentation), from the teacher:
   two collapse modes: one prototype for every sample drives the first to 0; a uniform output
   for every sample drives the second to 1).
 - ``proto_usage``: the share of the K prototypes that are the argmax of at least one sample.
-- ``rankme_s2``: RankMe of the pooled S2 tokens of the samples that hold S2 (the features that
-  Sentinel-2 probes read), where the data has S2.
+- ``rankme_s2`` / ``rankme_s2_dense``: RankMe of the pooled S2 tokens of the samples that hold
+  S2, and of their S2 tokens at every grid location (what dense Sentinel-2 probes read), where
+  the data has S2.
 - ``retrieval``: cross-modal retrieval top-1 between co-located modalities (for each pair of
   modalities, over the samples that hold both, whether a sample's pooled tokens in one modality
   are nearest, by cosine, to the same place's in the other): what CMA should raise above chance
@@ -65,6 +66,19 @@ def pooled_tokens(out: dict, mod: str) -> torch.Tensor | None:
     valid = out[f"valid_{mod}"].to(torch.float32)  # (B, T)
     w = valid / valid.sum(1, keepdim=True).clamp_min(1.0)
     return (tok.float().mean(dim=(-2, -1)) * w[..., None]).sum(1)
+
+
+def dense_tokens(out: dict, mod: str) -> torch.Tensor | None:
+    """(B * h * w, C) a modality's tokens at every grid location, averaged over the valid steps,
+    of the samples that hold the modality; None when the output has none."""
+    tok = out.get(f"tokens_{mod}")
+    if tok is None:
+        return None
+    valid = out[f"valid_{mod}"].to(torch.float32)  # (B, T)
+    w = valid / valid.sum(1, keepdim=True).clamp_min(1.0)
+    x = (tok.float() * w[..., None, None, None]).sum(1)  # (B, C, h, w)
+    x = x[valid.sum(1) > 0]
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def retrieval_top1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,6 +154,8 @@ def health_signals(teacher, batches: list[dict], temp: float, labelled=None) -> 
         keep = present["s2"]
         if int(keep.sum()) >= 2:
             sig["rankme_s2"] = rankme(torch.cat(s2)[keep])
+            # ... and of the S2 tokens at every grid location (what dense probes read).
+            sig["rankme_s2_dense"] = rankme(torch.cat([dense_tokens(o, "s2") for o in outs]))
     if labelled is not None:
         device = z.device
         xt, yt = extract(teacher.encoder, labelled[0], device)
@@ -207,7 +223,11 @@ def health_line(sig: dict[str, float] | None) -> str:
         return "health: not measured (trainer.health_every=0)"
     parts = [
         f"RankMe {sig['rankme']:.1f}/{sig['rankme_max']:.0f}"
-        + (f" (S2 tokens {sig['rankme_s2']:.1f})" if "rankme_s2" in sig else ""),
+        + (
+            f" (S2 tokens {sig['rankme_s2']:.1f}, per location {sig['rankme_s2_dense']:.1f})"
+            if "rankme_s2" in sig
+            else ""
+        ),
         f"embedding std {sig['emb_std']:.2f}",
         f"prototype entropy mean {sig['proto_entropy_mean']:.2f} per-sample "
         f"{sig['proto_entropy_sample']:.2f} (of log K), usage {sig['proto_usage']:.2f}",
