@@ -120,7 +120,11 @@ def config_groups(config: str) -> dict[str, list[str]]:
             )
             if opts:
                 groups[entry.name] = opts
-    return groups
+    from skysense.tasks.conf.schema import structured_options  # the model group: code, not YAML
+
+    for group, opts in structured_options().items():
+        groups[group] = sorted({*groups.get(group, []), *opts})
+    return dict(sorted(groups.items()))
 
 
 def compose(config: str, overrides: list[str]):
@@ -222,7 +226,10 @@ def _help(name: str, cmd: Command, overrides: list[str]) -> str:
 
 def _commented_keys(config: str, overrides: list[str]) -> list[str]:
     """The primary config file and the files of the groups chosen on the command line
-    (``task=X``, ``suite=X``, ``data=X``), as written: every key with its comment."""
+    (``task=X``, ``suite=X``, ``data=X``), as written: every key with its comment; a structured
+    option (``model=X``) by its documented fields."""
+    from skysense.tasks.conf.schema import describe
+
     root = resources.files(CONFIG_MODULE)
     files = [(f"{config}.yaml", root / f"{config}.yaml")]
     for o in overrides:
@@ -230,9 +237,14 @@ def _commented_keys(config: str, overrides: list[str]) -> list[str]:
         entry = root / group / f"{option}.yaml"
         if "." not in group and option and entry.is_file():
             files.append((f"{group}/{option}.yaml", entry))
+        elif "." not in group and option and describe(group, option) is not None:
+            files.append(
+                (f"{group}={option} (skysense.tasks.conf.schema)", describe(group, option))
+            )
     out = []
     for name, f in files:
-        out += ["", f"keys of {name} (with their meaning):", f.read_text().rstrip()]
+        text = f if isinstance(f, str) else f.read_text()
+        out += ["", f"keys of {name} (with their meaning):", text.rstrip()]
     return out
 
 

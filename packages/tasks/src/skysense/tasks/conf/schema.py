@@ -4,19 +4,68 @@ The YAML files under ``conf/`` hold the defaults people read and override; the d
 give every field of the optimiser, the trainers and the top-level settings its type, so that a
 value of the wrong type (``optim.lr=abc``, ``trainer.max_steps=1.5``) or an unknown key is one
 line naming the field when the config is composed, before any file or folder is created.
-Groups whose fields differ by option (model, data, loss, task) stay untyped here; their own
+Groups whose fields differ by option (data, loss, task) stay untyped here; their own
 validation names the field.
 
-:func:`register` puts the schemas in Hydra's ConfigStore; the primary YAML files list them
-first in their defaults (``- pretrain_schema``).
+The ``model`` group has no YAML files: its five options (``model=tiny`` ... ``model=huge``) are
+:class:`ModelConfig` nodes built from :data:`HEAD_SIZES`, one row per encoder preset of
+:data:`skysense.encoders.PRESETS` (the encoder's own sizes live there; the pre-training heads,
+which the meta-architecture builds and the encoder never sees, are sized here).
+
+:func:`register` puts the schemas and the model options in Hydra's ConfigStore; the primary
+YAML files list their schema first in their defaults (``- pretrain_schema``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import MISSING
+
+
+@dataclass
+class HeadsConfig:
+    """The pre-training projection heads (``conf/loss/default.yaml`` reads them): K prototypes,
+    the MLP's hidden width and its bottleneck (DINOv2: 65536, 2048, 256)."""
+
+    n_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+
+
+# Encoder preset -> its pre-training heads. tiny and small are smaller than DINOv2's heads so that
+# they train quickly; base, large and huge (= the paper) take DINOv2's.
+HEAD_SIZES: dict[str, HeadsConfig] = {
+    "tiny": HeadsConfig(n_prototypes=1024, hidden_dim=512, bottleneck_dim=128),
+    "small": HeadsConfig(n_prototypes=16384),
+    "base": HeadsConfig(),
+    "large": HeadsConfig(),
+    "huge": HeadsConfig(),
+}
+
+
+@dataclass
+class ModelConfig:
+    """``model=<preset>``: the SkySense encoder preset (``skysense.encoders.PRESETS``) and the
+    pre-training heads sized for it.
+
+    - ``preset``: tiny (tests, CPU), small, base, large, huge (= the paper).
+    - ``checkpointing``: activation checkpointing per block (saves memory, costs a recompute).
+    - ``overrides``: encoder config fields that replace the preset's, e.g.
+      ``+model.overrides.fusion_depth=2`` (a new key takes the + of Hydra's append syntax).
+    - ``heads``: see :class:`HeadsConfig` (``model.heads.n_prototypes=4096`` changes one).
+    """
+
+    preset: str = MISSING
+    checkpointing: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+
+def model_config(preset: str) -> ModelConfig:
+    """The ``model=<preset>`` option: the preset with its heads of :data:`HEAD_SIZES`."""
+    return ModelConfig(preset=preset, heads=replace(HEAD_SIZES[preset]))
 
 
 @dataclass
@@ -143,9 +192,32 @@ SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "infer": Infe
 
 
 def register() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    """Store the schemas and the ``model`` options in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)
+    for preset in HEAD_SIZES:
+        cs.store(group="model", name=preset, node=model_config(preset))
+
+
+def structured_options() -> dict[str, list[str]]:
+    """Groups whose options are ConfigStore nodes (no YAML file) -> their options."""
+    return {"model": list(HEAD_SIZES)}
+
+
+def describe(group: str, option: str) -> str | None:
+    """``--help``'s text for a ConfigStore option (``model=tiny``): the meaning of each key and
+    the option's values as YAML; None where ``group`` has no such option."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    if group != "model" or option not in HEAD_SIZES:
+        return None
+    doc = inspect.getdoc(ModelConfig) or ""
+    heads = inspect.getdoc(HeadsConfig) or ""
+    body = OmegaConf.to_yaml(OmegaConf.structured(model_config(option))).rstrip()
+    comments = "\n".join(f"# {line}".rstrip() for line in f"{doc}\n{heads}".splitlines())
+    return f"{comments}\n{body}"

@@ -1,0 +1,79 @@
+"""The ``model`` config group: five structured options (no YAML) built from one table of head
+sizes beside the encoder presets; every command composes them and the loss reads the heads."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+from omegaconf import OmegaConf
+
+from skysense.encoders import PRESETS
+from skysense.tasks.cli import compose, config_groups, main
+from skysense.tasks.conf.schema import HEAD_SIZES
+from skysense.tasks.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_one_head_row_per_encoder_preset_and_no_model_yaml():
+    assert list(HEAD_SIZES) == list(PRESETS) == ["tiny", "small", "base", "large", "huge"]
+    conf = resources.files("skysense.tasks.conf")
+    assert not (conf / "model").is_dir() or not any(
+        e.name.endswith(".yaml") for e in (conf / "model").iterdir()
+    )
+    assert config_groups("pretrain")["model"] == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", list(HEAD_SIZES))
+def test_model_option_composes_with_its_heads(preset):
+    cfg = compose("pretrain", [f"model={preset}"])
+    heads = HEAD_SIZES[preset]
+    assert cfg.model.preset == preset and cfg.model.checkpointing is False
+    assert dict(cfg.model.overrides) == {}
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    assert (loss["n_prototypes"], loss["head_hidden_dim"], loss["head_bottleneck_dim"]) == (
+        heads.n_prototypes,
+        heads.hidden_dim,
+        heads.bottleneck_dim,
+    )
+
+
+def test_head_sizes_are_the_ones_the_yaml_held():
+    # The values the deleted conf/model/*.yaml held (behaviour unchanged by the move).
+    sizes = {k: (v.n_prototypes, v.hidden_dim, v.bottleneck_dim) for k, v in HEAD_SIZES.items()}
+    assert sizes == {
+        "tiny": (1024, 512, 128),
+        "small": (16384, 2048, 256),
+        "base": (65536, 2048, 256),
+        "large": (65536, 2048, 256),
+        "huge": (65536, 2048, 256),
+    }
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "export", "convert", "benchmark"])
+def test_model_overrides_reach_every_command(command):
+    cfg = compose(
+        command,
+        ["model=small", "+model.overrides.fusion_depth=2", "model.checkpointing=true"],
+    )
+    assert cfg.model.preset == "small" and cfg.model.checkpointing is True
+    assert OmegaConf.to_container(cfg.model.overrides) == {"fusion_depth": 2}
+    assert cfg.model.heads.n_prototypes == 16384
+
+
+def test_head_override_reaches_the_loss_and_types_are_checked():
+    cfg = compose("pretrain", ["model.heads.n_prototypes=4096"])
+    assert OmegaConf.to_container(cfg.loss, resolve=True)["n_prototypes"] == 4096
+    with pytest.raises(ConfigError, match="model.heads.n_prototypes"):
+        compose("pretrain", ["model.heads.n_prototypes=many"])
+    with pytest.raises(ConfigError):
+        compose("pretrain", ["model=gigantic"])
+
+
+def test_help_describes_the_model_keys(capsys):
+    assert main(["pretrain", "--help", "model=huge"]) == 0
+    out = capsys.readouterr().out
+    assert "model: base, huge, large, small, tiny" in out
+    assert "keys of model=huge" in out and "activation checkpointing" in out
+    assert "n_prototypes: 65536" in out
