@@ -77,3 +77,23 @@ def test_help_describes_the_model_keys(capsys):
     assert "model: base, huge, large, small, tiny" in out
     assert "keys of model=huge" in out and "activation checkpointing" in out
     assert "n_prototypes: 65536" in out
+
+
+def test_recipe_paper_composes_with_the_papers_numbers():
+    from skysense.tasks.pretrain import validate
+
+    cfg = compose("pretrain", ["recipe=paper"])
+    base = compose("pretrain", [])
+    assert cfg.model.preset == "huge" and cfg.model.heads.n_prototypes == 65536
+    assert (cfg.trainer.batch_size, cfg.trainer.max_steps) == (240, 875_000)
+    assert cfg.trainer.precision == "bf16" and cfg.optim.name == "adamw"
+    assert cfg.optim.grad_clip == 5.0 and cfg.optim.lr == 2.0e-4
+    assert cfg.optim.lr_scaling == "none" and 0.0 < cfg.optim.layer_decay < 1.0
+    # Pixel-level MGCL over every matched pair; the default keeps its cost cap.
+    assert cfg.loss.max_pixel_pairs is None and base.loss.max_pixel_pairs is not None
+    assert OmegaConf.to_container(cfg.loss, resolve=True)["n_prototypes"] == 65536
+    assert cfg.data.name == "shards"
+    # A later override still wins over the recipe; the shards must be named before any work.
+    assert compose("pretrain", ["recipe=paper", "trainer.max_steps=7"]).trainer.max_steps == 7
+    with pytest.raises(ConfigError, match="data.manifest"):
+        validate(cfg)
