@@ -219,7 +219,7 @@ def test_task_and_data_must_fit(tmp_path):
     with pytest.raises(cli.ConfigError, match="task.kind"):
         finetune(cfg)
     assert OmegaConf.select(_cfg(["task=change_detection"]), "data.name") == "oscd"
-    assert OmegaConf.select(_cfg(["task=detection"]), "data.name") == "boxes"
+    assert OmegaConf.select(_cfg(["task=detection"]), "data.name") == "osbs"
 
 
 @pytest.mark.slow

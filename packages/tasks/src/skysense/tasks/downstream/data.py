@@ -7,7 +7,7 @@ Each data config has a ``name`` that selects its builder here:
 name              what                                                task kinds
 ================  ==================================================  =========================
 oscd              OSCD city pairs + change masks                      change
-boxes             HR GeoTIFF + box CSV/JSON (OSBS_029)                detection
+osbs              HR GeoTIFF + box CSV/JSON (OSBS_029)                detection
 geotiff_masks     GeoTIFF inputs + aligned label masks                segmentation
 embedded          the data package's embedded sample (its labels)     classification
 shards            ingested shards with labels (skysense ingest)       classification
@@ -263,7 +263,7 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
 BUILDERS = {
     "eolearn_slovenia": None,  # skysense.tasks.benchmark.slovenia.slovenia_task_data
     "oscd": build_oscd,
-    "boxes": build_boxes,
+    "osbs": build_boxes,
     "geotiff_masks": build_geotiff_masks,
 }
 
