@@ -153,7 +153,7 @@ def _write_cfg(tmp: Path, cfg: dict) -> Path:
 def _check_same_pixels(manifest: Path, dump: Path) -> int:
     """Every chip TorchGeo dumped against our loader's sample of the same place: the same dates,
     the same pixels where ours marks them valid. Returns the number of chips checked."""
-    from skysense.data.assemble import normalisation
+    from skysense.data.assemble import band_normalisation
     from skysense.data.loader import build_loader
     from skysense.data.manifest import Manifest
 
@@ -177,7 +177,9 @@ def _check_same_pixels(manifest: Path, dump: Path) -> int:
         g = origin[(round(float(b[0])), round(float(b[4])))]
         i = row[sid_of[g]]
         for k, m in enumerate(("s2", "s1")):
-            mean, std = (torch.as_tensor(v)[:, None, None] for v in normalisation(man, m, "spec"))
+            mean, std = (
+                torch.as_tensor(v)[:, None, None] for v in band_normalisation(man, m, "spec")
+            )
             ours_doy = ours[m + "_doy"][i].tolist()
             usable = ours[m + "_doy"][i][ours[m + "_valid"][i]].tolist()
             if dates:  # the steps TorchGeo stacked, by the dates of their files

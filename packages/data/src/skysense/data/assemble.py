@@ -40,20 +40,21 @@ VALID = HAS_DATA | CLEAR
 _SPEC = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
 
 
-def normalisation(manifest: Manifest, modality: str, mode: str = "spec"):
+def band_normalisation(manifest: Manifest, modality: str, mode: str = "spec"):
     """(mean, std) float32 (C,) of a modality: the sensor spec's ("spec", as the released
     weights expect, recorded in the manifest at ingest) or the data set's own band statistics
     ("data", from the manifest)."""
     spec = SENSORS[_SPEC[modality]]
     if mode == "spec":
         # The statistics of the sensors the manifest was made from (recorded at ingest, so a
-        # sensor registered in that process needs no registration here).
+        # sensor registered in that process needs no registration here). "normalization" is the
+        # manifest format's meta key (every manifest written so far has it), spelt as stored.
         rec = manifest.meta.get("normalization", {}).get(modality)
         if rec is not None:
             return np.asarray(rec["mean"], np.float32), np.asarray(rec["std"], np.float32)
         return np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     if mode != "data":
-        raise ValueError(f"normalization must be 'spec' or 'data', got {mode!r}")
+        raise ValueError(f"normalisation must be 'spec' or 'data', got {mode!r}")
     stats = [manifest.band_stats.get((modality, b)) for b in spec.model_bands]
     if any(s is None for s in stats):
         raise ValueError(f"{manifest.path}: no band statistics for {modality}")
@@ -95,7 +96,7 @@ class BatchAssembler:
         views: yield two views per sample (pre-training) instead of whole tiles.
         view_config: :class:`ViewConfig` of the views.
         seed: seed of every random choice (with the epoch and the sample id).
-        normalization: "spec" or "data" (see :func:`normalisation`).
+        normalisation: "spec" or "data" (see :func:`band_normalisation`).
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class BatchAssembler:
         views: bool = False,
         view_config: ViewConfig | None = None,
         seed: int = 0,
-        normalization: str = "spec",
+        normalisation: str = "spec",
     ):
         self.manifest = manifest
         self.schedule = schedule
@@ -128,7 +129,7 @@ class BatchAssembler:
         self.tile = int(manifest.meta["tile_size"])
         self.hr_ratio = int(manifest.meta["hr_ratio"])
         self.hr_only = bool(manifest.meta.get("hr_only"))
-        self.stats = {m: normalisation(manifest, m, normalization) for m in modalities}
+        self.stats = {m: band_normalisation(manifest, m, normalisation) for m in modalities}
         self.reader = ShardReader(manifest)
         self.label_kind = manifest.label_kind
         self.n_classes = len(manifest.classes)

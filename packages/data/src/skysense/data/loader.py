@@ -122,7 +122,7 @@ def build_loader(
     shuffle: bool | None = None,
     epochs: int | None = 1,
     modalities=None,
-    normalization: str = "spec",
+    normalisation: str = "spec",
     pin_memory: bool = False,
     device: str | None = None,
 ) -> Loader:
@@ -145,7 +145,7 @@ def build_loader(
         shuffle: reshuffle each epoch (default: True for the train split).
         epochs: epochs to yield, or None for endless iteration.
         modalities: subset of ("hr", "s2", "s1") to load (default: all of the manifest).
-        normalization: "spec" (the sensors' statistics of the released weights) or "data" (the
+        normalisation: "spec" (the sensors' statistics of the released weights) or "data" (the
             manifest's per-band statistics).
         pin_memory: torch backend: pin batches for faster host-to-GPU copies.
         device: DALI backend: "cpu" (default) or "gpu" operators (the GPU placement is
@@ -187,7 +187,7 @@ def build_loader(
         views=views,
         view_config=view_config,
         seed=seed,
-        normalization=normalization,
+        normalisation=normalisation,
     )
     opts = {"pin_memory": pin_memory} if backend == "torch" else {"device": device}
     log.info(

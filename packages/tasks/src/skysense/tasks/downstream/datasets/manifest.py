@@ -50,7 +50,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, 
         raise ValueError(f"manifest {man.path} holds {list(man.modalities)}, not {bad}")
     split, val_split = cfg.get("split", "train"), cfg.get("val_split", "val")
     backend, workers = cfg.get("backend", "auto"), cfg.get("num_workers", 0)
-    norm = cfg.get("normalization", "spec")
+    norm = cfg.get("normalisation", "spec")
 
     def train_batches(batch_size: int):
         return build_loader(
@@ -64,7 +64,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, 
             drop_last=True,
             modalities=mods,
             num_workers=workers,
-            normalization=norm,
+            normalisation=norm,
         )
 
     def eval_batches(batch_size: int):
@@ -79,7 +79,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, 
             drop_last=False,
             modalities=mods,
             num_workers=workers,
-            normalization=norm,
+            normalisation=norm,
         )
 
     ref = next(m for m in ("hr", "s2", "s1") if m in mods) if source not in mods else source
