@@ -18,8 +18,9 @@ from torch import nn
 
 import skysense.encoders
 from skysense.tasks import cli
+from skysense.tasks.downstream.fit import lr_schedule
 from skysense.tasks.downstream.holdout import carve, choose
-from skysense.tasks.downstream.run import evaluate, finetune, lr_schedule
+from skysense.tasks.downstream.run import evaluate, finetune
 from skysense.tasks.downstream.trainer import EarlyStopping, train
 from skysense.tasks.errors import ConfigError
 from skysense.tasks.training.schedules import multistep

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from skysense.tasks.downstream import plots
-from skysense.tasks.downstream.checkpoint import build_encoder, load_finetuned, save_finetuned
+from skysense.tasks.downstream.checkpoint import load_finetuned, save_finetuned
 from skysense.tasks.downstream.data import TaskData, build_task_data
 from skysense.tasks.downstream.datasets.common import collate
 from skysense.tasks.downstream.evaluation import (
@@ -43,81 +43,12 @@ from skysense.tasks.downstream.evaluation import (
     evaluate_dense,
     evaluate_detection,
 )
-from skysense.tasks.downstream.holdout import carve, val_fraction_of
-from skysense.tasks.downstream.losses import TaskLoss
-from skysense.tasks.downstream.model import KINDS
-from skysense.tasks.downstream.temporal import build_temporal_model
-from skysense.tasks.downstream.trainer import EarlyStopping, train
-from skysense.tasks.downstream.validation import choose_threshold, score_fn
+from skysense.tasks.downstream.fit import Plan, fit_one, plan_finetune
+from skysense.tasks.downstream.validation import choose_threshold
 from skysense.tasks.errors import ConfigError
-from skysense.tasks.training.optim import build_optimizer, scaled_lr
 from skysense.tasks.training.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
-
-# Head options each model class takes (config task.head -> constructor keywords).
-_DENSE_HEAD = {
-    "channels": "head_channels",
-    "aux_weight": "aux_weight",
-    "dropout": "dropout",
-    "norm": "norm",
-}
-_DET_HEAD = {
-    "fpn_channels": "fpn_channels",
-    "anchor_sizes": "anchor_sizes",
-    "representation": "representation",
-    "size_divisible": "size_divisible",
-    # auto: the rotated-box branch when the training data carry oriented boxes (DIOR-R, FAIR1M).
-    "oriented": "oriented",
-}
-
-
-def resolve_source(task, data: TaskData) -> str:
-    src = task.features
-    mods = data.inputs["modalities"]
-    if src == "auto":
-        return mods[0] if len(mods) == 1 else "fused"
-    if src in ("hr", "s2", "s1") and src not in mods:
-        raise ConfigError("task.features", f"{src!r} but the data holds only {mods}")
-    return src
-
-
-def head_options(task, kind: str) -> dict:
-    head = OmegaConf.to_container(task.head, resolve=True) if task.get("head") else {}
-    table = _DET_HEAD if kind == "detection" else _DENSE_HEAD
-    unknown = sorted(set(head) - set(table) - set(_DENSE_HEAD) - set(_DET_HEAD))
-    if unknown:
-        raise ConfigError(
-            "task.head",
-            f"unknown option(s) {unknown}; known: {sorted(set(_DENSE_HEAD) | set(_DET_HEAD))}",
-        )
-    out = {
-        table[k]: (tuple(v) if isinstance(v, list) else v) for k, v in head.items() if k in table
-    }
-    out["freeze_encoder"] = bool(task.get("freeze_encoder", False))
-    return out
-
-
-def lr_schedule(o, max_steps: int, lr: float):
-    """The base lr of each step for ``optim.schedule`` (None: the trainer's warm-up + cosine)."""
-    name = o.get("schedule") or "cosine"
-    if name == "cosine":
-        return None
-    if name == "multistep":
-        from skysense.tasks.training.schedules import multistep
-
-        ms = tuple(float(m) for m in (o.get("milestones") or (0.6, 0.9)))
-        if any(not 0.0 < m <= 1.0 for m in ms):
-            raise ConfigError("optim.milestones", f"shares of the steps in (0, 1], not {ms}")
-        gamma, warm = float(o.get("gamma", 0.1)), int(o.get("warmup_steps") or 0)
-        return lambda step: multistep(step, max_steps, lr, ms, gamma, warm)
-    raise ConfigError("optim.schedule", f"cosine or multistep, not {name!r}")
-
-
-def _check_task(cfg) -> None:
-    task = cfg.task
-    if task.get("kind") not in KINDS:
-        raise ConfigError("task.kind", f"must be one of {KINDS}, got {task.get('kind')!r}")
 
 
 def _jsonable(x):
@@ -218,189 +149,68 @@ def _runs(cfg) -> list[tuple[str, str | None]]:
 
 def finetune(cfg: DictConfig) -> dict:
     """Fine-tune, evaluate and report (see the module docstring). Returns the summary."""
-    _check_task(cfg)
-    kind = cfg.task.kind
-    tr = cfg.train
-    device = resolve_device(tr.device, "train.device")
-    set_threads(tr.get("threads"))
+    plan = plan_finetune(cfg)
     run_dir = Path(str(cfg.run_dir))
-    seed_everything(cfg.seed)
-    data = build_task_data(
-        cfg.data, tr.max_steps * tr.batch_size, cfg.seed, cfg.task.get("features")
-    )
-    if kind not in data.kinds:
-        raise ConfigError(
-            "task",
-            f"task {cfg.task.name} ({kind}) does not fit data={cfg.data.name}, whose labels serve {list(data.kinds)}",
-        )
-    vf, lf = val_fraction_of(cfg), float(tr.get("label_fraction") or 1.0)
-    val = None
-    if vf > 0 or lf < 1:
-        data, val = carve(data, cfg.data, tr.max_steps * tr.batch_size, cfg.seed,
-                          cfg.task.get("features"), vf, lf)  # fmt: skip
-    every = int(tr.get("eval_every") or 0)
-    if every > 0 and vf == 0:
-        raise ConfigError("train.eval_every", "needs a validation split: set train.val_fraction")
-    if every > 0 and val is None:  # a single training scene / image: nothing to hold out
-        log.warning("train.eval_every: no validation split could be held out; no early stop")
-        every = 0
-    vmetric = tr.get("val_metric") or "score"
-    source = resolve_source(cfg.task, data)
-    head = head_options(cfg.task, kind)
-    if data.train_batches is not None:
-        example = next(iter(data.train_batches(1)))
-    else:
-        example = collate([data.train[0]])
-    if kind == "detection" and head.get("oriented", "auto") == "auto":
-        head["oriented"] = "polygons" in example
-    weights = None
-    if kind in ("segmentation", "change"):
-        cw = cfg.task.get("class_weights")
-        if cw == "auto":
-            weights = data.class_weights
-        elif cw is not None:
-            weights = list(cw)
-    summary = {
-        "task": cfg.task.name,
-        "kind": kind,
-        "data": cfg.data.name,
-        "features": source,
-        "classes": data.classes,
-        "data_info": data.info,
-        "runs": {},
-    }
+    summary = {"task": cfg.task.name, "kind": plan.kind, "data": cfg.data.name,
+               "features": plan.source, "classes": plan.data.classes,
+               "data_info": plan.data.info, "runs": {}}  # fmt: skip
     histories = {}
     for name, ckpt in _runs(cfg):
-        log.info(
-            "=== %s: %s on %s from %s",
-            name,
-            cfg.task.name,
-            cfg.data.name,
-            ckpt or "random initialisation",
-        )
-        seed_everything(cfg.seed)
-        encoder, info = build_encoder(
-            cfg.model.preset,
-            OmegaConf.to_container(cfg.model.overrides, resolve=True),
-            ckpt,
-            cfg.encoder_key,
-            cfg.strict,
-            bool(cfg.model.get("checkpointing", False)),
-        )
-        torch.manual_seed(cfg.seed + 1)  # the same head initialisation for every encoder
-        model = build_temporal_model(encoder, kind, source, len(data.classes), example,
-                                     cfg.task.get("temporal"), **dict(head))  # fmt: skip
-        model.to(device)
-        o = cfg.optim
-        lr = scaled_lr(o, tr.batch_size)
-        layer_decay = 1.0 if head["freeze_encoder"] else o.layer_decay
-        # Fine-tuning keeps the weight decay constant (weight_decay_end is pre-training's).
-        optimizer = build_optimizer(model, o, lr, layer_decay)
-        if data.train_batches is not None:
-            loader = data.train_batches(tr.batch_size)
-        else:
-            # Samples are drawn per index from seeded generators: no shuffle needed.
-            loader = DataLoader(
-                data.train,
-                batch_size=tr.batch_size,
-                shuffle=False,
-                collate_fn=collate,
-                num_workers=tr.num_workers,
-                drop_last=True,
-            )
-        loss_fn = TaskLoss(kind, weights, head.get("aux_weight", 0.0)).to(device)
-        stopper = None
-        if every > 0:
-            stopper = EarlyStopping(score_fn(kind, val, cfg, device, vmetric), every,
-                                    tr.get("patience"), float(tr.get("min_delta") or 0.0))  # fmt: skip
-        t0 = time.perf_counter()
-        history = train(
-            model,
-            loss_fn,
-            kind,
-            loader,
-            optimizer,
-            tr.max_steps,
-            lr,
-            o.min_lr,
-            o.warmup_steps,
-            o.grad_clip,
-            tr.log_every,
-            device,
-            desc=f"finetune[{name}]",
-            lr_fn=lr_schedule(o, tr.max_steps, lr),
-            stopper=stopper,
-        )
-        train_s = time.perf_counter() - t0
-        histories[name] = history
-        out_dir = run_dir / name
-        thr = None
-        if kind == "change" and val is not None and cfg.task.get("threshold", "val") == "val":
-            thr = choose_threshold(model, val, cfg.task.eval, device, out_dir)
-        meta = {
-            "preset": info["preset"],
-            "overrides": info["overrides"],
-            "kind": kind,
-            "source": source,
-            "n_classes": len(data.classes),
-            "channels": _channels(model, kind),
-            "head": head,
-            "classes": data.classes,
-            "inputs": data.inputs,
-            "task": cfg.task.name,
-            "data": cfg.data.name,
-            "init": {"checkpoint": ckpt, "key": info.get("key")},
-            "eval": OmegaConf.to_container(cfg.task.eval, resolve=True),
-            "threshold": thr["threshold"] if thr else None,
-            "temporal": cfg.task.get("temporal") or "mean",
-        }
-        save_finetuned(out_dir / "model.pt", model, meta)
-        t1 = time.perf_counter()
-        scores = evaluate_model(
-            model,
-            kind,
-            data,
-            cfg,
-            device,
-            out_dir,
-            f"{cfg.task.name} [{name}]",
-            meta["threshold"],
-        )
-        eval_s = time.perf_counter() - t1
-        losses = [h["loss"] for h in history]
-        k = max(1, len(losses) // 5)
-        result = {
-            "init": name,
-            "checkpoint": ckpt,
-            "encoder_key": info.get("key"),
-            "load_report": info.get("report"),
-            "steps": len(history),
-            "budget_steps": tr.max_steps,
-            "early_stopping": stopper.record(len(history), tr.max_steps) if stopper else None,
-            "threshold": thr,
-            "batch_size": tr.batch_size,
-            "loss_first": float(np.mean(losses[:k])),
-            "loss_last": float(np.mean(losses[-k:])),
-            "train_seconds": train_s,
-            "eval_seconds": eval_s,
-            "metrics": scores,
-            "history": history,
-            "model": str(out_dir / "model.pt"),
-        }
-        write_json(out_dir / "metrics.json", {**summary, **result, "runs": None})
-        plots.plot_losses(
-            {name: history}, out_dir / "loss.png", f"{cfg.task.name} [{name}]: training loss"
-        )
-        summary["runs"][name] = {k: v for k, v in result.items() if k != "history"}
+        result = _run_one(cfg, plan, name, ckpt, run_dir / name)
+        histories[name] = result.pop("history")
+        write_json(run_dir / name / "metrics.json",
+                   {**summary, **result, "history": histories[name], "runs": None})  # fmt: skip
+        plots.plot_losses({name: histories[name]}, run_dir / name / "loss.png",
+                          f"{cfg.task.name} [{name}]: training loss")  # fmt: skip
+        summary["runs"][name] = result
     summary["loss_plot"] = str(
         plots.plot_losses(histories, run_dir / "loss.png", f"{cfg.task.name}: training loss")
     )
-    table = summary_table(summary)
-    summary["table"] = table
+    summary["table"] = table = summary_table(summary)
     write_json(run_dir / "summary.json", summary)
     (run_dir / "summary.md").write_text(table + "\n")
     print(table)
     return summary
+
+
+def _run_one(cfg, plan: Plan, name: str, ckpt: str | None, out_dir: Path) -> dict:
+    """Train one initialisation (``ckpt``; None: random), choose change detection's threshold
+    on the validation split, save the model file and evaluate it: the run's result record."""
+    log.info("=== %s: %s on %s from %s", name, cfg.task.name, cfg.data.name,
+             ckpt or "random initialisation")  # fmt: skip
+    fit = fit_one(cfg, plan, name, ckpt)
+    model, kind = fit.model, plan.kind
+    thr = None
+    if kind == "change" and plan.val is not None and cfg.task.get("threshold", "val") == "val":
+        thr = choose_threshold(model, plan.val, cfg.task.eval, plan.device, out_dir)
+    meta = {
+        "preset": fit.info["preset"], "overrides": fit.info["overrides"], "kind": kind,
+        "source": plan.source, "n_classes": len(plan.data.classes),
+        "channels": _channels(model, kind), "head": plan.head, "classes": plan.data.classes,
+        "inputs": plan.data.inputs, "task": cfg.task.name, "data": cfg.data.name,
+        "init": {"checkpoint": ckpt, "key": fit.info.get("key")},
+        "eval": OmegaConf.to_container(cfg.task.eval, resolve=True),
+        "threshold": thr["threshold"] if thr else None,
+        "temporal": cfg.task.get("temporal") or "mean",
+    }  # fmt: skip
+    save_finetuned(out_dir / "model.pt", model, meta)
+    t1 = time.perf_counter()
+    scores = evaluate_model(model, kind, plan.data, cfg, plan.device, out_dir,
+                            f"{cfg.task.name} [{name}]", meta["threshold"])  # fmt: skip
+    losses = [h["loss"] for h in fit.history]
+    k = max(1, len(losses) // 5)
+    tr = cfg.train
+    return {
+        "init": name, "checkpoint": ckpt, "encoder_key": fit.info.get("key"),
+        "load_report": fit.info.get("report"), "steps": len(fit.history),
+        "budget_steps": tr.max_steps,
+        "early_stopping": (fit.stopper.record(len(fit.history), tr.max_steps)
+                           if fit.stopper else None),
+        "threshold": thr, "batch_size": tr.batch_size,
+        "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+        "train_seconds": fit.seconds, "eval_seconds": time.perf_counter() - t1,
+        "metrics": scores, "history": fit.history, "model": str(out_dir / "model.pt"),
+    }  # fmt: skip
 
 
 def _channels(model, kind: str) -> list[int]:
