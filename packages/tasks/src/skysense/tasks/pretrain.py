@@ -137,6 +137,7 @@ class Run:
             start_batch=start_batch,
             num_workers=d.num_workers,
             epochs=None,
+            normalisation=d.get("normalisation", "spec"),
         )
 
     def probe(self, encoder):
