@@ -122,7 +122,7 @@ def test_hr_segmentation_from_geotiff_masks(tmp_path):
         evaluate(ecfg)
 
 
-def test_multimodal_segmentation_on_fused_features(tmp_path):
+def test_multimodal_segmentation_on_geo_features(tmp_path):
     rng = np.random.default_rng(1)
     scenes = []
     for i in range(3):
@@ -169,7 +169,8 @@ def test_multimodal_segmentation_on_fused_features(tmp_path):
     cfg.data.train_scenes = scenes[:2]
     cfg.data.val_scenes = scenes[2:]
     summary = finetune(cfg)
-    assert summary["features"] == "fused"
+    # the task's default: F_out (fused + geo-context read-out), the scenes being georeferenced
+    assert summary["features"] == "geo"
     m = json.loads((tmp_path / "run" / "random" / "metrics.json").read_text())
     assert np.array(m["metrics"]["confusion_matrix"]).sum() == 16 * 20
     model = torch.load(tmp_path / "run" / "random" / "model.pt", weights_only=True)
@@ -242,3 +243,18 @@ def test_timeseries_classification_on_the_embedded_sample(tmp_path):
     r = summary["runs"]["random"]
     assert np.array(r["metrics"]["confusion_matrix"]).sum() == summary["data_info"]["val"]
     assert len(summary["classes"]) >= 4
+
+
+def test_geo_features_need_a_location():
+    """features=geo reads F_out where the batch has a finite latlon, else the fused features."""
+    from types import SimpleNamespace
+
+    from skysense.tasks.downstream.fit import resolve_source
+
+    task = OmegaConf.create({"features": "geo"})
+    data = SimpleNamespace(inputs={"modalities": ["s2", "s1"]})
+    assert resolve_source(task, data, {"latlon": torch.tensor([[45.0, 7.0]])}) == "geo"
+    assert resolve_source(task, data, {"latlon": torch.tensor([[float("nan"), 7.0]])}) == "fused"
+    assert resolve_source(task, data, {"s2": torch.zeros(1)}) == "fused"
+    auto = OmegaConf.create({"features": "auto"})
+    assert resolve_source(auto, data, {}) == "fused"

@@ -53,13 +53,22 @@ _DET_HEAD = {
 }
 
 
-def resolve_source(task, data: TaskData) -> str:
+def resolve_source(task, data: TaskData, example: dict | None = None) -> str:
+    """The encoder features ``task.features`` names for ``data``: ``auto`` is the one modality
+    or the fused features; ``geo`` (F_out: fused + geo-context read-out, the multi-modal tasks'
+    default) falls back to ``fused`` when the ``example`` batch has no finite ``latlon`` (the
+    read-out would be zeros: the geo-context prototypes need the location)."""
     src = task.features
     mods = data.inputs["modalities"]
     if src == "auto":
         return mods[0] if len(mods) == 1 else "fused"
     if src in ("hr", "s2", "s1") and src not in mods:
         raise ConfigError("task.features", f"{src!r} but the data holds only {mods}")
+    if src == "geo" and example is not None:
+        ll = example.get("latlon")
+        if ll is None or not torch.isfinite(torch.as_tensor(ll, dtype=torch.float64)).all():
+            log.info("task.features=geo: the data give no location (latlon); fused features")
+            return "fused"
     return src
 
 
@@ -149,8 +158,8 @@ def plan_finetune(cfg) -> Plan:
     cw = cfg.task.get("class_weights")
     if kind in ("segmentation", "change") and cw is not None:
         weights = data.class_weights if cw == "auto" else list(cw)
-    return Plan(kind, data, val, every, resolve_source(cfg.task, data), head, example, weights,
-                device)  # fmt: skip
+    return Plan(kind, data, val, every, resolve_source(cfg.task, data, example), head, example,
+                weights, device)  # fmt: skip
 
 
 @dataclass
