@@ -43,11 +43,7 @@ def _load_state(student, teacher, optimizer, state):
 
     opts = StateDictOptions(full_state_dict=True)
     module = student.module if hasattr(student, "module") else student
-    # TEMPORARY (issue 14): runs started before the teacher-temperature clock left the loss
-    # (the long runs/pretrain-real job) saved its buffer "loss.calls"; the meta-architecture
-    # computes the temperature from the step. Remove once no such run is resumed.
-    student_state = {k: v for k, v in state["student_module"].items() if k != "loss.calls"}
-    set_model_state_dict(module, student_state, options=opts)
+    set_model_state_dict(module, state["student_module"], options=opts)
     set_model_state_dict(teacher, state["teacher_module"], options=opts)
     # Parameters that never had a gradient (the Swin norms that feed only the downstream
     # pyramids) have no AdamW state: the checkpoint has no entry for them, as it should.
