@@ -497,6 +497,21 @@ def test_bad_config_fails_before_any_work(args, field, tmp_path, capsys, keep_lo
 
 
 @pytest.mark.unit
+def test_teacher_warmup_longer_than_the_run_is_warned(caplog):
+    """A teacher-temperature warm-up past the last step is named (it kept the real-data run's
+    teacher cold and its prototypes collapsed); one inside the run is not."""
+    from skysense.tasks.pretrain import validate
+
+    with caplog.at_level(logging.WARNING, logger="skysense.tasks.pretrain"):
+        validate(cli.compose("pretrain", ["trainer.max_steps=100"]))
+        assert "warmup_teacher_temp_steps 37500 outlasts the run" in caplog.text
+        caplog.clear()
+        validate(cli.compose("pretrain", ["trainer.max_steps=100",
+                                          "loss.warmup_teacher_temp_steps=30"]))  # fmt: skip
+        assert "outlasts" not in caplog.text
+
+
+@pytest.mark.unit
 def test_unknown_preset_group_fails_before_any_work(tmp_path, capsys, keep_log_handlers):
     assert cli.main(["pretrain", f"run_dir={tmp_path / 'run'}", "model=giant"]) == 2
     err = capsys.readouterr().err
