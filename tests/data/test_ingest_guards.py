@@ -272,3 +272,18 @@ def test_a_place_whose_missing_band_file_appears_is_redone(tmp_path):
     m = Manifest(again.manifest)
     assert {r[0] for r in m.query("SELECT s2_dates FROM samples")} == {"2021-04-05,2021-06-10"}
     assert m.query("SELECT MIN(id), MAX(id) FROM samples") == [(0, len(m) - 1)]
+
+
+def test_an_automatic_hr_ratio_past_2048_px_tiles_is_refused(tmp_path):
+    """HR much finer than the Sentinel grid (0.2 m aerial beside S2 gave ratio 65, 4160 px HR
+    tiles and 43 GB of shards before the disk filled): an automatic ratio past 2048 px tiles is
+    one error naming the HR file and what to set, before anything is written."""
+    src = tmp_path / "src"
+    _cross_crs_place(src)  # HR ~1.2 m over the 10 m grid: ratio 8
+    dst = tmp_path / "dst"
+    with pytest.raises(io.BadInputError, match=r"ortho\.tif: HR imagery at .* needs hr_ratio 8: "
+                       r"HR tiles of 2400 px \(tile_size 300\).*set hr_ratio"):  # fmt: skip
+        ingest(src, dst, IngestConfig(tile_size=300), progress=False)
+    assert not list(dst.rglob("*.npy"))  # no shard written
+    ok = ingest(src, dst, IngestConfig(tile_size=20), progress=False)  # 160 px tiles: fine
+    assert ok.ok and ok.n_samples > 0

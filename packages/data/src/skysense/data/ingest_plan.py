@@ -239,6 +239,10 @@ def sensor_normalisation(groups: list[Group]) -> dict:
     return out
 
 
+# HR tile side (px) past which an automatic hr_ratio is refused (the paper's: 64 x 32 = 2048).
+MAX_AUTO_HR_TILE = 2048
+
+
 def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
     mods = tuple(m for m in ("hr", "s2", "s1") if any(g.acquisitions.get(m) for g in groups))
     if not mods:
@@ -251,7 +255,18 @@ def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
     ratio = 1
     if "hr" in mods:
         ratio = cfg.hr_ratio or max(1, round(cfg.gsd / _hr_ground_gsd(first_hr)))
-        if cfg.tile_size * ratio > 2048:
+        if cfg.hr_ratio is None and cfg.tile_size * ratio > MAX_AUTO_HR_TILE:
+            # Seen: 0.2 m aerial RGB beside S2 gave ratio 65, 4160 px HR tiles and 43 GB of
+            # mostly empty shards before the disk filled. Such a ratio must be asked for.
+            raise BadInputError(
+                first_hr.files[0],
+                f"HR imagery at {_hr_ground_gsd(first_hr):.3g} m over the {cfg.gsd:g} m Sentinel "
+                f"grid needs hr_ratio {ratio}: HR tiles of {cfg.tile_size * ratio} px (tile_size "
+                f"{cfg.tile_size}), {ratio * ratio} HR pixels per Sentinel pixel; set hr_ratio "
+                f"(the paper: 32, 2048 px HR over 64 px tiles; the HR imagery is resampled to "
+                f"it) or ingest the HR imagery on its own",
+            )
+        if cfg.tile_size * ratio > MAX_AUTO_HR_TILE:
             log.warning(
                 "HR tiles of %d px (tile_size %d x hr_ratio %d): set hr_ratio to bound them",
                 cfg.tile_size * ratio,
