@@ -287,3 +287,18 @@ def test_an_automatic_hr_ratio_past_2048_px_tiles_is_refused(tmp_path):
     assert not list(dst.rglob("*.npy"))  # no shard written
     ok = ingest(src, dst, IngestConfig(tile_size=20), progress=False)  # 160 px tiles: fine
     assert ok.ok and ok.n_samples > 0
+
+
+def test_places_linked_into_the_source_are_read(tmp_path):
+    """A place folder linked into the source (os.symlink) is discovered like a real one, and a
+    link back to the source (a loop) is not followed twice."""
+    real, src = tmp_path / "real", tmp_path / "src"
+    _write_places(real, 2)
+    src.mkdir()
+    for p in sorted(real.iterdir()):
+        os.symlink(p, src / p.name, target_is_directory=True)
+    os.symlink(src, src / "loop", target_is_directory=True)
+    a = ingest(real, tmp_path / "a", IngestConfig(tile_size=24, shard_size=4), progress=False)
+    b = ingest(src, tmp_path / "b", IngestConfig(tile_size=24, shard_size=4), progress=False)
+    assert a.ok and b.ok and b.n_samples == a.n_samples == 2
+    assert _content(a.manifest)[0] == _content(b.manifest)[0]

@@ -27,6 +27,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -329,6 +330,22 @@ def _probe(path: Path, root: Path, cfg) -> tuple[FileInfo | None, str]:
     return info, ""
 
 
+def _raster_files(src: Path) -> list[Path]:
+    """The raster files below ``src``, sorted, following folder links (a place linked into the
+    source is read; ``Path.rglob`` skips linked folders before Python 3.13), each real folder
+    once (a link loop is not followed twice)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        d = Path(dirpath)
+        out += [d / f for f in filenames if is_raster(d / f) and (d / f).is_file()]
+    return sorted(out)
+
+
 def discover(src, cfg, bad: list) -> list[Group]:
     """The places (groups) under ``src``, in a deterministic order.
 
@@ -343,9 +360,7 @@ def discover(src, cfg, bad: list) -> list[Group]:
 
     if is_stac(src):  # a STAC catalogue, ItemCollection or GeoParquet file
         return discover_stac(src, cfg, bad)
-    paths = (
-        sorted(p for p in src.rglob("*") if p.is_file() and is_raster(p)) if src.is_dir() else [src]
-    )
+    paths = _raster_files(src) if src.is_dir() else [src]
     root = src if src.is_dir() else src.parent
     infos: list[FileInfo] = []
     labels_by_key: dict[str, list[str]] = {}
