@@ -110,6 +110,7 @@ def _stand_in_omegaconf() -> None:
 
         mod.DictConfig = dict
         mod.OmegaConf = OmegaConf
+        mod.MISSING = "???"  # conf/schema.py's dataclasses mark required fields with it
         sys.modules["omegaconf"] = mod
 
 
@@ -169,12 +170,13 @@ def pretrain_config(preset: str, overrides: dict):
     conf = _conf_dir()
     top = yaml.safe_load((conf / "pretrain.yaml").read_text())
     tree: dict = {k: v for k, v in top.items() if k != "defaults"}
-    for group, option in (
-        ("model", preset),
-        ("loss", "default"),
-        ("optim", "adamw"),
-        ("trainer", "default"),
-    ):
+    import dataclasses
+
+    from skysense.tasks.conf.schema import model_config
+
+    # model=<preset> is a structured config (the preset table), not a YAML file
+    tree["model"] = dataclasses.asdict(model_config(preset))
+    for group, option in (("loss", "default"), ("optim", "adamw"), ("trainer", "default")):
         tree[group] = yaml.safe_load((conf / group / f"{option}.yaml").read_text()) or {}
     for k, v in overrides.items():
         _set(tree, k, v)
