@@ -9,12 +9,18 @@ order and units, NaN where there is no data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from skysense.data.geo import Grid
+from skysense.tasks.downstream.datasets.common import normalise, series_sample
+
+log = logging.getLogger(__name__)
 
 
 class SceneReader:
@@ -80,6 +86,82 @@ class SceneReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SceneStack:
+    """Every date and modality of one inference input, open and aligned on one reference grid.
+
+    Args:
+        stack: the ExitStack that closes the readers.
+        dates: the reference modality's scene per date (one; two for change detection).
+        extra: modality -> path for the model's other modalities (read for every date).
+        inputs: the model's input description (``meta["inputs"]`` of a fine-tuned model:
+            ``reference``, ``modalities``, ``sensors`` and per modality ``bands``, ``mean``,
+            ``std``).
+
+    Raises ValueError when a later date is not on the first date's grid. HR beside a
+    Sentinel reference is read on the same footprint at its own pixel size (``hr_factor``
+    HR pixels per reference pixel).
+    """
+
+    def __init__(
+        self,
+        stack: ExitStack,
+        dates: Sequence[str | Path],
+        extra: Mapping[str, str | Path],
+        inputs: Mapping,
+    ):
+        self.inputs = inputs
+        self.ref = ref = inputs["reference"]
+        self.mods = list(inputs["modalities"])
+        self.readers: list[dict[str, SceneReader]] = []
+        for path in dates:
+            paths = {m: (path if m == ref else extra[m]) for m in [ref, *self.mods]}
+            self.readers.append(
+                {
+                    m: stack.enter_context(SceneReader(p, inputs["sensors"][m], inputs[m]["bands"]))
+                    for m, p in paths.items()
+                }
+            )
+        self.grid = self.readers[0][ref].grid
+        for i, rd in enumerate(self.readers[1:], start=2):
+            if not rd[ref].grid.same_as(self.grid):
+                raise ValueError(
+                    f"date {i} ({dates[i - 1]}) is not on the grid of date 1 ({dates[0]})"
+                )
+        self.hr_factor = 1
+        if "hr" in self.mods and ref != "hr":
+            hr_res = self.readers[0]["hr"].grid.res[0]
+            self.hr_factor = max(1, int(round(self.grid.res[0] / hr_res)))
+
+    def window(self, top: int, left: int, size: int) -> tuple[list[dict], np.ndarray]:
+        """The ``size`` x ``size`` reference-pixel window at (top, left): one contract sample
+        per date (normalised float32 tensors, day of year 0 where undated) and the (size, size)
+        bool mask of reference pixels where every date has data."""
+        wgrid = self.grid.window(top, left, size, size)
+        grids = {m: wgrid for m in self.mods}
+        if "hr" in self.mods and self.ref != "hr":
+            grids["hr"] = wgrid.scaled(self.hr_factor)
+        per_date = [self._sample(rd, grids) for rd in self.readers]
+        valid = np.logical_and.reduce([v for _, v in per_date])
+        return [s for s, _ in per_date], valid
+
+    def _sample(
+        self, readers: Mapping[str, SceneReader], grids: Mapping
+    ) -> tuple[dict, np.ndarray]:
+        sample, valid = {}, None
+        for m, r in readers.items():
+            stats = self.inputs[m]
+            x, ok = normalise(r.read(grids[m]), stats["mean"], stats["std"])
+            if m == self.ref:
+                valid = ok.numpy()
+            doy = r.date.timetuple().tm_yday if r.date is not None else 0
+            if m == "hr":
+                sample["hr"] = x
+                sample["hr_doy"] = torch.tensor(doy, dtype=torch.int64)
+            else:
+                sample.update(series_sample(m, [x], [doy]))
+        return sample, valid
 
 
 # Tokens in file names and tags that give a Sentinel-2 product's processing level.
@@ -166,3 +248,23 @@ def _pixel_metres(res, crs, bounds) -> float | None:
         lat = np.deg2rad((bounds.top + bounds.bottom) / 2)
         return float(res[0]) * 111_320.0 * float(np.cos(lat))
     return None
+
+
+def check_scenes(scenes: Mapping[str, list], sensors: Mapping[str, str], strict: bool) -> None:
+    """Each scene (modality -> paths) against the sensor the model was fine-tuned on
+    (:func:`scene_problems`). Raises ValueError naming the file and what differs when
+    ``strict``; logs a warning otherwise."""
+    for mod, paths in scenes.items():
+        if mod not in sensors:
+            continue
+        for path in paths:
+            problems = scene_problems(path, sensors[mod])
+            if not problems:
+                continue
+            msg = (
+                f"{path} does not look like the {sensors[mod]} input the model was fine-tuned "
+                f"on: {'; '.join(problems)}"
+            )
+            if strict:
+                raise ValueError(msg + " (check_sensor=false runs it anyway)")
+            log.warning("%s (check_sensor=false: running anyway)", msg)
