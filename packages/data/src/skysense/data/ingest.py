@@ -252,6 +252,32 @@ def _db_error(e: sqlite3.Error, path: Path) -> Exception:
     return OSError(errno.EIO, f"manifest error: {msg}", str(path))
 
 
+def _check_place_names(groups, done: dict, src_id: str, mpath: Path) -> None:
+    """A place of this source must not have the name of a place ingested from another."""
+    for g in groups:
+        owner = done.get(g.name)
+        if owner is not None and owner != src_id:
+            raise IngestConflictError(
+                f"{mpath}: place {g.name!r} of {src_id} has the name of a place already "
+                f"ingested from {owner}; ingest the two sources into separate folders",
+                field="src",
+            )
+
+
+def _check_plan(plan, stored: dict | None, mpath: Path) -> dict:
+    """The plan as recorded in the manifest; an error when it differs from the stored one."""
+    rec = dataclasses.asdict(plan) | {"modalities": list(plan.modalities)}
+    if stored is not None and stored != rec:
+        diff = [k for k in rec if stored.get(k) != rec[k]]
+        raise IngestConflictError(
+            f"{mpath}: the sources give another plan than the ingest there ({diff[0]}: "
+            f"{stored.get(diff[0])!r} there, {rec[diff[0]]!r} here); "
+            "overwrite=true to start afresh",
+            field="src",
+        )
+    return rec
+
+
 def _check_settings(stored: dict, cfg: IngestConfig, mpath: Path) -> None:
     asked = json.loads(json.dumps(cfg.content()))
     # A setting added after a manifest was written counts as its default there.
@@ -316,14 +342,7 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         bad: list[tuple[str, str]] = []
         groups = discover(src, cfg, bad)
         done = writer.done_groups()
-        for g in groups:
-            owner = done.get(g.name)
-            if owner is not None and owner != src_id:
-                raise IngestConflictError(
-                    f"{mpath}: place {g.name!r} of {src_id} has the name of a place already "
-                    f"ingested from {owner}; ingest the two sources into separate folders",
-                    field="src",
-                )
+        _check_place_names(groups, done, src_id, mpath)
         complete = bool(writer.get_meta("complete"))
         if not groups:
             writer.forget_bad_files(done)
@@ -331,22 +350,9 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
             report.bad_files = writer.bad_files()
             if complete and writer.n_samples():
                 return _finish_report(report, writer, resumed=True)
-            err = BadInputError(
-                src, "no usable place found: " + "; ".join(f"{p}: {r}" for p, r in bad[:3])
-            )
-            err.report = report
-            raise err
+            raise _bad_input(src, "no usable place found", bad, report)
         plan = make_plan(groups, cfg)
-        plan_rec = dataclasses.asdict(plan) | {"modalities": list(plan.modalities)}
-        stored_plan = writer.get_meta("plan")
-        if stored_plan is not None and stored_plan != plan_rec:
-            diff = [k for k in plan_rec if stored_plan.get(k) != plan_rec[k]]
-            raise IngestConflictError(
-                f"{mpath}: the sources give another plan than the ingest there ({diff[0]}: "
-                f"{stored_plan.get(diff[0])!r} there, {plan_rec[diff[0]]!r} here); "
-                "overwrite=true to start afresh",
-                field="src",
-            )
+        plan_rec = _check_plan(plan, writer.get_meta("plan"), mpath)
         normalisation = _merged_normalisation(
             writer.get_meta("normalization"), sensor_normalisation(groups), mpath
         )
@@ -395,58 +401,13 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         clean_partial(dst, writer.n_shards())
         skip = writer.committed_tiles(g.name for g in todo)
         report.resumed = bool(done) or bool(skip)
-        spec = cluster_spec(cfg.cluster, cfg.workers)
-        with contextlib.ExitStack() as stack:
-            dask = None
-            if spec is not None and len(todo) > 0:
-                dask = stack.enter_context(DaskPlaces(spec, gdal_options(), cfg.worker_memory))
-            stream = ShardStream(
-                writer, dst, plan, cfg, on_shard, write=dask.write if dask else None
-            )
-            stack.callback(stream.discard)  # spill files of an ingest that stops early
-            results = _run_places(todo, plan, cfg, splits, labels, dst / SPILL_DIR, dask)
-            if progress:
-                from tqdm.auto import tqdm
-
-                # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
-                results = tqdm(
-                    results,
-                    total=len(todo),
-                    desc="ingest",
-                    unit="place",
-                    leave=False,
-                    disable=None,
-                )
-            for res in results:
-                try:
-                    writer.add_bad_files(_once(res.bad), grp=res.name)
-                    report.n_tiles_dropped += res.n_dropped
-                    res.row["src"] = src_id
-                    refs = res.tile_refs(skip) if res.n_tiles else []
-                    for j, _ in refs:
-                        stream.add(res, j)
-                    if res.n_tiles or not res.bad:
-                        # the stream removes the spill file once the tiles are committed
-                        stream.place_done(res.row, res)
-                    else:
-                        # A place without a tile because of bad files is not recorded as
-                        # done: the next run examines it again (a fixed file is picked up).
-                        res.discard()
-                except BaseException:
-                    res.discard()
-                    raise
-            stream.close()
+        _write_places(writer, dst, todo, plan, cfg, splits, labels, src_id, skip, report,
+                      progress, on_shard)  # fmt: skip
         report.bad_files = writer.bad_files()
         if writer.n_samples() == 0:
-            more = len(report.bad_files) - 3
-            err = BadInputError(
-                src,
-                "no tile with valid pixels in any place: "
-                + "; ".join(f"{p}: {r}" for p, r in report.bad_files[:3])
-                + (f" (and {more} more bad files)" if more > 0 else ""),
+            raise _bad_input(
+                src, "no tile with valid pixels in any place", report.bad_files, report
             )
-            err.report = report
-            raise err
         writer.finalise(
             normalization=normalisation,
             modalities=list(plan.modalities),
@@ -459,6 +420,79 @@ def _ingest(src: Path, dst: Path, cfg: IngestConfig, progress: bool, on_shard) -
         return _finish_report(report, writer, resumed=report.resumed)
     finally:
         writer.close()
+
+
+def _write_places(
+    writer: ManifestWriter,
+    dst: Path,
+    todo: list,
+    plan,
+    cfg: IngestConfig,
+    splits: dict,
+    labels: dict,
+    src_id: str,
+    skip,
+    report: IngestReport,
+    progress: bool,
+    on_shard,
+) -> None:
+    """Align the places ``todo`` (in this process, a process pool or on Dask workers) and stream
+    their tiles into shards, committing each place with its tiles; a place without a tile
+    because of bad files is left for the next run. ``skip``: tiles committed by an interrupted
+    run (not written again)."""
+    spec = cluster_spec(cfg.cluster, cfg.workers)
+    with contextlib.ExitStack() as stack:
+        dask = None
+        if spec is not None and len(todo) > 0:
+            dask = stack.enter_context(DaskPlaces(spec, gdal_options(), cfg.worker_memory))
+        stream = ShardStream(writer, dst, plan, cfg, on_shard, write=dask.write if dask else None)
+        stack.callback(stream.discard)  # spill files of an ingest that stops early
+        results = _run_places(todo, plan, cfg, splits, labels, dst / SPILL_DIR, dask)
+        if progress:
+            from tqdm.auto import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
+            results = tqdm(
+                results,
+                total=len(todo),
+                desc="ingest",
+                unit="place",
+                leave=False,
+                disable=None,
+            )
+        for res in results:
+            try:
+                writer.add_bad_files(_once(res.bad), grp=res.name)
+                report.n_tiles_dropped += res.n_dropped
+                res.row["src"] = src_id
+                refs = res.tile_refs(skip) if res.n_tiles else []
+                for j, _ in refs:
+                    stream.add(res, j)
+                if res.n_tiles or not res.bad:
+                    # the stream removes the spill file once the tiles are committed
+                    stream.place_done(res.row, res)
+                else:
+                    # A place without a tile because of bad files is not recorded as
+                    # done: the next run examines it again (a fixed file is picked up).
+                    res.discard()
+            except BaseException:
+                res.discard()
+                raise
+        stream.close()
+
+
+def _bad_input(src: Path, what: str, bad: list, report: IngestReport) -> BadInputError:
+    """``what``, with the first three bad files (path: reason) and how many more; the report
+    rides along for the command line's summary."""
+    more = len(bad) - 3
+    err = BadInputError(
+        src,
+        f"{what}: "
+        + "; ".join(f"{p}: {r}" for p, r in bad[:3])
+        + (f" (and {more} more bad files)" if more > 0 else ""),
+    )
+    err.report = report
+    return err
 
 
 def _finish_report(report: IngestReport, writer: ManifestWriter, resumed: bool) -> IngestReport:
