@@ -35,16 +35,16 @@ from skysense.data.views import (
     view_affine,
     whole_tile,
 )
+from skysense.kernels.modalities import DEFAULT_SENSORS
 
 VALID = HAS_DATA | CLEAR
-_SPEC = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
 
 
 def band_normalisation(manifest: Manifest, modality: str, mode: str = "spec"):
     """(mean, std) float32 (C,) of a modality: the sensor spec's ("spec", as the released
     weights expect, recorded in the manifest at ingest) or the data set's own band statistics
     ("data", from the manifest)."""
-    spec = SENSORS[_SPEC[modality]]
+    spec = SENSORS[DEFAULT_SENSORS[modality]]
     if mode == "spec":
         # The statistics of the sensors the manifest was made from (recorded at ingest, so a
         # sensor registered in that process needs no registration here). "normalization" is the

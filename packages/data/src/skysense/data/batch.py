@@ -32,11 +32,12 @@ from typing import TypedDict
 
 import torch
 
+from skysense.kernels import modalities
+
 HR = "hr"
 S2 = "s2"
 S1 = "s1"
-MODALITIES = (HR, S2, S1)
-SERIES = (S2, S1)
+MODALITIES, SERIES = modalities.MODALITIES, modalities.SERIES  # (HR, S2, S1), (S2, S1)
 HR_DOY = "hr_doy"
 HR_PIXEL_VALID = "hr_pixel_valid"
 S2_DOY, S2_VALID, S2_PIXEL_VALID, S2_INDEX = "s2_doy", "s2_valid", "s2_pixel_valid", "s2_index"

@@ -20,6 +20,7 @@ from skysense.data.discover import Acquisition, Group
 from skysense.data.geo import bounds_in, choose_crs, is_metric_projected
 from skysense.data.io import BadInputError
 from skysense.data.sensors import SENSORS
+from skysense.kernels.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ MAX_AUTO_HR_TILE = 2048
 
 
 def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
-    mods = tuple(m for m in ("hr", "s2", "s1") if any(g.acquisitions.get(m) for g in groups))
+    mods = tuple(m for m in MODALITIES if any(g.acquisitions.get(m) for g in groups))
     if not mods:
         raise BadInputError("source", "no usable GeoTIFF found (see the bad files)")
     sensor_normalisation(groups)  # fail early on sensors that do not fit the contract

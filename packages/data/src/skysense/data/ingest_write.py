@@ -30,6 +30,7 @@ from skysense.data.dates import from_days
 from skysense.data.ingest_plan import CHANNELS, MODEL_BANDS, IngestConfig, Plan
 from skysense.data.manifest import ManifestWriter
 from skysense.data.shards import CLEAR, HAS_DATA, SHARD_DIR, STEP_USABLE, pack, write_shard
+from skysense.kernels.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def sample_row(sid: int, shard: int, offset: int, t: dict, modalities) -> dict:
         "row": t["row"],
         "col": t["col"],
     }
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m in modalities and t.get(m) is not None:
             days = np.atleast_1d(t[m]["days"])
             step = np.atleast_1d(t[m]["step"])

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from skysense.kernels.modalities import MODALITIES
 
-MODALITIES = ("hr", "s2", "s1")
+log = logging.getLogger(__name__)
 
 # Centre wavelengths of Sentinel-2A's MSI (ESA S2 User Handbook), nm.
 _S2_WAVELENGTHS = {

@@ -36,6 +36,8 @@ import zlib
 
 import numpy as np
 
+from skysense.kernels.modalities import MODALITIES
+
 CODECS = ("jpeg", "png", "png16", "deflate-shuffle", "deflate")
 PNG_LEVEL = 1  # zlib level of the PNGs: level 6 gains ~4 % on S2 and encodes 2.5x slower
 
@@ -44,7 +46,7 @@ def codecs_for(hr_codec: str = "jpeg") -> dict[str, str]:
     """{modality: codec} of a compressed shard."""
     if hr_codec not in ("jpeg", "png"):
         raise ValueError(f"hr_codec must be 'jpeg' or 'png', got {hr_codec!r}")
-    masks = {f"{m}_mask": "deflate" for m in ("hr", "s2", "s1")}
+    masks = {f"{m}_mask": "deflate" for m in MODALITIES}
     return {"hr": hr_codec, "s2": "png16", "s1": "deflate-shuffle", **masks}
 
 

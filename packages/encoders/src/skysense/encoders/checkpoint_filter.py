@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from skysense.kernels.modalities import SERIES
+
 log = logging.getLogger(__name__)
 
 # (released prefix, our module) pairs; the rules for the part after the prefix follow.
@@ -232,7 +234,7 @@ def checkpoint_filter_fn(state_dict: Mapping, model: torch.nn.Module | None = No
 
 
 def _fit_vits(mapped: dict, model: torch.nn.Module, notes: list[str]) -> None:
-    for m in ("s2", "s1"):
+    for m in SERIES:
         key = f"{m}_encoder.pos_embed"
         enc = getattr(model, f"{m}_encoder", None)
         if key not in mapped or enc is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
-MODALITIES = ("hr", "s2", "s1")
+from skysense.kernels.modalities import MODALITIES
+
 DTPE_MODES = ("all", "s2")
 SWIN_WINDOW_MODES = ("masked", "release")  # skysense.encoders.window_attention.WINDOW_MODES
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from skysense.encoders.config import SkySenseConfig
+from skysense.kernels.modalities import MODALITIES, SERIES
 
 SERIES_BANDS = {"s2": "B2 B3 B4 B5 B6 B7 B8 B8A B11 B12", "s1": "VV VH"}
 
@@ -32,7 +33,7 @@ def check_batch(batch: Mapping, cfg: SkySenseConfig) -> tuple[int, int, int]:
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"SkySense.forward takes the batch dict; got {type(batch).__name__}")
-    present = [m for m in ("hr", "s2", "s1") if m in batch]
+    present = [m for m in MODALITIES if m in batch]
     if not present:
         raise ValueError(
             "SkySense.forward: the batch has none of the modalities 'hr', 's2', 's1' "
@@ -66,7 +67,7 @@ def check_batch(batch: Mapping, cfg: SkySenseConfig) -> tuple[int, int, int]:
         _check_steps(batch, "hr_doy", (B,), "hr", allow_missing=True)
 
     series_hw: tuple[int, int] | None = None
-    for m in ("s2", "s1"):
+    for m in SERIES:
         if m not in batch:
             continue
         x = batch[m]

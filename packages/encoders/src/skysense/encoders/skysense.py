@@ -15,6 +15,7 @@ from skysense.encoders.inputs import check_batch
 from skysense.encoders.swin_v2 import SwinTransformerV2
 from skysense.encoders.temporal_fusion import TemporalFusion
 from skysense.encoders.vit import VisionTransformer
+from skysense.kernels.modalities import SERIES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class SkySense(nn.Module):
             if "hr" in mods
             else None
         )
-        for m in ("s2", "s1"):
+        for m in SERIES:
             enc = grid = None
             if m in mods:
                 enc = VisionTransformer(
@@ -146,7 +147,7 @@ class SkySense(nn.Module):
             hr_doy = batch.get("hr_doy")
             doys.append(hr_doy[:, None] if dtpe_all and hr_doy is not None else None)
 
-        for m in ("s2", "s1"):
+        for m in SERIES:
             if m not in batch:
                 continue
             x = batch[m]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-MODALITIES = ("hr", "s2", "s1")
+from skysense.kernels.modalities import MODALITIES
+
 FAMILIES = (*MODALITIES, "fused")
 
 

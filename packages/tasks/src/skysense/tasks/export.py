@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from skysense.kernels.modalities import MODALITIES
+
 
 def main(cfg, command: str = "export") -> int:
     from skysense.tasks.downstream.errors import as_config_errors
@@ -75,7 +77,7 @@ def _export(cfg) -> dict:
             raise ConfigError(
                 "head.modalities", f"a non-empty subset of [hr, s2, s1], got {list(h.modalities)}"
             )
-        mods = [m for m in ("hr", "s2", "s1") if m in h.modalities]
+        mods = [m for m in MODALITIES if m in h.modalities]
         source = h.features if h.features != "auto" else (mods[0] if len(mods) == 1 else "fused")
         ref = source if source in mods else next(m for m in ("s2", "s1", "hr") if m in mods)
         inputs = _sensor_inputs({m: sensors[m] for m in mods}, ref)

@@ -78,6 +78,7 @@ from skysense.data.datasets.readers import (
     modality_sample,
     read_image,
 )
+from skysense.kernels.modalities import SERIES
 
 DEN_CLASSES = (
     "impervious surface", "agriculture", "forest & other vegetation", "wetlands", "soil",
@@ -201,7 +202,7 @@ class DynamicEarthNet(RemoteSensingDataset):
         for k in need:
             if not it[k].is_file():
                 raise FileNotFoundError(f"dynamicearthnet {self.split}: {it[k]} is missing")
-        for m in ("s2", "s1"):
+        for m in SERIES:
             if m in self.modalities and self._composite(m, cube, ym) is None:
                 folder = self.root / {"s2": "sentinel2", "s1": "sentinel1"}[m] / cube
                 raise FileNotFoundError(
@@ -333,7 +334,7 @@ class DynamicEarthNet(RemoteSensingDataset):
             s.update(modality_sample("hr", [rgb], "hr_rgb", [doy]))
             s.pop("hr_pixel_valid")
             s["hr_doy"] = torch.tensor(doy, dtype=torch.int64)
-        sentinel = [mod for mod in self.modalities if mod in ("s2", "s1")]
+        sentinel = [mod for mod in self.modalities if mod in SERIES]
         f = 1
         if sentinel:
             first = self._composite(sentinel[0], it["cube"], it["ym"])

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skysense.kernels.modalities import MODALITIES
+
 IGNORE_INDEX = 255
 
 
@@ -62,7 +64,7 @@ def plot_item(
     panels: list[tuple[str, np.ndarray, dict]] = []
     parts = [("t1", sample["t1"]), ("t2", sample["t2"])] if "t1" in sample else [("", sample)]
     for tag, s in parts:
-        for m in ("hr", "s2", "s1"):
+        for m in MODALITIES:
             if m in s and m in sensors:
                 name = f"{m} {tag}".strip()
                 if m != "hr" and f"{m}_doy" in s:

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from skysense.kernels.modalities import MODALITIES
 from skysense.tasks.downstream.datasets.common import IGNORE_INDEX, collate, to_device
 from skysense.tasks.downstream.evaluation import window_of
 from skysense.tasks.downstream.features import feature_maps, pooled
@@ -64,7 +65,7 @@ def spectral_image(batch: dict) -> Tensor:
     """(B, 2 * sum of bands): per-band mean and std of each modality over space (and the
     valid time steps of a series)."""
     parts = []
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m not in batch:
             continue
         x = batch[m].float()
@@ -127,7 +128,7 @@ def token_map(encoder, sample: dict, source: str, window: int, device, batch: in
 def pixel_spectra(sample: dict, rows: Tensor, cols: Tensor) -> Tensor:
     """(N, D) the bands of the pixels (series: mean and std over the valid steps)."""
     parts = []
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m not in sample:
             continue
         x = sample[m].float()

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from skysense.kernels.modalities import MODALITIES
+
 log = logging.getLogger(__name__)
 
 
@@ -242,7 +244,7 @@ def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) 
     train = load_scenes(list(cfg.train_scenes), **kw) if length else []
     val = load_scenes(list(cfg.val_scenes), **kw)
     classes = list(cfg.classes)
-    mods = [m for m in ("hr", "s2", "s1") if any(m in s.sample for s in train or val)]
+    mods = [m for m in MODALITIES if any(m in s.sample for s in train or val)]
     ref = source if source in mods else next(m for m in ("s2", "s1", "hr") if m in mods)
     ds = DenseCrops(train, cfg.crop, length, seed, augment=cfg.augment) if length else None
     return TaskData(

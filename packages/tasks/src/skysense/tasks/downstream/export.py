@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from skysense.kernels.modalities import MODALITIES
+
 log = logging.getLogger(__name__)
 
 _SERIES_KEYS = ("{m}", "{m}_doy", "{m}_valid")
@@ -33,7 +35,7 @@ _SERIES_KEYS = ("{m}", "{m}_doy", "{m}_valid")
 def input_names(kind: str, modalities: Sequence[str]) -> list[str]:
     """Positional input names of the exported program."""
     names = []
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m in modalities:
             names += ["hr"] if m == "hr" else [k.format(m=m) for k in _SERIES_KEYS]
     if kind == "change":

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from skysense.kernels.modalities import MODALITIES, SERIES
+
 SOURCES = ("hr", "s2", "s1", "fused", "geo")
 _OUTPUT_KEY = {"hr": "hr_stages", "s2": "s2_taps", "s1": "s1_taps", "fused": "fused", "geo": "geo"}
 # The batch modalities each source needs.
@@ -34,7 +36,7 @@ def check_source(source: str) -> str:
 def _get(out: Mapping, source: str, batch: Mapping):
     key = _OUTPUT_KEY[check_source(source)]
     if key not in out:
-        mods = [m for m in ("hr", "s2", "s1") if m in batch]
+        mods = [m for m in MODALITIES if m in batch]
         need = _NEEDS[source]
         hint = f" (it needs the {need[0]!r} modality)" if need else ""
         raise KeyError(
@@ -69,7 +71,7 @@ def feature_maps(out: Mapping, source: str, batch: Mapping) -> list[Tensor]:
     feats = _get(out, source, batch)
     if source == "hr":
         return list(feats)
-    if source in ("s2", "s1"):
+    if source in SERIES:
         valid = batch.get(f"{source}_valid")
         return [temporal_mean(t, valid) for t in feats]
     return [feats]
@@ -95,7 +97,7 @@ def source_size(batch: Mapping, source: str) -> tuple[int, int]:
 
 
 def batch_size(batch: Mapping) -> int:
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m in batch:
             return batch[m].shape[0]
     raise KeyError(f"the batch has none of the modalities hr, s2, s1 (keys: {sorted(batch)})")

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from skysense.kernels.modalities import MODALITIES
 from skysense.tasks.downstream.checkpoint import build_encoder
 from skysense.tasks.downstream.data import TaskData, build_task_data
 from skysense.tasks.downstream.datasets.common import collate
@@ -62,7 +63,7 @@ def resolve_source(task, data: TaskData, example: dict | None = None) -> str:
     mods = data.inputs["modalities"]
     if src == "auto":
         return mods[0] if len(mods) == 1 else "fused"
-    if src in ("hr", "s2", "s1") and src not in mods:
+    if src in MODALITIES and src not in mods:
         raise ConfigError("task.features", f"{src!r} but the data holds only {mods}")
     if src == "geo" and example is not None:
         ll = example.get("latlon")

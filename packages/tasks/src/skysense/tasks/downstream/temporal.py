@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from skysense.kernels.modalities import SERIES
 from skysense.tasks.downstream.model import TaskModel
 
 TEMPORAL = ("mean", "ltae")
@@ -106,7 +107,7 @@ class TemporalTaskModel(TaskModel):
 
     def __init__(self, encoder: nn.Module, kind: str, source: str, n_classes: int,
                  channels: list[int], n_head: int = 4, d_k: int = 8, **head):  # fmt: skip
-        if source not in ("s2", "s1") or kind != "segmentation":
+        if source not in SERIES or kind != "segmentation":
             raise ValueError(f"L-TAE aggregates an s2 / s1 series for segmentation, not "
                              f"{kind} on {source!r}")  # fmt: skip
         super().__init__(encoder, kind, source, n_classes, channels, **head)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skysense.kernels.modalities import MODALITIES
+
 log = logging.getLogger(__name__)
 
 # A signal past its threshold logs a collapse warning (once per run and signal).
@@ -129,7 +131,7 @@ def health_signals(teacher, batches: list[dict], temp: float, labelled=None) -> 
     sig["proto_entropy_sample"] = float(entropy(p).mean() / log_k)
     sig["proto_usage"] = float(p.argmax(1).unique().numel() / p.shape[1])
     pooled, present = {}, {}
-    for mod in ("hr", "s2", "s1"):
+    for mod in MODALITIES:
         parts = [pooled_tokens(o, mod) for o in outs]
         if all(x is not None for x in parts):
             pooled[mod] = torch.cat(parts)

@@ -18,6 +18,8 @@ import logging
 import torch
 from torch import nn
 
+from skysense.kernels.modalities import MODALITIES
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def pooled_features(out: dict) -> torch.Tensor:
     main = out.get("geo", out.get("fused"))
     if main is not None:
         parts.append(main.float().mean(dim=(-2, -1)))
-    for mod in ("hr", "s2", "s1"):
+    for mod in MODALITIES:
         tok = out.get(f"tokens_{mod}")
         if tok is None:
             continue

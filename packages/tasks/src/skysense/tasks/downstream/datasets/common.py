@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from skysense.kernels.modalities import SERIES
+
 IGNORE_INDEX = 255
-SERIES = ("s2", "s1")
 
 
 def normalise(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from skysense.kernels.modalities import MODALITIES
+
 log = logging.getLogger(__name__)
 
 # The sensors whose statistics the loader's "spec" normalisation uses, per modality.
@@ -41,7 +43,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, 
         )
     if cfg.get("modalities"):
         mods = list(cfg.modalities)
-    elif source in ("hr", "s2", "s1"):
+    elif source in MODALITIES:
         mods = [source]
     else:
         mods = list(man.modalities)
@@ -82,7 +84,7 @@ def build_manifest_data(cfg, length: int, seed: int, source: str | None = None, 
             normalisation=norm,
         )
 
-    ref = next(m for m in ("hr", "s2", "s1") if m in mods) if source not in mods else source
+    ref = next(m for m in MODALITIES if m in mods) if source not in mods else source
     n_train, n_val = len(man.split_ids(split)), len(man.split_ids(val_split))
     log.info(
         "%s: %d train / %d %s samples, modalities %s, classes %s",

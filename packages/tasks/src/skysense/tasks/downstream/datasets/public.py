@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from skysense.kernels.modalities import MODALITIES, SERIES
 from skysense.tasks.downstream.datasets.common import random_crop_box, random_dihedral
 from skysense.tasks.downstream.datasets.dense import DenseScene, crop_scene
 
@@ -73,7 +74,7 @@ class ItemCycle(Dataset):
         s = self.ds[i % len(self.ds)]
         rng = np.random.default_rng((self.seed, int(i)))
         if self.crop:
-            ref = s["hr"] if "hr" in s else next(s[m] for m in ("s2", "s1") if m in s)
+            ref = s["hr"] if "hr" in s else next(s[m] for m in SERIES if m in s)
             h, w = ref.shape[-2:]
             top, left = random_crop_box(rng, h, w, int(self.crop))
             c = int(self.crop)
@@ -101,7 +102,7 @@ def to_scene(item: dict, fallback: str) -> DenseScene:
 def _rgb(sample: dict, sensors: Mapping[str, str]) -> np.ndarray | None:
     from skysense.data.datasets.plotting import preview
 
-    for m in ("hr", "s2", "s1"):
+    for m in MODALITIES:
         if m in sample and m in sensors:
             return (preview(sample, m, sensors[m]) * 255).astype(np.uint8)
     return None

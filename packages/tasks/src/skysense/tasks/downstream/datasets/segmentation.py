@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skysense.kernels.modalities import MODALITIES
 from skysense.tasks.downstream.datasets.common import day_of_year, normalise, series_sample
 from skysense.tasks.downstream.datasets.dense import DenseScene
 from skysense.tasks.downstream.datasets.masks import read_label_mask
@@ -51,7 +52,7 @@ def load_segmentation_scene(
 
     sensors = {**DEFAULT_SENSORS, **dict(sensors or {})}
     root = Path(root) if root is not None else Path(".")
-    mods = [m for m in ("hr", "s2", "s1") if desc.get(m)]
+    mods = [m for m in MODALITIES if desc.get(m)]
     if not mods:
         raise ValueError(f"segmentation scene {desc.get('name')}: no input (give hr, s2 and/or s1)")
     if "mask" not in desc:
