@@ -139,7 +139,7 @@ L1C = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11"
 @pytest.mark.parametrize(
     "command,args",
     [
-        ("finetune", ["checkpoint={evil}", "train.max_steps=1"]),
+        ("finetune", ["checkpoint={evil}", "trainer.max_steps=1"]),
         ("evaluate", ["weights={evil}"]),
         ("infer", ["{scene}", "{tmp}/out.tif", "checkpoint={evil}"]),
         ("export", ["checkpoint={evil}", "out={tmp}/exported"]),
@@ -311,7 +311,7 @@ def test_sigkill_during_pretraining_then_resume_finishes(tmp_path, pretrained):
         ("pretrain", "trainer.max_steps=1.5", "trainer.max_steps"),
         ("pretrain", "trainer.fooo=1", "trainer.fooo"),
         ("pretrain", "resume=maybe", "resume"),
-        ("finetune", "train.max_steps=abc", "train.max_steps"),
+        ("finetune", "trainer.max_steps=abc", "trainer.max_steps"),
         ("finetune", "optim.lr=abc", "optim.lr"),
         ("infer", "window=abc", "window"),
     ],
@@ -331,7 +331,7 @@ def test_a_wrong_config_value_is_one_line_before_anything_is_created(
 
 
 def test_a_missing_checkpoint_names_it(tmp_path):
-    proc = skysense(tmp_path, "finetune", f"checkpoint={tmp_path}/nope.pt", "train.max_steps=1")
+    proc = skysense(tmp_path, "finetune", f"checkpoint={tmp_path}/nope.pt", "trainer.max_steps=1")
     fault_line(proc, "finetune", "nope.pt", "does not exist", rc=2)
 
 
@@ -344,7 +344,7 @@ def test_a_file_that_is_not_a_checkpoint_names_it(tmp_path):
 
 
 def test_a_finetuned_model_as_pretraining_checkpoint_is_explained(tmp_path, models):
-    proc = skysense(tmp_path, "finetune", f"checkpoint={models['hr']}", "train.max_steps=1")
+    proc = skysense(tmp_path, "finetune", f"checkpoint={models['hr']}", "trainer.max_steps=1")
     fault_line(proc, "finetune", models["hr"], "fine-tuned model file", rc=2)
 
 

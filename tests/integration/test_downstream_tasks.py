@@ -74,8 +74,8 @@ def oscd_run(shared_data, tmp_path_factory, pretrain_checkpoint):
             f"run_dir={run_dir}",
             f"checkpoint={pretrain_checkpoint}",
             "compare_random_init=true",
-            "train.max_steps=24",
-            "train.batch_size=6",
+            "trainer.max_steps=24",
+            "trainer.batch_size=6",
             "optim.warmup_steps=3",
             "task.eval.window=96",
             "task.eval.overlap=0",
@@ -114,7 +114,7 @@ def test_change_detection_on_oscd_from_checkpoint_and_random(oscd_run, shared_da
         assert n["change_pixels"] == sum(int((m == 2).sum()) for m in masks)
         assert 0.99 * n["pixels"] <= n["labelled_pixels"] <= n["pixels"]
         assert n["change_fraction"] == pytest.approx(n["change_pixels"] / n["labelled_pixels"])
-    # one training city held out (task change_detection: train.val_fraction 0.25), where the
+    # one training city held out (task change_detection: trainer.val_fraction 0.25), where the
     # decision threshold was chosen
     held = info["holdout"]
     assert len(held["validation"]) == 1 and sorted(held["train"] + held["validation"]) == sorted(
@@ -178,8 +178,8 @@ def test_multilabel_bigearthnet(shared_data, tmp_path, mods):
             f"data.modalities=[{','.join(mods)}]",
             "data.crop=32",
             f"run_dir={tmp_path}",
-            "train.max_steps=8",
-            "train.batch_size=4",
+            "trainer.max_steps=8",
+            "trainer.batch_size=4",
         ]
     )
     summary = finetune(cfg)
@@ -194,8 +194,8 @@ def test_detection_on_osbs(shared_data, tmp_path):
             "task=detection",
             f"data.root={shared_data / 'hr_rgb'}",
             f"run_dir={tmp_path}",
-            "train.max_steps=30",
-            "train.batch_size=2",
+            "trainer.max_steps=30",
+            "trainer.batch_size=2",
         ]
     )
     summary = finetune(cfg)

@@ -41,7 +41,7 @@ def test_benchmark_suite_end_to_end(tmp_path):
             entry + ", protocol: knn, label_fraction: 0.5}",
             "{data: eolearn_slovenia, task: segmentation, protocol: frozen_upernet_ltae, "
             f"data_args: {{root: '{root}', block: 4, min_pixels: 10, crop: 16}}, "
-            "eval_every: 1, patience: 1, overrides: ['train.max_steps=3', 'train.batch_size=2', "
+            "eval_every: 1, patience: 1, overrides: ['trainer.max_steps=3', 'trainer.batch_size=2', "
             "'task.eval.window=16', 'task.eval.overlap=0', 'task.features=s2']}",
             "{data: oscd, task: change_detection, protocol: linear_probe, "
             f"data_args: {{root: '{tmp_path / 'absent'}'}}}}",
@@ -119,7 +119,7 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     datasets = tmp_path / "datasets"
     fakes.make("hls_burn_scars", datasets / "hls_burn_scars")
     out = tmp_path / "run"
-    small = ["'train.max_steps=2'", "'train.batch_size=2'", "'task.eval.window=32'",
+    small = ["'trainer.max_steps=2'", "'trainer.batch_size=2'", "'task.eval.window=32'",
              "'task.eval.overlap=0'", "'data.crop=16'"]  # fmt: skip
     # The suite's budget: 80 epochs with early stopping (PANGAEA); here 2 steps, no stopping.
     tiny = [f"suite.entries.{i}.{k}" for i in (0, 1) for k in ("epochs", "eval_every", "patience")]

@@ -44,6 +44,20 @@ def test_bad_override_is_a_clear_error():
     assert "trainer.max_steps" in r.stderr
 
 
+def test_both_trainers_take_trainer_keys_and_the_old_finetune_spelling_says_so():
+    cfg = cli.compose("finetune", ["trainer.max_steps=7", "trainer.threads=1"])
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.threads == 1 and "train" not in cfg
+    pre = cli.compose("pretrain", [])
+    shared = ("max_steps", "batch_size", "device", "threads", "log_every")
+    assert all(k in cfg.trainer and k in pre.trainer for k in shared)
+    r = run("finetune", "train.max_steps=2")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "skysense finetune: override 'train.max_steps=2': train.* is trainer.* now: "
+        "trainer.max_steps=2"
+    ]
+
+
 def test_unknown_command():
     r = run("frobnicate")
     assert r.returncode == 2

@@ -318,7 +318,12 @@ import fakes  # noqa: E402  (tests/data/fakes: the distributed layouts)
 
 from skysense.tasks import cli  # noqa: E402
 
-_SMALL = ["train.max_steps=2", "train.batch_size=2", "train.eval_batch_size=2", "train.threads=1"]
+_SMALL = [
+    "trainer.max_steps=2",
+    "trainer.batch_size=2",
+    "trainer.eval_batch_size=2",
+    "trainer.threads=1",
+]
 _DENSE_EVAL = ["task.eval.window=32", "task.eval.overlap=0"]
 FINETUNE = {
     "eurosat_ms": ["task=classification"],
@@ -449,7 +454,7 @@ def test_hr_change_pairs_finetune_evaluate_and_infer(tmp_path):
     root = fakes.make("levir_cd", tmp_path / "levir")
     run = tmp_path / "run"
     base = ["task=change_detection", "data=levir_cd", f"data.root={root}"]
-    base += [f"run_dir={run}", *_DENSE_EVAL, "train.threads=1"]
+    base += [f"run_dir={run}", *_DENSE_EVAL, "trainer.threads=1"]
     assert cli.main(["finetune", *base, "data.crop=32", *_SMALL]) == 0
     assert cli.main(["evaluate", *base]) == 0
     m = json.loads((run / "evaluate" / "metrics.json").read_text())

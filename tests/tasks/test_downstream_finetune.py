@@ -86,8 +86,8 @@ def test_hr_segmentation_from_geotiff_masks(tmp_path):
             "data.crop=64",
             "data.classes=[background,square]",
             "data.label_values={1: 0, 2: 1}",
-            "train.max_steps=12",
-            "train.batch_size=4",
+            "trainer.max_steps=12",
+            "trainer.batch_size=4",
             "optim.lr=2e-3",
             "task.eval.window=64",
             "task.eval.overlap=16",
@@ -159,8 +159,8 @@ def test_multimodal_segmentation_on_geo_features(tmp_path):
             f"data.root={tmp_path}",
             "data.crop=8",
             "data.classes=[a,b]",
-            "train.max_steps=4",
-            "train.batch_size=2",
+            "trainer.max_steps=4",
+            "trainer.batch_size=2",
             "task.eval.window=8",
             "task.eval.overlap=4",
             "task.head.channels=16",
@@ -199,8 +199,8 @@ def test_class_folder_classification(tmp_path, probe):
             "data.size=64",
             "data.val_fraction=0.4",
             f"run_dir={tmp_path / 'run'}",
-            "train.max_steps=8",
-            "train.batch_size=4",
+            "trainer.max_steps=8",
+            "trainer.batch_size=4",
             "optim.lr=3e-3",
         ]
     )
@@ -234,8 +234,8 @@ def test_timeseries_classification_on_the_embedded_sample(tmp_path):
             "data.n_samples=12",
             "data.backend=torch",
             f"run_dir={tmp_path / 'run'}",
-            "train.max_steps=4",
-            "train.batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.batch_size=4",
         ]
     )
     summary = finetune(cfg)

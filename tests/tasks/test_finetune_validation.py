@@ -151,8 +151,8 @@ def test_change_detection_threshold_on_validation_early_stopping(tmp_path):
     base = ["task=change_detection", f"data.root={root}", "data.train_cities=null",
             "data.val_cities=null", "task.eval.window=32", "task.eval.overlap=0"]  # fmt: skip
     cfg = cli.compose(cli.COMMANDS["finetune"].config, [
-        *base, f"run_dir={run}", "train.max_steps=8", "train.batch_size=2", "train.eval_every=2",
-        "train.patience=1", "optim.schedule=multistep", "optim.warmup_steps=0"])  # fmt: skip
+        *base, f"run_dir={run}", "trainer.max_steps=8", "trainer.batch_size=2", "trainer.eval_every=2",
+        "trainer.patience=1", "optim.schedule=multistep", "optim.warmup_steps=0"])  # fmt: skip
     summary = finetune(cfg)
     r = summary["runs"]["random"]
     info = summary["data_info"]
@@ -193,9 +193,9 @@ def test_change_detection_threshold_on_validation_early_stopping(tmp_path):
     assert (ok & (p1 >= lo) & (p1 < hi)).any()  # pixels where the argmax would differ
     # eval_every without a validation split is a config error
     cfg = cli.compose(cli.COMMANDS["finetune"].config, [
-        *base, f"run_dir={tmp_path / 'r2'}", "train.val_fraction=0", "train.eval_every=2",
-        "train.max_steps=2", "train.batch_size=2"])  # fmt: skip
-    with pytest.raises(ConfigError, match="train.eval_every"):
+        *base, f"run_dir={tmp_path / 'r2'}", "trainer.val_fraction=0", "trainer.eval_every=2",
+        "trainer.max_steps=2", "trainer.batch_size=2"])  # fmt: skip
+    with pytest.raises(ConfigError, match="trainer.eval_every"):
         finetune(cfg)
 
 
@@ -209,7 +209,7 @@ def test_validation_loss_metric():
     y = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     want = -(math.log(0.5) + math.log(0.5) + math.log(0.1) + math.log(0.9)) / 4
     assert mean_loss("multilabel", p, y) == pytest.approx(want)
-    cfg = OmegaConf.create({"task": {"eval": {}}, "train": {"eval_batch_size": 2}})
+    cfg = OmegaConf.create({"task": {"eval": {}}, "trainer": {"eval_batch_size": 2}})
     with pytest.raises(NotImplementedError, match="image tasks"):
         score_fn("segmentation", None, cfg, "cpu", "loss")
     with pytest.raises(ValueError, match="score or loss"):
@@ -223,8 +223,8 @@ def test_detection_holdout_and_early_stopping_on_rotated_map(tmp_path):
     run = tmp_path / "run"
     cfg = cli.compose(cli.COMMANDS["finetune"].config, [
         "task=detection", "data=dior_r", f"data.root={root}", "data.crop=64", f"run_dir={run}",
-        "train.max_steps=4", "train.batch_size=1", "train.val_fraction=0.34",
-        "train.label_fraction=0.5", "train.eval_every=2", "train.patience=5"])  # fmt: skip
+        "trainer.max_steps=4", "trainer.batch_size=1", "trainer.val_fraction=0.34",
+        "trainer.label_fraction=0.5", "trainer.eval_every=2", "trainer.patience=5"])  # fmt: skip
     summary = finetune(cfg)
     h = summary["data_info"]["holdout"]
     n = summary["data_info"]["train"]

@@ -103,7 +103,7 @@ def test_frozen_upernet_ltae_protocol_on_fake_pastis(tmp_path):
 
     root = fakes.make("pastis", tmp_path / "pastis")
     out = tmp_path / "run"
-    small = ["'train.max_steps=3'", "'train.batch_size=2'", "'task.eval.window=16'",
+    small = ["'trainer.max_steps=3'", "'trainer.batch_size=2'", "'task.eval.window=16'",
              "'task.eval.overlap=0'", "'data.crop=16'", "'task.features=s2'"]  # fmt: skip
     entry = ("{data: pastis, task: multimodal_segmentation, protocol: frozen_upernet_ltae, "
              f"eval_every: 1, patience: 1, val_fraction: 0.3, data_args: {{root: '{root}'}}, "

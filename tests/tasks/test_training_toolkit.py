@@ -340,8 +340,8 @@ def test_resolve_device():
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == want
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ConfigError, match="train.device.*not a device"):
-        resolve_device("abacus", "train.device")
+    with pytest.raises(ConfigError, match="trainer.device.*not a device"):
+        resolve_device("abacus", "trainer.device")
     with pytest.raises(ConfigError, match="device.*only auto, cpu and cuda"):
         resolve_device("meta", "device")
     if not torch.cuda.is_available():

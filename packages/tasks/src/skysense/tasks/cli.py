@@ -141,6 +141,11 @@ def compose(config: str, overrides: list[str]):
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return hydra_compose(config_name=config, overrides=list(overrides))
     except Exception as e:  # Hydra raises several unrelated types for bad overrides
+        renamed = [o for o in overrides if o.lstrip("+~").startswith("train.")]
+        if renamed:  # fine-tuning's train.* became trainer.*, as in pre-training
+            o = renamed[0]
+            fix = o.replace("train.", "trainer.", 1)
+            raise ConfigError(f"override '{o}'", f"train.* is trainer.* now: {fix}") from None
         typed = _type_error(e)
         if typed is not None:
             raise typed from None

@@ -168,7 +168,7 @@ def plateaued(losses: list[float], window: float = 0.2, tol: float = 0.05) -> bo
 
 def budget_steps(entry, cfg, seed: int) -> int | None:
     """``entry.epochs`` passes over the training samples in optimizer steps, clamped to
-    [``min_steps``, ``max_steps``] (None without ``epochs``: the task's ``train.max_steps``)."""
+    [``min_steps``, ``max_steps``] (None without ``epochs``: the task's ``trainer.max_steps``)."""
     if not entry.get("epochs"):
         return None
     from skysense.tasks.downstream.data import build_task_data
@@ -178,7 +178,7 @@ def budget_steps(entry, cfg, seed: int) -> int | None:
     n = len(n) if isinstance(n, (list, tuple)) else int(n or 0)
     if n <= 0:
         raise ValueError(f"epochs: the data reports no training sample count ({info})")
-    steps = math.ceil(float(entry.epochs) * n / int(cfg.train.batch_size))
+    steps = math.ceil(float(entry.epochs) * n / int(cfg.trainer.batch_size))
     return int(min(max(steps, int(entry.min_steps)), int(entry.max_steps)))
 
 
@@ -196,7 +196,7 @@ def train_over(entry, base_cfg, protocol: str, checkpoint: str | None, seed: int
              "patience": entry.get("patience"), "val_metric": entry.get("val_metric") or "score",
              "val_fraction": float(entry.val_fraction) if every or thr else 0.0}  # fmt: skip
     over = {"seed": seed, "run_dir": str(out_dir), "checkpoint": checkpoint,
-            "compare_random_init": False, "train": train,
+            "compare_random_init": False, "trainer": train,
             "task": {"threshold": "val" if thr else "argmax"}}  # fmt: skip
     if protocol in ("frozen_upernet", "siamese", "frozen_upernet_ltae"):
         over["task"]["freeze_encoder"] = True
@@ -240,7 +240,7 @@ def train_protocol(entry, base_cfg, protocol: str, checkpoint: str | None, seed:
                                                out_dir))  # fmt: skip
     budget = budget_steps(entry, cfg, seed)
     if budget is not None:
-        cfg.train.max_steps = budget
+        cfg.trainer.max_steps = budget
     summary = finetune(cfg)
     run = next(iter(summary["runs"].values()))
     metric = HEADLINE[summary["kind"]][0]

@@ -75,8 +75,8 @@ def entry_configs(cfg, e) -> tuple[DictConfig | None, DictConfig]:
     base = compose("finetune", [f"task={e.task}", f"data={e.data}", *list(e.overrides or [])])
     OmegaConf.set_struct(base, False)
     base = OmegaConf.merge(base, {"data": data_args, "model": cfg.model})
-    base.train.device = cfg.device
-    base.train.threads = cfg.threads
+    base.trainer.device = cfg.device
+    base.trainer.threads = cfg.threads
     return base, base.data
 
 

@@ -99,16 +99,16 @@ def unet_protocol(entry, base_cfg, seed: int, out_dir) -> dict:
     if kind not in ("segmentation", "change"):
         raise NotImplementedError(f"the U-Net baseline serves dense tasks, not {kind}")
     over = train_over(entry, base_cfg, "finetune", None, seed, Path(out_dir))
-    cfg = OmegaConf.merge(cfg, {"train": over["train"], "task": over["task"]})
-    steps = budget_steps(entry, cfg, seed) or int(cfg.train.max_steps)
-    bs = int(cfg.train.batch_size)
-    device = resolve_device(cfg.train.device, "train.device")
+    cfg = OmegaConf.merge(cfg, {"trainer": over["trainer"], "task": over["task"]})
+    steps = budget_steps(entry, cfg, seed) or int(cfg.trainer.max_steps)
+    bs = int(cfg.trainer.batch_size)
+    device = resolve_device(cfg.trainer.device, "trainer.device")
     seed_everything(seed)
     src = cfg.task.get("features")
     data = build_task_data(cfg.data, steps * bs, seed, src)
     if data.train_batches is not None:
         raise NotImplementedError("the U-Net baseline reads in-memory dense data only")
-    tr = cfg.train
+    tr = cfg.trainer
     val = None
     if tr.val_fraction > 0 or tr.label_fraction < 1:
         data, val = carve(data, cfg.data, steps * bs, seed, src, tr.val_fraction,

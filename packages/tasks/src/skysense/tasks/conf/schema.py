@@ -91,22 +91,30 @@ class OptimConfig:
 
 
 @dataclass
-class PretrainTrainerConfig:
-    """``trainer.*`` of pre-training (``conf/trainer/default.yaml`` documents each)."""
+class TrainerConfig:
+    """``trainer.*`` that pre-training and fine-tuning share: optimiser steps, samples per step,
+    device (auto: CUDA when available, else the CPU), torch's CPU threads (null: its default)
+    and how often a step is logged."""
 
     max_steps: int = 150
     batch_size: int = 8
-    grad_accum: int = 1
     device: str = "auto"
+    threads: int | None = None
+    log_every: int = 1
+
+
+@dataclass
+class PretrainTrainerConfig(TrainerConfig):
+    """``trainer.*`` of pre-training (``conf/trainer/default.yaml`` documents each)."""
+
+    grad_accum: int = 1
     precision: str = "auto"
     nproc: int = 1
-    threads: int | None = None
     strategy: str = "ddp"
     compile: bool = False
     teacher_momentum: float = 0.99
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
-    log_every: int = 1
     linear_probe: bool = True
     health_every: int = 50
 
@@ -127,16 +135,13 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
-    """``train.*`` of fine-tuning (``conf/finetune.yaml`` documents each)."""
+class FinetuneTrainerConfig(TrainerConfig):
+    """``trainer.*`` of fine-tuning (``conf/finetune.yaml`` documents each)."""
 
     max_steps: int = 60
-    batch_size: int = 8
-    eval_batch_size: int = 8
     log_every: int = 10
+    eval_batch_size: int = 8
     num_workers: int = 0
-    device: str = "auto"
-    threads: int | None = None
     # validation split carved from the training data (0: none), label share trained on,
     # early stopping: evaluate every N steps (0: off), stop after `patience` evaluations
     # without an improvement above min_delta (null: run the budget, keep the best weights)
@@ -164,7 +169,7 @@ class FinetuneConfig:
     data: Any = MISSING
     task: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
 
 
 @dataclass

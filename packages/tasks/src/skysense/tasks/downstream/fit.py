@@ -129,8 +129,8 @@ class Plan:
 def plan_finetune(cfg) -> Plan:
     """Validate the task, set device / threads / seed, build and carve the data."""
     _check_task(cfg)
-    kind, tr = cfg.task.kind, cfg.train
-    device = resolve_device(tr.device, "train.device")
+    kind, tr = cfg.task.kind, cfg.trainer
+    device = resolve_device(tr.device, "trainer.device")
     set_threads(tr.get("threads"))
     seed_everything(cfg.seed)
     length = tr.max_steps * tr.batch_size
@@ -144,9 +144,11 @@ def plan_finetune(cfg) -> Plan:
         data, val = carve(data, cfg.data, length, cfg.seed, cfg.task.get("features"), vf, lf)
     every = int(tr.get("eval_every") or 0)
     if every > 0 and vf == 0:
-        raise ConfigError("train.eval_every", "needs a validation split: set train.val_fraction")
+        raise ConfigError(
+            "trainer.eval_every", "needs a validation split: set trainer.val_fraction"
+        )
     if every > 0 and val is None:  # a single training scene / image: nothing to hold out
-        log.warning("train.eval_every: no validation split could be held out; no early stop")
+        log.warning("trainer.eval_every: no validation split could be held out; no early stop")
         every = 0
     head = head_options(cfg.task, kind)
     if data.train_batches is not None:
@@ -174,7 +176,7 @@ class Fitted:
 
 def fit_one(cfg, plan: Plan, name: str, ckpt: str | None) -> Fitted:
     """Build encoder (from ``ckpt``; None: random) + head and train it."""
-    tr, o = cfg.train, cfg.optim
+    tr, o = cfg.trainer, cfg.optim
     seed_everything(cfg.seed)
     encoder, info = build_encoder(
         cfg.model.preset, OmegaConf.to_container(cfg.model.overrides, resolve=True), ckpt,

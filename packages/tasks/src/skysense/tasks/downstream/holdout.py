@@ -204,6 +204,6 @@ def _carve_manifest(data, data_cfg, length, seed, source, vf, lf):
 
 
 def val_fraction_of(cfg) -> float:
-    """``train.val_fraction`` (0 when unset)."""
-    v = cfg.train.get("val_fraction")
+    """``trainer.val_fraction`` (0 when unset)."""
+    v = cfg.trainer.get("val_fraction")
     return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)

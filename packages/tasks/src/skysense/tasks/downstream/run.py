@@ -9,16 +9,16 @@ plots (loss curve, confusion matrix, prediction overlays). ``run_dir/summary.jso
 curves together. Every initialisation sees the same data in the same order and the same head
 initialisation (same seed), so the table compares the encoders only.
 
-Validation (``train.val_fraction`` > 0): a share of the *training* data is held out
+Validation (``trainer.val_fraction`` > 0): a share of the *training* data is held out
 (:mod:`holdout`: whole scenes for dense data, images stratified by class otherwise) and
-``train.label_fraction`` of the rest is trained on. With ``train.eval_every`` > 0 the model is
-scored on that split every so many steps; ``train.patience`` evaluations without improvement
+``trainer.label_fraction`` of the rest is trained on. With ``trainer.eval_every`` > 0 the model is
+scored on that split every so many steps; ``trainer.patience`` evaluations without improvement
 stop the run, and the best evaluation's weights are kept (:class:`trainer.EarlyStopping`).
 Change detection picks its decision threshold on the validation scenes (best change F1; the
 precision/recall curve in ``<init>/pr_curve.{json,png}``); the threshold is saved in the model
 file's metadata, so ``evaluate`` and ``infer`` use it. ``optim.schedule``: ``cosine`` (warm-up
 then cosine to ``min_lr``) or ``multistep`` (PANGAEA: the lr times ``gamma`` at each of
-``milestones``, shares of ``train.max_steps``).
+``milestones``, shares of ``trainer.max_steps``).
 """
 
 from __future__ import annotations
@@ -107,9 +107,11 @@ def evaluate_model(
         )
     else:
         if data.eval_batches is not None:
-            loader = data.eval_batches(cfg.train.eval_batch_size)
+            loader = data.eval_batches(cfg.trainer.eval_batch_size)
         else:
-            loader = DataLoader(data.eval, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+            loader = DataLoader(
+                data.eval, batch_size=cfg.trainer.eval_batch_size, collate_fn=collate
+            )
         scores, extra = evaluate_classification(model, kind, loader, n, device)
         if kind == "classification":
             files["confusion"] = plots.plot_confusion(
@@ -199,7 +201,7 @@ def _run_one(cfg, plan: Plan, name: str, ckpt: str | None, out_dir: Path) -> dic
                             f"{cfg.task.name} [{name}]", meta["threshold"])  # fmt: skip
     losses = [h["loss"] for h in fit.history]
     k = max(1, len(losses) // 5)
-    tr = cfg.train
+    tr = cfg.trainer
     return {
         "init": name, "checkpoint": ckpt, "encoder_key": fit.info.get("key"),
         "load_report": fit.info.get("report"), "steps": len(fit.history),
@@ -281,8 +283,8 @@ def evaluate(cfg: DictConfig) -> dict:
             "weights", f"{weights} does not exist (fine-tune first, or set weights=...)"
         )
     model, meta = load_finetuned(weights)
-    device = resolve_device(cfg.train.device, "train.device")
-    set_threads(cfg.train.get("threads"))
+    device = resolve_device(cfg.trainer.device, "trainer.device")
+    set_threads(cfg.trainer.get("threads"))
     model.to(device)
     seed_everything(cfg.seed)
     data = build_task_data(cfg.data, 0, cfg.seed, meta["source"])

@@ -50,12 +50,12 @@ def f1_at(p: torch.Tensor, y: torch.Tensor, t: float) -> float:
 
 def score_fn(kind: str, val, cfg, device, metric: str = "score") -> Callable[[nn.Module], float]:
     """The validation score of ``kind`` on ``val`` (a :class:`TaskData` of the validation
-    split); ``cfg``: the finetune config (task.eval, train.eval_batch_size); ``metric``:
+    split); ``cfg``: the finetune config (task.eval, trainer.eval_batch_size); ``metric``:
     "score" or "loss" (image tasks only; module docstring)."""
     if metric not in ("score", "loss"):
-        raise ValueError(f"train.val_metric must be score or loss, not {metric!r}")
+        raise ValueError(f"trainer.val_metric must be score or loss, not {metric!r}")
     if metric == "loss" and kind not in ("classification", "multilabel"):
-        raise NotImplementedError(f"train.val_metric=loss for {kind} (image tasks only)")
+        raise NotImplementedError(f"trainer.val_metric=loss for {kind} (image tasks only)")
     from skysense.tasks.benchmark.probes import best_threshold
 
     ev = cfg.task.eval
@@ -69,7 +69,7 @@ def score_fn(kind: str, val, cfg, device, metric: str = "score") -> Callable[[nn
                                      ev.overlap, ev.batch_size, device)  # fmt: skip
             return float(s["mIoU"])
         if kind in ("classification", "multilabel"):
-            bs = int(cfg.train.eval_batch_size)
+            bs = int(cfg.trainer.eval_batch_size)
             if val.eval_batches is not None:
                 batches = val.eval_batches(bs)
             else:
