@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -266,22 +266,11 @@ register_sensor(
         description="Sentinel-1 IW GRD backscatter (sigma0 / gamma0) VV and VH in dB",
     )
 )
-register_sensor(
-    SensorSpec(
+register_sensor(  # the same product in linear power, converted to dB at ingest
+    replace(
+        SENSORS["s1_grd_db"],
         name="s1_grd_linear",
-        modality="s1",
-        bands=("VV", "VH"),
-        wavelengths_nm=(_S1_WAVELENGTH_NM, _S1_WAVELENGTH_NM),
-        gsd=(10.0, 10.0),
-        dtype="float32",
-        model_bands=("VV", "VH"),
-        mean=S1_MEAN,
-        std=S1_STD,
-        nodata=None,
         units="linear",
-        accepted_dtypes=("float32", "float64"),
-        min_value=-60.0,
-        max_value=40.0,
         description="Sentinel-1 IW GRD backscatter VV and VH in linear power (stored as dB)",
     )
 )

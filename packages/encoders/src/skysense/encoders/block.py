@@ -54,3 +54,20 @@ class Block(nn.Module):
         h = self.norm1(x)
         x = x[:, :n] + self.drop_path(self.attn(h, key_padding_mask, num_queries=n))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def block_stack(
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    drop_path_rate: float,
+    norm_eps: float,
+) -> nn.ModuleList:
+    """``depth`` pre-norm :class:`Block` s with stochastic depth rising linearly from 0 to
+    ``drop_path_rate`` (the ViT encoders' and the temporal fusion's stack)."""
+    dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_eps=norm_eps)
+        for i in range(depth)
+    )

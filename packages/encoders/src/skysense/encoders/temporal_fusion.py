@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.encoders.block import Block
+from skysense.encoders.block import block_stack
 from skysense.encoders.checkpointing import run_block
 from skysense.encoders.dtpe import DateSpecificTemporalEncoding
 from skysense.encoders.weight_init import init_weights
@@ -55,11 +55,7 @@ class TemporalFusion(nn.Module):
         self.dtpe = DateSpecificTemporalEncoding(in_dim, days)
         self.proj = nn.Linear(in_dim, dim)
         self.extra_token = nn.Parameter(torch.zeros(1, 1, dim))
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_eps=norm_eps)
-            for i in range(depth)
-        )
+        self.blocks = block_stack(dim, depth, num_heads, mlp_ratio, drop_path_rate, norm_eps)
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else None
         self.checkpointing = False
         nn.init.trunc_normal_(self.extra_token, std=0.02)

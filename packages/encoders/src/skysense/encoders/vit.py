@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skysense.encoders.block import Block
+from skysense.encoders.block import block_stack
 from skysense.encoders.checkpointing import run_block
 from skysense.encoders.weight_init import init_weights
 
@@ -70,11 +70,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.grid**2, dim))
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_eps=norm_eps)
-            for i in range(depth)
-        )
+        self.blocks = block_stack(dim, depth, num_heads, mlp_ratio, drop_path_rate, norm_eps)
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else None
         self.checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
