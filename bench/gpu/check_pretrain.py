@@ -172,12 +172,13 @@ def pretrain_config(preset: str, overrides: dict):
     tree: dict = {k: v for k, v in top.items() if k != "defaults"}
     import dataclasses
 
-    from skysense.tasks.conf.schema import model_config
+    from skysense.tasks.conf.schema import OptimConfig, PretrainTrainerConfig, model_config
 
-    # model=<preset> is a structured config (the preset table), not a YAML file
+    # model=<preset>, optim=adamw and trainer=default are structured configs, not YAML files
     tree["model"] = dataclasses.asdict(model_config(preset))
-    for group, option in (("loss", "default"), ("optim", "adamw"), ("trainer", "default")):
-        tree[group] = yaml.safe_load((conf / group / f"{option}.yaml").read_text()) or {}
+    tree["optim"] = dataclasses.asdict(OptimConfig())
+    tree["trainer"] = dataclasses.asdict(PretrainTrainerConfig())
+    tree["loss"] = yaml.safe_load((conf / "loss" / "default.yaml").read_text()) or {}
     for k, v in overrides.items():
         _set(tree, k, v)
     return AttrDict.wrap(_resolve(tree, tree)), "yaml"

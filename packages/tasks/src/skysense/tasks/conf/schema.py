@@ -1,19 +1,22 @@
 """Typed schemas of the command-line configs (Hydra structured configs).
 
-The YAML files under ``conf/`` hold the defaults people read and override; the dataclasses here
-give every field of the optimiser, the trainers and the top-level settings its type, so that a
-value of the wrong type (``optim.lr=abc``, ``trainer.max_steps=1.5``) or an unknown key is one
-line naming the field when the config is composed, before any file or folder is created.
-Groups whose fields differ by option (data, loss, task) stay untyped here; their own
-validation names the field.
+The dataclasses here give every field of the optimiser, the trainers and the top-level settings
+its type and its default, so that a value of the wrong type (``optim.lr=abc``,
+``trainer.max_steps=1.5``) or an unknown key is one line naming the field when the config is
+composed, before any file or folder is created. Groups whose fields differ by option (data,
+loss, task) stay YAML files, untyped here; their own validation names the field.
 
-The ``model`` group has no YAML files: its five options (``model=tiny`` ... ``model=huge``) are
+Three groups have no YAML files: ``model`` (five options, ``model=tiny`` ... ``model=huge``:
 :class:`ModelConfig` nodes built from :data:`HEAD_SIZES`, one row per encoder preset of
-:data:`skysense.encoders.PRESETS` (the encoder's own sizes live there; the pre-training heads,
-which the meta-architecture builds and the encoder never sees, are sized here).
+:data:`skysense.encoders.PRESETS`; the encoder's own sizes live there, the pre-training heads,
+which the meta-architecture builds and the encoder never sees, are sized here), ``optim``
+(``adamw``: :class:`OptimConfig`, one source for pre-training and fine-tuning) and ``trainer``
+(``default``: pre-training's :class:`PretrainTrainerConfig`; fine-tuning's trainer block is
+:class:`FinetuneTrainerConfig`, both extend :class:`TrainerConfig`). Their docstrings say what
+each field means; ``skysense <command> --help model=base`` prints them.
 
-:func:`register` puts the schemas and the model options in Hydra's ConfigStore; the primary
-YAML files list their schema first in their defaults (``- pretrain_schema``).
+:func:`register` puts the schemas and these options in Hydra's ConfigStore; the primary YAML
+files list their schema first in their defaults (``- pretrain_schema``).
 """
 
 from __future__ import annotations
@@ -70,7 +73,24 @@ def model_config(preset: str) -> ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warm-up and cosine schedules (``conf/optim/adamw.yaml`` documents each)."""
+    """AdamW with warm-up + cosine learning rate and a cosine weight-decay schedule
+    (``optim=adamw``, the one option; pre-training and fine-tuning read the same fields).
+
+    name: adamw.
+    lr: peak learning rate at ref_batch (see lr_scaling).
+    min_lr: learning rate at the end of the cosine.
+    lr_scaling: how lr follows the global batch: none (lr as given), linear (lr * batch /
+      ref_batch) or sqrt; ref_batch: the batch lr is given for.
+    weight_decay, weight_decay_end: pre-training decays with a cosine from weight_decay to
+      weight_decay_end (DINO's recipe); fine-tuning keeps weight_decay constant.
+    betas: AdamW's betas.
+    warmup_steps: linear warm-up of the lr from 0.
+    layer_decay: layer-wise lr decay (1.0 = off): deeper blocks keep more of the lr.
+    grad_clip: gradient clipping by global norm (null: off; the follow-up recipe: 5).
+    schedule: fine-tuning's lr schedule: cosine (warm-up, then cosine to min_lr) or multistep
+      (PANGAEA's: after the warm-up, lr x gamma at each milestone, given as shares of the
+      steps); pre-training always uses cosine.
+    """
 
     name: str = "adamw"
     lr: float = 5.0e-4
@@ -83,8 +103,6 @@ class OptimConfig:
     warmup_steps: int = 10
     layer_decay: float = 1.0
     grad_clip: float | None = 5.0
-    # fine-tuning's lr schedule: cosine (warm-up then cosine to min_lr) or multistep (PANGAEA:
-    # x gamma at each milestone, shares of the steps); pre-training always uses cosine
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.6, 0.9])
     gamma: float = 0.1
@@ -92,9 +110,16 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """``trainer.*`` that pre-training and fine-tuning share: optimiser steps, samples per step,
-    device (auto: CUDA when available, else the CPU), torch's CPU threads (null: its default)
-    and how often a step is logged."""
+    """``trainer.*`` that pre-training and fine-tuning share.
+
+    max_steps: optimizer steps to run (in total, counting steps before a resume).
+    batch_size: the global batch (over all processes and accumulation steps).
+    device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N.
+    threads: torch CPU threads per process (null: torch's default, one per core). On a machine
+      shared with other jobs, 1 is often several times faster: idle OpenMP threads spin while
+      they wait for a descheduled sibling.
+    log_every: steps between log lines.
+    """
 
     max_steps: int = 150
     batch_size: int = 8
@@ -105,7 +130,22 @@ class TrainerConfig:
 
 @dataclass
 class PretrainTrainerConfig(TrainerConfig):
-    """``trainer.*`` of pre-training (``conf/trainer/default.yaml`` documents each)."""
+    """``trainer.*`` of pre-training (``trainer=default``, the one option).
+
+    grad_accum: micro-batches per optimizer step.
+    precision: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.
+    nproc: processes on this machine (``skysense pretrain trainer.nproc=2`` launches torchrun
+      itself); strategy: ddp or fsdp over them.
+    compile: torch.compile the encoders.
+    teacher_momentum: teacher EMA momentum at step 0 (cosine to 1 at the last step).
+    checkpoint_every: steps between checkpoints; keep_checkpoints: how many are kept (older
+      ones are removed).
+    linear_probe: a linear probe of the teacher on the data's labelled splits, before and
+      after training.
+    health_every: label-free health signals of the teacher (RankMe, embedding spread, prototype
+      entropies and usage, cross-modal retrieval, kNN where labelled) every N steps and at the
+      end; 0: off.
+    """
 
     grad_accum: int = 1
     precision: str = "auto"
@@ -196,33 +236,45 @@ class InferConfig:
 SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "infer": InferConfig}
 
 
+# The groups whose options are nodes of this module rather than YAML files: group -> option ->
+# (the node, the classes whose docstrings say what each field means).
+def _structured() -> dict[str, dict[str, tuple[Any, tuple[type, ...]]]]:
+    return {
+        "model": {p: (model_config(p), (ModelConfig, HeadsConfig)) for p in HEAD_SIZES},
+        "optim": {"adamw": (OptimConfig(), (OptimConfig,))},
+        "trainer": {"default": (PretrainTrainerConfig(), (TrainerConfig, PretrainTrainerConfig))},
+    }
+
+
 def register() -> None:
-    """Store the schemas and the ``model`` options in Hydra's ConfigStore (idempotent)."""
+    """Store the schemas and the structured options (``model``, ``optim``, ``trainer``) in
+    Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)
-    for preset in HEAD_SIZES:
-        cs.store(group="model", name=preset, node=model_config(preset))
+    for group, options in _structured().items():
+        for option, (node, _) in options.items():
+            cs.store(group=group, name=option, node=node)
 
 
 def structured_options() -> dict[str, list[str]]:
     """Groups whose options are ConfigStore nodes (no YAML file) -> their options."""
-    return {"model": list(HEAD_SIZES)}
+    return {group: list(options) for group, options in _structured().items()}
 
 
 def describe(group: str, option: str) -> str | None:
-    """``--help``'s text for a ConfigStore option (``model=tiny``): the meaning of each key and
-    the option's values as YAML; None where ``group`` has no such option."""
+    """``--help``'s text for a ConfigStore option (``model=tiny``, ``optim=adamw``): the meaning
+    of each key and the option's values as YAML; None where ``group`` has no such option."""
     import inspect
 
     from omegaconf import OmegaConf
 
-    if group != "model" or option not in HEAD_SIZES:
+    node, classes = _structured().get(group, {}).get(option, (None, ()))
+    if node is None:
         return None
-    doc = inspect.getdoc(ModelConfig) or ""
-    heads = inspect.getdoc(HeadsConfig) or ""
-    body = OmegaConf.to_yaml(OmegaConf.structured(model_config(option))).rstrip()
-    comments = "\n".join(f"# {line}".rstrip() for line in f"{doc}\n{heads}".splitlines())
+    doc = "\n".join(inspect.getdoc(c) or "" for c in classes)
+    body = OmegaConf.to_yaml(OmegaConf.structured(node)).rstrip()
+    comments = "\n".join(f"# {line}".rstrip() for line in doc.splitlines())
     return f"{comments}\n{body}"
