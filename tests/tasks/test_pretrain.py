@@ -470,6 +470,7 @@ BAD_CONFIGS = [  # (overrides, the field the message starts with)
     (["trainer.batch_size=4", "trainer.grad_accum=3"], "trainer.batch_size"),
     (["data=shards", "data.manifest=/nonexistent/manifest.sqlite"], "data.manifest"),
     (["data=shards"], "data.manifest"),
+    (["data=oscd"], "data"),  # a downstream dataset: pre-training reads a manifest
     (["optim.lr_scaling=lienar"], "optim.lr_scaling"),
     (["trainer.strategy=zero3"], "trainer.strategy"),
     (["trainer.max_steps=0"], "trainer.max_steps"),

@@ -68,7 +68,12 @@ def validate(cfg: DictConfig) -> None:
         if not Path(manifest).exists():
             raise ConfigError("data.manifest", f"{manifest} does not exist")
     elif cfg.data.name != "embedded":
-        raise ConfigError("data.name", f"unknown data source '{cfg.data.name}'")
+        raise ConfigError(
+            "data",
+            f"pre-training reads unlabelled imagery from a manifest: data=embedded (the embedded "
+            f"sample) or data=shards data.manifest=PATH (a skysense ingest output); "
+            f"'{cfg.data.name}' is a downstream dataset (skysense finetune data={cfg.data.name})",
+        )
     if cfg.data.get("backend", "auto") not in ("auto", "dali", "torch"):
         raise ConfigError("data.backend", f"'{cfg.data.backend}' is not one of auto, dali, torch")
     _validate_views(cfg.data.get("views"))
