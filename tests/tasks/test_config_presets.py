@@ -1,5 +1,6 @@
-"""The ``model`` config group: five structured options (no YAML) built from one table of head
-sizes beside the encoder presets; every command composes them and the loss reads the heads."""
+"""The structured config groups: ``model`` (five options, no YAML, built from one table of head
+sizes beside the encoder presets; every command composes them and the loss reads the heads) and
+the ``data`` group's downstream datasets (typed options of conf/datasets.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 
 from skysense.encoders import PRESETS
 from skysense.tasks.cli import compose, config_groups, main
+from skysense.tasks.conf.datasets import DATASETS
 from skysense.tasks.conf.schema import HEAD_SIZES
 from skysense.tasks.errors import ConfigError
 
@@ -97,3 +99,49 @@ def test_recipe_paper_composes_with_the_papers_numbers():
     assert compose("pretrain", ["recipe=paper", "trainer.max_steps=7"]).trainer.max_steps == 7
     with pytest.raises(ConfigError, match="data.manifest"):
         validate(cfg)
+
+
+# --- the data group's downstream datasets: typed structured options ---------------------------
+
+
+def test_every_dataset_option_is_offered_and_composes_typed():
+    """Every downstream dataset is a ``data=`` option (beside the YAML pre-training sources);
+    each composes under finetune with its own name and typed fields."""
+    groups = config_groups("finetune")["data"]
+    assert set(DATASETS) | {"embedded", "shards"} == set(groups)
+    conf = resources.files("skysense.tasks.conf") / "data"
+    assert sorted(e.name for e in conf.iterdir() if e.name.endswith(".yaml")) == [
+        "embedded.yaml",
+        "shards.yaml",
+    ]
+    for name in DATASETS:
+        cfg = compose("finetune", [f"data={name}"])
+        assert cfg.data.name == name
+    # the crop of a tile dataset is an int: a string is refused at composition, naming the field
+    with pytest.raises(ConfigError) as e:
+        compose("finetune", ["task=segmentation", "data=isaid", "data.crop=abc"])
+    assert e.value.field == "data.crop"
+    with pytest.raises(ConfigError) as e:
+        compose("finetune", ["data=oscd", "data.no_such_key=1"])
+    assert "no_such_key" in str(e.value)
+
+
+def test_a_dataset_keeps_its_own_features_and_the_task_default_otherwise():
+    """``task.features`` follows ``data.features`` where the dataset names one (EuroSAT MS: s2)
+    and the task's default where it does not (iSAID under segmentation: hr; OSCD under change
+    detection: s2)."""
+    pick = {
+        ("classification", "eurosat_ms"): "s2",
+        ("segmentation", "isaid"): "hr",
+        ("change_detection", "oscd"): "s2",
+        ("change_detection", "levir_cd"): "hr",
+    }
+    for (task, data), want in pick.items():
+        assert compose("finetune", [f"task={task}", f"data={data}"]).task.features == want
+
+
+def test_help_describes_a_datasets_keys(capsys):
+    assert main(["finetune", "--help", "task=change_detection", "data=oscd"]) == 0
+    out = capsys.readouterr().out
+    assert "keys of data=oscd" in out
+    assert "Onera Satellite Change Detection" in out and "change_focus: probability" in out

@@ -3,17 +3,19 @@
 The dataclasses here give every field of the optimiser, the trainers and the top-level settings
 its type and its default, so that a value of the wrong type (``optim.lr=abc``,
 ``trainer.max_steps=1.5``) or an unknown key is one line naming the field when the config is
-composed, before any file or folder is created. Groups whose fields differ by option (data,
-loss, task) stay YAML files, untyped here; their own validation names the field.
+composed, before any file or folder is created. The loss, task and pre-training source options
+stay YAML files, untyped here; their own validation names the field.
 
-Three groups have no YAML files: ``model`` (five options, ``model=tiny`` ... ``model=huge``:
-:class:`ModelConfig` nodes built from :data:`HEAD_SIZES`, one row per encoder preset of
-:data:`skysense.encoders.PRESETS`; the encoder's own sizes live there, the pre-training heads,
-which the meta-architecture builds and the encoder never sees, are sized here), ``optim``
-(``adamw``: :class:`OptimConfig`, one source for pre-training and fine-tuning) and ``trainer``
-(``default``: pre-training's :class:`PretrainTrainerConfig`; fine-tuning's trainer block is
-:class:`FinetuneTrainerConfig`, both extend :class:`TrainerConfig`). Their docstrings say what
-each field means; ``skysense <command> --help model=base`` prints them.
+Four groups are (wholly or partly) code, not YAML: ``model`` (five options, ``model=tiny`` ...
+``model=huge``: :class:`ModelConfig` nodes built from :data:`HEAD_SIZES`, one row per encoder
+preset of :data:`skysense.encoders.PRESETS`; the encoder's own sizes live there, the
+pre-training heads, which the meta-architecture builds and the encoder never sees, are sized
+here), ``optim`` (``adamw``: :class:`OptimConfig`, one source for pre-training and
+fine-tuning), ``trainer`` (``default``: pre-training's :class:`PretrainTrainerConfig`;
+fine-tuning's trainer block is :class:`FinetuneTrainerConfig`, both extend
+:class:`TrainerConfig`) and ``data``'s downstream datasets (:mod:`skysense.tasks.conf.datasets`;
+the pre-training sources ``embedded`` and ``shards`` stay YAML). Their docstrings say what each
+field means; ``skysense <command> --help model=base`` (or ``data=oscd``) prints them.
 
 :func:`register` puts the schemas and these options in Hydra's ConfigStore; the primary YAML
 files list their schema first in their defaults (``- pretrain_schema``).
@@ -238,11 +240,17 @@ SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "infer": Infe
 
 # The groups whose options are nodes of this module rather than YAML files: group -> option ->
 # (the node, the classes whose docstrings say what each field means).
-def _structured() -> dict[str, dict[str, tuple[Any, tuple[type, ...]]]]:
+def _structured() -> dict[str, dict[str, tuple]]:
+    from skysense.tasks.conf.datasets import DATASETS, DatasetConfig
+
+    def mro(node) -> tuple[type, ...]:  # the dataset families, most general first
+        return tuple(c for c in reversed(type(node).__mro__) if issubclass(c, DatasetConfig))
+
     return {
         "model": {p: (model_config(p), (ModelConfig, HeadsConfig)) for p in HEAD_SIZES},
         "optim": {"adamw": (OptimConfig(), (OptimConfig,))},
         "trainer": {"default": (PretrainTrainerConfig(), (TrainerConfig, PretrainTrainerConfig))},
+        "data": {name: (node, mro(node), about) for name, (node, about) in DATASETS.items()},
     }
 
 
@@ -255,7 +263,7 @@ def register() -> None:
     for name, node in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)
     for group, options in _structured().items():
-        for option, (node, _) in options.items():
+        for option, (node, *_) in options.items():
             cs.store(group=group, name=option, node=node)
 
 
@@ -268,13 +276,15 @@ def describe(group: str, option: str) -> str | None:
     """``--help``'s text for a ConfigStore option (``model=tiny``, ``optim=adamw``): the meaning
     of each key and the option's values as YAML; None where ``group`` has no such option."""
     import inspect
+    import textwrap
 
     from omegaconf import OmegaConf
 
-    node, classes = _structured().get(group, {}).get(option, (None, ()))
+    node, classes, *about = _structured().get(group, {}).get(option, (None, ()))
     if node is None:
         return None
-    doc = "\n".join(inspect.getdoc(c) or "" for c in classes)
+    about = [textwrap.fill(a, 96, break_on_hyphens=False) for a in about]
+    doc = "\n".join([*about, *(inspect.getdoc(c) or "" for c in classes)])
     body = OmegaConf.to_yaml(OmegaConf.structured(node)).rstrip()
     comments = "\n".join(f"# {line}".rstrip() for line in doc.splitlines())
     return f"{comments}\n{body}"

@@ -11,7 +11,7 @@ Command line (Hydra overrides; configs in ``skysense/tasks/conf``)::
 
 Tasks (``conf/task``): classification, linear_probe, multilabel_classification,
 multimodal_classification, segmentation, multimodal_segmentation, change_detection, detection,
-timeseries_classification. Data (``conf/data``): the public datasets of
+timeseries_classification. Data (``conf/datasets.py``, ``conf/data``): the public datasets of
 :mod:`skysense.data.datasets` read from their distributed layouts (``data=<name>
 data.root=...``; the README's table lists them), osbs (box CSV/JSON), class_folders,
 geotiff_masks, and the data package's embedded / shards manifests.
