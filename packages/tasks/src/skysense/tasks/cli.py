@@ -233,10 +233,14 @@ def _commented_keys(config: str, overrides: list[str]) -> list[str]:
     """The primary config file and the files of the groups chosen on the command line
     (``task=X``, ``suite=X``, ``data=X``), as written: every key with its comment; a structured
     option (``model=X``) by its documented fields."""
-    from skysense.tasks.conf.schema import describe
+    from skysense.tasks.conf.schema import describe, describe_primary
 
     root = resources.files(CONFIG_MODULE)
-    files = [(f"{config}.yaml", root / f"{config}.yaml")]
+    primary = describe_primary(config)
+    if primary is not None:
+        files = [(f"{config} (skysense.tasks.conf.commands)", primary)]
+    else:
+        files = [(f"{config}.yaml", root / f"{config}.yaml")]
     for o in overrides:
         group, _, option = o.partition("=")
         entry = root / group / f"{option}.yaml"

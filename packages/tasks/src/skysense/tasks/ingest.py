@@ -1,8 +1,9 @@
 """`skysense ingest SRC DST [key=value ...]`: GeoTIFFs -> shards + SQLite manifest.
 
-Composes ``conf/ingest.yaml`` (every field of :class:`skysense.data.ingest.IngestConfig`, plus
-``plots``), checks each value's type (one line naming the field, before anything is created),
-runs :func:`skysense.data.ingest.ingest`, prints the report with the bad files (path and
+Composes the ``ingest`` config (:class:`skysense.tasks.conf.commands.IngestCommandConfig`:
+every field of :class:`skysense.data.ingest.IngestConfig`, plus ``src``, ``dst`` and ``plots``;
+typed at composition), checks each value's type again (one line naming the field, before
+anything is created), runs :func:`skysense.data.ingest.ingest`, prints the report with the bad files (path and
 reason, each once) and writes a preview PNG of the first samples (``DST/plots/sample_<id>.png``)
 so a person can look at what the model will get.
 

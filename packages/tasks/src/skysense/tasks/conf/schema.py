@@ -216,7 +216,28 @@ class FinetuneConfig:
 
 @dataclass
 class InferConfig:
-    """``skysense infer`` (``conf/infer.yaml`` documents each)."""
+    """``skysense infer SRC DST checkpoint=MODEL``: a fine-tuned model (the model.pt that
+    ``skysense finetune`` writes) over a scene of any size -> a Cloud-Optimized GeoTIFF on the
+    scene's grid (a .geojson of boxes for detection models).
+
+    src: a GeoTIFF stack or a folder of per-band GeoTIFFs of the model's input modality.
+    dst: a .tif (class or probability map, COG); a .geojson for detection models.
+    checkpoint: the fine-tuned model file.
+    src2: change detection: the second date (same grid as src).
+    extra: multi-modal models: the other modalities, e.g. {s1: path}, warped onto src's grid.
+    window, overlap: window side and overlap in src pixels (null: the model's evaluation
+      settings).
+    batch_size: windows per forward pass.
+    block: output block side in pixels: memory follows block^2, whatever the scene size.
+    output: classes (uint8 class map, nodata 255) or probabilities (float32 per class, nodata
+      NaN).
+    overwrite: replace an existing dst.
+    check_sensor: check the scene against the sensor the model was fine-tuned on (product
+      level, band names and count, pixel size): a mismatch stops the run; false: run anyway.
+    device: auto (CUDA when available, else the CPU).
+    threads: CPU threads of torch's operators (null: torch's default).
+    progress: a progress bar over the windows.
+    """
 
     src: str = MISSING
     dst: str = MISSING
@@ -235,7 +256,7 @@ class InferConfig:
     progress: bool = True
 
 
-SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "infer": InferConfig}
+SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 # The groups whose options are nodes of this module rather than YAML files: group -> option ->
@@ -259,9 +280,13 @@ def register() -> None:
     Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from skysense.tasks.conf.commands import PRIMARY
+
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)
+    for name, node in PRIMARY.items():  # primary configs without a YAML file
+        cs.store(name=name, node=node)
     for group, options in _structured().items():
         for option, (node, *_) in options.items():
             cs.store(group=group, name=option, node=node)
@@ -270,6 +295,24 @@ def register() -> None:
 def structured_options() -> dict[str, list[str]]:
     """Groups whose options are ConfigStore nodes (no YAML file) -> their options."""
     return {group: list(options) for group, options in _structured().items()}
+
+
+def describe_primary(config: str) -> str | None:
+    """``--help``'s text for a primary config that is a dataclass (``ingest``, ``infer``): the
+    docstrings of its classes and its defaults as YAML; None for a YAML primary."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from skysense.tasks.conf.commands import PRIMARY
+
+    node = PRIMARY.get(config)
+    if node is None:
+        return None
+    classes = [c for c in reversed(node.__mro__) if c is not object]
+    doc = "\n".join(inspect.getdoc(c) or "" for c in classes)
+    body = OmegaConf.to_yaml(OmegaConf.structured(node)).rstrip()
+    return "\n".join(f"# {line}".rstrip() for line in doc.splitlines()) + "\n" + body
 
 
 def describe(group: str, option: str) -> str | None:
