@@ -3,9 +3,9 @@
 Composes the ``ingest`` config (:class:`skysense.tasks.conf.commands.IngestCommandConfig`:
 every field of :class:`skysense.data.ingest.IngestConfig`, plus ``src``, ``dst`` and ``plots``;
 typed at composition), checks each value's type again (one line naming the field, before
-anything is created), runs :func:`skysense.data.ingest.ingest`, prints the report with the bad files (path and
-reason, each once) and writes a preview PNG of the first samples (``DST/plots/sample_<id>.png``)
-so a person can look at what the model will get.
+anything is created), runs :func:`skysense.data.ingest.ingest`, prints the report with the bad
+files (path and reason, each once) and writes a preview PNG of the first samples
+(``DST/plots/sample_<id>.png``) so a person can look at what the model will get.
 
 Exit codes: 0 every file was good; 1 some were bad (the good ones are ingested all the same);
 2 a config error, a DST that holds another ingest (another SRC or other settings: ``mode=append``
