@@ -10,7 +10,8 @@ measured in the same run (bench/conftest.py ``report``). This command runs it, t
 and compares each guarded ratio with the committed reference: a ratio below
 ``reference * (1 - tolerance)`` is a regression, and so is a ratio below 1.0 (ours slower or
 bigger than the baseline) that carries no explanation; either makes the command exit 1.
-``threads`` fixes torch's CPU threads of the whole suite (1 by default: see conf/bench.yaml).
+``threads`` fixes torch's CPU threads of the whole suite (1 by default: see
+:class:`skysense.tasks.conf.commands.BenchConfig`).
 """
 
 from __future__ import annotations
