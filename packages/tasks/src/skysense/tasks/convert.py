@@ -19,11 +19,11 @@ DST gets ``model.safetensors`` (this project's names), ``config.json`` (preset, 
 encoder config, parts, sensors with band order and normalisation statistics, source file
 names with their sha256) and ``SHA256SUMS``; see :mod:`skysense.encoders.weights`.
 
-The encoder config records the release's structure (``release.*`` in conf/convert.yaml),
-``swin_window_mode: release`` included: a model built from the folder treats Swin windows
-that do not tile a stage map as the release's mmpretrain code does (zero padding attended to,
-no shift once a side equals the window), so it gives the release's outputs at every input
-size; ``release.swin_window_mode=masked`` records this project's default instead.
+The encoder config records the release's structure (``release.*``:
+:class:`skysense.tasks.conf.commands.ReleaseStructure`), ``swin_window_mode: release``
+included: a model built from the folder treats Swin windows that do not tile a stage map as
+the release's mmpretrain code does (zero padding attended to, no shift once a side equals the
+window), so it gives the release's outputs at every input size; ``release.swin_window_mode=masked`` records this project's default instead.
 """
 
 from __future__ import annotations

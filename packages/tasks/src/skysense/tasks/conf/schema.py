@@ -309,9 +309,17 @@ def describe_primary(config: str) -> str | None:
     node = PRIMARY.get(config)
     if node is None:
         return None
+    import dataclasses
+
     classes = [c for c in reversed(node.__mro__) if c is not object]
-    doc = "\n".join(inspect.getdoc(c) or "" for c in classes)
-    body = OmegaConf.to_yaml(OmegaConf.structured(node)).rstrip()
+    for f in dataclasses.fields(node):  # nested sections (export's head, convert's release)
+        made = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(made):
+            classes.append(type(made))
+    doc = "\n".join(f"{inspect.getdoc(c) or ''}" for c in classes)
+    values = OmegaConf.to_container(OmegaConf.structured(node))
+    values.pop("defaults", None)  # the groups it composes are listed above the keys
+    body = OmegaConf.to_yaml(values).rstrip()
     return "\n".join(f"# {line}".rstrip() for line in doc.splitlines()) + "\n" + body
 
 
