@@ -21,6 +21,27 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(out: Path, entries: str, name: str, *args: str) -> dict:
+    """``skysense benchmark`` over the suite ``entries`` (a YAML flow list's items) without the
+    pre-trained row, into ``out``; asserts exit 0 and returns report.json."""
+    import json
+
+    from skysense.tasks.cli import main
+
+    argv = ["benchmark", f"suite.entries=[{entries}]", f"suite.name={name}", f"run_dir={out}"]
+    assert main([*argv, "suite.pretrained=null", *args]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group (MASTER_PORT) of a spawned test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the repository, or $SKYSENSE_SHARED_DATA."""
     env = os.environ.get("SKYSENSE_SHARED_DATA")

@@ -5,12 +5,13 @@ and grouped)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 WORLD = 2
 N_LOCAL, D, K = 13, 8, 29
@@ -80,12 +81,6 @@ def _worker(rank, port, backends):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.unit
 @pytest.mark.slow
 def test_gather_sinkhorn_center_across_two_gloo_processes():
@@ -96,4 +91,4 @@ def test_gather_sinkhorn_center_across_two_gloo_processes():
     backends = ["chunked", "reference"]
     if dispatch.triton_unavailable_reason("cpu") is None:  # the interpreter: spawned workers
         backends.append("triton")  # inherit TRITON_INTERPRET from tests/conftest.py
-    mp.spawn(_worker, args=(_free_port(), tuple(backends)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), tuple(backends)), nprocs=WORLD, join=True)

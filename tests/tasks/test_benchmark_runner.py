@@ -12,6 +12,7 @@ import pytest
 
 from skysense.tasks.benchmark import stats
 from skysense.tasks.cli import main
+from tests.conftest import run_benchmark
 
 pytestmark = pytest.mark.unit
 
@@ -48,13 +49,10 @@ def test_benchmark_suite_end_to_end(tmp_path):
         ]
     )
     out = tmp_path / "run"
-    rc = main(["benchmark", f"suite.entries=[{suite}]", "suite.name=tiny", f"run_dir={out}",
-               "suite.pretrained=null",
-               "seeds=[0,1]", "n_boot=500", "entry_defaults.l2_grid=[1e-3,1e-1]"])  # fmt: skip
-    assert rc == 0
+    rep = run_benchmark(out, suite, "tiny", "seeds=[0,1]", "n_boot=500",
+                        "entry_defaults.l2_grid=[1e-3,1e-1]")  # fmt: skip
     for ext in ("md", "json", "png"):
         assert (out / f"report.{ext}").stat().st_size > 0
-    rep = json.loads((out / "report.json").read_text())
     assert rep["models"] == ["random init", "spectral", "unet"]
     assert set(rep["entries"][0]["models"]) == {"random init", "spectral"}  # no U-Net beside probes
     assert rep["note"].startswith("no checkpoints given")
@@ -162,15 +160,12 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
 def test_shared_oscd_change_probe_threshold_on_validation(shared_data, tmp_path):
     """OSCD change at frozen per-pixel features: the threshold chosen on a held-out training
     city at its true change rate (the precision/recall curve kept), per-city test scores."""
-    out = tmp_path / "run"
     entry = ("{data: oscd, task: change_detection, protocol: linear_probe, features: s2, "
              "val_fraction: 0.25, pixels_per_scene: 300, max_test_pixels: 20000, "
              f"data_args: {{root: '{shared_data / 'oscd'}'}}}}")  # fmt: skip
-    rc = main(["benchmark", f"suite.entries=[{entry}]", "suite.name=oscd", f"run_dir={out}",
-               "suite.pretrained=null",
-               "seeds=[0]", "n_boot=200", "entry_defaults.l2_grid=[1e-2]"])  # fmt: skip
-    assert rc == 0
-    rec = json.loads((out / "report.json").read_text())["entries"][0]
+    rep = run_benchmark(tmp_path / "run", entry, "oscd", "seeds=[0]", "n_boot=200",
+                        "entry_defaults.l2_grid=[1e-2]")  # fmt: skip
+    rec = rep["entries"][0]
     assert rec["status"] == "ok"
     for model in ("random init", "spectral"):
         run = rec["models"][model]["runs"][0]

@@ -4,7 +4,6 @@ benchmark's frozen_upernet_ltae protocol on a fake PASTIS series."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -98,8 +97,8 @@ def test_frozen_upernet_ltae_protocol_on_fake_pastis(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
     import fakes
 
-    from skysense.tasks.cli import main
     from skysense.tasks.downstream.checkpoint import load_finetuned
+    from tests.conftest import run_benchmark
 
     root = fakes.make("pastis", tmp_path / "pastis")
     out = tmp_path / "run"
@@ -108,11 +107,7 @@ def test_frozen_upernet_ltae_protocol_on_fake_pastis(tmp_path):
     entry = ("{data: pastis, task: multimodal_segmentation, protocol: frozen_upernet_ltae, "
              f"eval_every: 1, patience: 1, val_fraction: 0.3, data_args: {{root: '{root}'}}, "
              f"overrides: [{','.join(small)}]}}")  # fmt: skip
-    rc = main(["benchmark", f"suite.entries=[{entry}]", "suite.name=ltae", f"run_dir={out}",
-               "suite.pretrained=null",
-               "seeds=[0]", "n_boot=100", "baselines=[]"])  # fmt: skip
-    assert rc == 0
-    rec = json.loads((out / "report.json").read_text())["entries"][0]
+    rec = run_benchmark(out, entry, "ltae", "seeds=[0]", "n_boot=100", "baselines=[]")["entries"][0]
     assert rec["status"] == "ok", rec
     run = rec["models"]["random init"]["runs"][0]
     assert "error" not in run, run.get("error")

@@ -7,7 +7,6 @@ deadlock)."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from skysense.tasks.training.meta_arch import StepAccumulator, Student
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
 from losses_synth import make_batch  # noqa: E402  (the losses tests' synthetic features)
+
+from tests.conftest import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
@@ -184,12 +185,6 @@ def _worker(rank, port, outdir):
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
