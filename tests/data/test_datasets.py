@@ -585,3 +585,22 @@ def test_dynamicearthnet_s1_channels_must_be_named(tmp_path):
     (root / "sentinel2" / "1330_3107_13" / "1330_3107_13_2018_03.tif").unlink()
     with pytest.raises(FileNotFoundError, match="no s2 composite of 2018-03"):
         cls(root, "val", modalities=["s2"])
+
+
+def test_dynamicearthnet_block_majority_takes_the_majority_class_and_ignores_snow():
+    """The 7 one-hot label bands coarsened by f: each block gets the class covering most of it,
+    255 (ignored) where that is snow & ice (band 7) or where no band is set."""
+    from skysense.data.datasets.dynamicearthnet import DEN_CLASSES, block_majority
+
+    k, f = 7, 2
+    lab = np.zeros((k, 2, 6), np.uint8)
+    lab[1, :, 0:2] = 255  # block 0: agriculture in 4 of 4 pixels
+    lab[2, 0, 2:4] = 255  # block 1: forest 3 of 4, water 1 of 4 (a mixed block)
+    lab[2, 1, 2] = 255
+    lab[5, 1, 3] = 255
+    lab[6, :, 4:6] = 255  # block 2: snow & ice 3 of 4, impervious 1 of 4
+    lab[6, 1, 5] = 0
+    lab[0, 1, 5] = 255
+    got = block_majority(lab, f, len(DEN_CLASSES))
+    assert got.tolist() == [[1, 2, 255]]
+    assert block_majority(np.zeros((k, 2, 2), np.uint8), f, len(DEN_CLASSES)).tolist() == [[255]]

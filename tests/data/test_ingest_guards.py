@@ -289,6 +289,19 @@ def test_an_automatic_hr_ratio_past_2048_px_tiles_is_refused(tmp_path):
     assert ok.ok and ok.n_samples > 0
 
 
+def test_an_explicit_hr_ratio_past_2048_px_tiles_is_a_warning(tmp_path, caplog):
+    """The same HR tiles asked for with hr_ratio are planned, with a warning naming their size."""
+    from skysense.data.discover import discover
+    from skysense.data.ingest_plan import make_plan
+
+    _cross_crs_place(tmp_path / "src")
+    cfg = IngestConfig(tile_size=300, hr_ratio=8)
+    with caplog.at_level("WARNING", logger="skysense.data.ingest_plan"):
+        plan = make_plan(discover(tmp_path / "src", cfg, []), cfg)
+    assert plan.hr_ratio == 8 and plan.tile_size == 300
+    assert "HR tiles of 2400 px (tile_size 300 x hr_ratio 8, as set)" in caplog.text
+
+
 def test_places_linked_into_the_source_are_read(tmp_path):
     """A place folder linked into the source (os.symlink) is discovered like a real one, and a
     link back to the source (a loop) is not followed twice."""

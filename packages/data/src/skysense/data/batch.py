@@ -48,7 +48,7 @@ SAMPLE_ID = "sample_id"
 VIEW_AFFINE = "view_affine"
 VIEW1, VIEW2 = "view1", "view2"
 
-N_CHANNELS = {HR: 3, S2: 10, S1: 2}
+N_CHANNELS = {m: modalities.MODALITY[m].channels for m in MODALITIES}  # HR 3, S2 10, S1 2
 
 
 def doy_key(m: str) -> str:

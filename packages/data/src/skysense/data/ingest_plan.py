@@ -20,7 +20,7 @@ from skysense.data.discover import Acquisition, Group
 from skysense.data.geo import bounds_in, choose_crs, is_metric_projected
 from skysense.data.io import BadInputError
 from skysense.data.sensors import SENSORS
-from skysense.kernels.modalities import MODALITIES
+from skysense.kernels.modalities import MODALITIES, MODALITY
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _hr_ground_gsd(acq: Acquisition) -> float:
         return float((b[2] - b[0]) / ds.width)
 
 
-CHANNELS = {"hr": 3, "s2": 10, "s1": 2}
+CHANNELS = {m: MODALITY[m].channels for m in MODALITIES}  # model bands per modality
 STORE_DTYPES = {"hr": "uint8", "s2": "uint16", "s1": "float32"}
 
 
@@ -254,25 +254,29 @@ def make_plan(groups: list[Group], cfg: IngestConfig) -> Plan:
         gsd = cfg.hr_gsd or round(_hr_ground_gsd(first_hr), 3)
         return Plan(mods, cfg.hr_tile_size, gsd, 1, True)
     ratio = 1
-    if "hr" in mods:
-        ratio = cfg.hr_ratio or max(1, round(cfg.gsd / _hr_ground_gsd(first_hr)))
-        if cfg.hr_ratio is None and cfg.tile_size * ratio > MAX_AUTO_HR_TILE:
+    if "hr" in mods and cfg.hr_ratio:
+        ratio = cfg.hr_ratio
+        if cfg.tile_size * ratio > MAX_AUTO_HR_TILE:  # asked for: allowed, but said
+            log.warning(
+                "HR tiles of %d px (tile_size %d x hr_ratio %d, as set): memory and shards grow "
+                "with their square",
+                cfg.tile_size * ratio,
+                cfg.tile_size,
+                ratio,
+            )
+    elif "hr" in mods:
+        hr_gsd = _hr_ground_gsd(first_hr)
+        ratio = max(1, round(cfg.gsd / hr_gsd))
+        if cfg.tile_size * ratio > MAX_AUTO_HR_TILE:
             # Seen: 0.2 m aerial RGB beside S2 gave ratio 65, 4160 px HR tiles and 43 GB of
             # mostly empty shards before the disk filled. Such a ratio must be asked for.
             raise BadInputError(
                 first_hr.files[0],
-                f"HR imagery at {_hr_ground_gsd(first_hr):.3g} m over the {cfg.gsd:g} m Sentinel "
+                f"HR imagery at {hr_gsd:.3g} m over the {cfg.gsd:g} m Sentinel "
                 f"grid needs hr_ratio {ratio}: HR tiles of {cfg.tile_size * ratio} px (tile_size "
                 f"{cfg.tile_size}), {ratio * ratio} HR pixels per Sentinel pixel; set hr_ratio "
                 f"(the paper: 32, 2048 px HR over 64 px tiles; the HR imagery is resampled to "
                 f"it) or ingest the HR imagery on its own",
-            )
-        if cfg.tile_size * ratio > MAX_AUTO_HR_TILE:
-            log.warning(
-                "HR tiles of %d px (tile_size %d x hr_ratio %d): set hr_ratio to bound them",
-                cfg.tile_size * ratio,
-                cfg.tile_size,
-                ratio,
             )
     return Plan(mods, cfg.tile_size, cfg.gsd, ratio, False)
 

@@ -68,17 +68,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skysense.data.datasets.base import IGNORE_INDEX, DatasetError, RemoteSensingDataset
+from skysense.data.datasets.base import (
+    IGNORE_INDEX,
+    DatasetError,
+    RemoteSensingDataset,
+    read_lines,
+)
 from skysense.data.datasets.readers import (
     S2_L2A_ORDER,
     _canonical,
     _open,
     check_range,
+    day_of_year,
     latlon_of,
     modality_sample,
     read_image,
 )
-from skysense.kernels.modalities import SERIES
+from skysense.kernels.modalities import DEFAULT_SENSORS, SERIES
 
 DEN_CLASSES = (
     "impervious surface", "agriculture", "forest & other vegetation", "wetlands", "soil",
@@ -87,6 +93,7 @@ DEN_CLASSES = (
 PLANET_BANDS = ("B", "G", "R", "NIR")
 S1_CHANNELS = 8
 _AUTHORS_PLANET_DIR = "/reprocess-cropped/UTM-24000/"
+_FOLDERS = {"s2": "sentinel2", "s1": "sentinel1"}  # the composites' folders under root
 
 
 def _month_shift(ym: str, back: int) -> str:
@@ -109,9 +116,9 @@ def block_majority(onehot: np.ndarray, f: int, n_classes: int) -> np.ndarray:
     of each f x f block; ``IGNORE_INDEX`` where that is a band beyond ``n_classes`` (snow &
     ice) or where no band is set."""
     k, h, w = onehot.shape
-    frac = (onehot == 255).reshape(k, h // f, f, w // f, f).mean(axis=(2, 4))
-    best = frac.argmax(0)
-    out = np.where((best < n_classes) & (frac.max(0) > 0), best, IGNORE_INDEX)
+    count = (onehot == 255).reshape(k, h // f, f, w // f, f).sum(axis=(2, 4), dtype=np.int32)
+    best = count.argmax(0)
+    out = np.where((best < n_classes) & (count.max(0) > 0), best, IGNORE_INDEX)
     return out.astype(np.int64)
 
 
@@ -124,7 +131,7 @@ class DynamicEarthNet(RemoteSensingDataset):
 
     name = "dynamicearthnet"
     task = "segmentation"
-    sensors = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
+    sensors = dict(DEFAULT_SENSORS)
     file_bands = {
         "hr": PLANET_BANDS,
         "s2": S2_L2A_ORDER,
@@ -160,11 +167,9 @@ class DynamicEarthNet(RemoteSensingDataset):
         super().__init__(root, split, split_file, modalities)
         # The mask lies on the coarsest grid read: put the Sentinel modalities first, so the
         # first modality is the reference grid.
-        self.modalities = sorted(self.modalities, key=["s2", "s1", "hr"].index)
+        self.modalities = sorted(self.modalities, key=[*SERIES, "hr"].index)
         lines = self.split_names()
         if lines is None and (self.root / f"{split}.txt").is_file():
-            from skysense.data.datasets.base import read_lines
-
             lines = read_lines(self.root / f"{split}.txt")
         if lines is None:
             raise DatasetError(
@@ -202,17 +207,21 @@ class DynamicEarthNet(RemoteSensingDataset):
         for k in need:
             if not it[k].is_file():
                 raise FileNotFoundError(f"dynamicearthnet {self.split}: {it[k]} is missing")
-        for m in SERIES:
-            if m in self.modalities and self._composite(m, cube, ym) is None:
-                folder = self.root / {"s2": "sentinel2", "s1": "sentinel1"}[m] / cube
+        # Each series' composites, oldest month first (None: no composite that month), looked up
+        # once here rather than on every read.
+        it["series"] = {}
+        for m in (m for m in SERIES if m in self.modalities):
+            months = [_month_shift(ym, back) for back in range(self.months - 1, -1, -1)]
+            it["series"][m] = [(mo, self._composite(m, cube, mo)) for mo in months]
+            if it["series"][m][-1][1] is None:
                 raise FileNotFoundError(
-                    f"dynamicearthnet {self.split}: no {m} composite of {ym} under {folder} "
-                    f"(expected {cube}_{ym.replace('-', '_')}.tif)"
+                    f"dynamicearthnet {self.split}: no {m} composite of {ym} under "
+                    f"{self.root / _FOLDERS[m] / cube} (expected {cube}_{ym.replace('-', '_')}.tif)"
                 )
         return it
 
     def _composite(self, m: str, cube: str, ym: str) -> Path | None:
-        folder = self.root / {"s2": "sentinel2", "s1": "sentinel1"}[m] / cube
+        folder = self.root / _FOLDERS[m] / cube
         exact = folder / f"{cube}_{ym.replace('-', '_')}.tif"
         if exact.is_file():
             return exact
@@ -288,9 +297,7 @@ class DynamicEarthNet(RemoteSensingDataset):
         from rasterio.warp import Resampling, reproject
 
         arrays, doys = [], []
-        for back in range(self.months - 1, -1, -1):
-            ym = _month_shift(it["ym"], back)
-            path = self._composite(m, it["cube"], ym)
+        for ym, path in it["series"][m]:
             if path is None:
                 continue  # a month before the archive or without a composite
             src, sg = self._read_composite(m, path)
@@ -302,19 +309,17 @@ class DynamicEarthNet(RemoteSensingDataset):
             )  # fmt: skip
             y, mo = (int(v) for v in ym.split("-"))
             arrays.append(out)
-            doys.append(dt.date(y, mo, 15).timetuple().tm_yday)
+            doys.append(day_of_year(dt.date(y, mo, 15)))
         return modality_sample(m, arrays, self.sensors[m], doys)
 
-    def _planet(self, it: dict) -> tuple[np.ndarray, dict]:
+    def _planet(self, it: dict) -> np.ndarray:
         with _open(it["image"]) as ds:
             if ds.count != 4:
                 raise DatasetError(
                     f"{it['image']}: {ds.count} bands, expected 4 (B G R NIR PlanetFusion)"
                 )
             bgr = ds.read([1, 2, 3]).astype(np.float32)
-            prof = {"crs": ds.crs, "transform": ds.transform, "height": ds.height,
-                    "width": ds.width}  # fmt: skip
-        return np.clip(bgr[::-1] / self.scale * 255.0, 0, 255), prof
+        return np.clip(bgr[::-1] / self.scale * 255.0, 0, 255)
 
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
@@ -327,17 +332,17 @@ class DynamicEarthNet(RemoteSensingDataset):
         s: dict = {}
         y, m = (int(v) for v in it["ym"].split("-"))
         if "hr" in self.modalities:
-            rgb, _ = self._planet(it)
+            rgb = self._planet(it)
             if lab.shape[1:] != rgb.shape[1:]:
                 raise DatasetError(f"{it['label']}: {lab.shape[1:]} px, image {rgb.shape[1:]}")
-            doy = dt.date(y, m, self.day).timetuple().tm_yday
+            doy = day_of_year(dt.date(y, m, self.day))
             s.update(modality_sample("hr", [rgb], "hr_rgb", [doy]))
             s.pop("hr_pixel_valid")
             s["hr_doy"] = torch.tensor(doy, dtype=torch.int64)
         sentinel = [mod for mod in self.modalities if mod in SERIES]
         f = 1
         if sentinel:
-            first = self._composite(sentinel[0], it["cube"], it["ym"])
+            first = it["series"][sentinel[0]][-1][1]  # the label month's composite
             f, grid = self._target_grid(lprof, first)
             for mod in sentinel:
                 s.update(self._series(mod, it, grid))
