@@ -22,9 +22,7 @@ def _global_inputs():
     a = torch.randn(WORLD * N_LOCAL, D, dtype=torch.float64, generator=g)
     b = torch.randn(WORLD * N_LOCAL, D, dtype=torch.float64, generator=g)
     scores = torch.randn(WORLD * N_LOCAL, K, dtype=torch.float64, generator=g) * 0.5
-    w = torch.randn(K, D, dtype=torch.float64, generator=g)
-    center = torch.randn(K, dtype=torch.float64, generator=g)
-    return a, b, scores, w, center
+    return a, b, scores
 
 
 def _worker(rank, port, backends):
@@ -39,7 +37,7 @@ def _worker(rank, port, backends):
         )
         from skysense.kernels.losses import info_nce_reference, sinkhorn_knopp_reference
 
-        a, b, scores, w, center = _global_inputs()
+        a, b, scores = _global_inputs()
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
 
         # One process on the concatenated batch.
@@ -83,7 +81,7 @@ def _worker(rank, port, backends):
 
 @pytest.mark.unit
 @pytest.mark.slow
-def test_gather_sinkhorn_center_across_two_gloo_processes():
+def test_gather_and_sinkhorn_across_two_gloo_processes():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     from skysense.kernels import dispatch

@@ -216,7 +216,6 @@ def test_forward_reads_the_centres_and_returns_their_statistics():
     out = loss.train()(students, teachers, views)
     assert torch.equal(loss.centering.center, before)
     assert set(out.stats) == set(loss.centering.names)
-    assert {f"mgcl/{k}": int(n) for k, (_, n) in out.stats.items()} == out.rows
     with torch.no_grad():
         loss.centering.update(out.stats, teacher_weights(loss.heads))
     out.total.backward()  # the in-place centre update must not break the backward

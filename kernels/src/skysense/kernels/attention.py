@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from skysense.kernels import dispatch
-from skysense.kernels.attention_bias import MAX_HEAD_DIM, bias_spec
+from skysense.kernels.attention_bias import MAX_BIASES, MAX_HEAD_DIM, bias_spec
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,8 @@ def _triton_unavailable_reason(q, biases, dropout_p) -> str | None:
         return r
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if len(biases) > 2:
-        return f"the Triton kernel takes at most 2 bias tensors, got {len(biases)}"
+    if len(biases) > MAX_BIASES:
+        return f"the Triton kernel takes at most {MAX_BIASES} bias tensors, got {len(biases)}"
     if dropout_p > 0.0:
         return "the Triton kernel has no attention dropout (dropout_p > 0)"
     return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_HEAD_DIM = 256  # the largest head dim the fused Triton kernel takes
+MAX_BIASES = 2  # the most bias tensors it adds to the scores
 
 
 @dataclass

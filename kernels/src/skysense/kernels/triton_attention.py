@@ -25,7 +25,7 @@ import triton
 
 from skysense.kernels import dispatch
 from skysense.kernels import launch_configs as lc
-from skysense.kernels.attention_bias import BiasSpec, bias_spec
+from skysense.kernels.attention_bias import MAX_BIASES, BiasSpec, bias_spec
 from skysense.kernels.triton_attention_kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -33,7 +33,6 @@ from skysense.kernels.triton_attention_kernels import (
 )
 
 LOG2E = 1.4426950408889634
-MAX_BIASES = 2
 
 # --- launcher ------------------------------------------------------------------------------------
 

@@ -15,12 +15,7 @@ import triton.language as tl
 from skysense.kernels import dispatch
 from skysense.kernels import distributed as sdist
 from skysense.kernels import launch_configs as lc
-
-
-def _launch(kernel: str, dtype: torch.dtype, n: int, k: int) -> lc.Launch:
-    """The launch of ``kernel`` for (n, k) scores (interpreter: few, large blocks)."""
-    interp = dispatch.interpreting() and not lc.gpu_blocks_forced()
-    return lc.loss_launch(kernel, str(dtype).removeprefix("torch."), n, k, 0, interp)
+from skysense.kernels.triton_losses import _launch
 
 
 @triton.jit

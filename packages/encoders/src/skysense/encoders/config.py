@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
-from skysense.kernels.modalities import MODALITIES
+from skysense.kernels.modalities import MODALITIES, MODALITY
 
 DTPE_MODES = ("all", "s2")
 SWIN_WINDOW_MODES = ("masked", "release")  # skysense.encoders.window_attention.WINDOW_MODES
@@ -25,9 +25,9 @@ class SkySenseConfig:
     # --- input geometry --------------------------------------------------------------------
     hr_img_size: int = 2048  # default HR tile side, pixels
     s_img_size: int = 64  # default S1/S2 tile side, pixels
-    hr_in_chans: int = 3  # HR bands (R, G, B)
-    s2_in_chans: int = 10  # S2 bands B2 B3 B4 B5 B6 B7 B8 B8A B11 B12
-    s1_in_chans: int = 2  # S1 bands VV, VH
+    hr_in_chans: int = MODALITY["hr"].channels  # HR bands (R, G, B): 3
+    s2_in_chans: int = MODALITY["s2"].channels  # S2 bands B2 B3 B4 B5 B6 B7 B8 B8A B11 B12: 10
+    s1_in_chans: int = MODALITY["s1"].channels  # S1 bands VV, VH: 2
     modalities: tuple[str, ...] = MODALITIES  # encoders to build; a batch may use any subset
     # --- g_HR: Swin Transformer V2 -----------------------------------------------------------
     swin_patch_size: int = 4  # patch embedding stride

@@ -50,8 +50,6 @@ class SkySenseLossOutput:
             (unweighted sums), "total". Terms of modalities absent from the batch are absent.
             With ``row_norm``, each MGCL term is this call's share (see ``forward``).
         teacher_temp: the teacher temperature used.
-        rows: MGCL term name -> number of (student, teacher) rows it averaged over (the N of
-            its (N, K) logits, which the fused kernel never stores).
         stats: logit set "<family>/<level>" -> (sum over its rows of the teacher's normalised
             bottleneck features (D,), number of rows): what the teacher-centre update reads
             (:meth:`TeacherCentering.update`). No gradient.
@@ -60,8 +58,13 @@ class SkySenseLossOutput:
     total: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_temp: float = 0.0
-    rows: dict[str, int] = field(default_factory=dict)
     stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """MGCL term name -> number of (student, teacher) rows it averaged over (the N of its
+        (N, K) logits, which the fused kernel never stores), read from ``stats``."""
+        return {f"mgcl/{name}": int(n) for name, (_, n) in self.stats.items()}
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -292,7 +295,6 @@ class SkySenseLoss(nn.Module):
             total=total,
             terms={k: v.detach() for k, v in terms.items()},
             teacher_temp=tt,
-            rows={f"mgcl/{name}": int(n) for name, (_, n) in stats.items()},
             stats=stats,
         )
 

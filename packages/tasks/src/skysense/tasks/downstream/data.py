@@ -230,8 +230,9 @@ def build_boxes(cfg, length: int, seed: int) -> TaskData:
 
 
 def build_geotiff_masks(cfg, length: int, seed: int, source: str | None = None) -> TaskData:
+    from skysense.kernels.modalities import DEFAULT_SENSORS
     from skysense.tasks.downstream.datasets.dense import DenseCrops
-    from skysense.tasks.downstream.datasets.segmentation import DEFAULT_SENSORS, load_scenes
+    from skysense.tasks.downstream.datasets.segmentation import load_scenes
 
     root = Path(str(cfg.root)) if cfg.get("root") else None
     values = (

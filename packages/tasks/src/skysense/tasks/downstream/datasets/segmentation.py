@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skysense.kernels.modalities import MODALITIES
+from skysense.kernels.modalities import DEFAULT_SENSORS, MODALITIES
 from skysense.tasks.downstream.datasets.common import day_of_year, normalise, series_sample
 from skysense.tasks.downstream.datasets.dense import DenseScene
 from skysense.tasks.downstream.datasets.masks import read_label_mask
-
-DEFAULT_SENSORS = {"hr": "hr_rgb", "s2": "s2_l2a", "s1": "s1_grd_db"}
 
 
 def _read(path, spec, grid=None):
