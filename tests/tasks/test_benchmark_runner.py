@@ -134,7 +134,11 @@ def test_pangaea_suite_on_fake_hls_burn_scars(tmp_path):
     few = by_id["hls_burn_scars/segmentation/frozen_upernet@0.1"]
     assert few["status"] == "ok"
     assert few["models"]["random init"]["runs"][0]["label_fraction"] == 0.1
+    few_info = few["models"]["random init"]["runs"][0]["data_info"]
+    assert few_info["holdout"]["label_fraction"] == 0.1
+    assert few_info["holdout"]["train"] < few_info["train"]  # trained on fewer tiles than exist
     fro = by_id["hls_burn_scars/segmentation/frozen_upernet"]
+    assert "holdout" not in fro["models"]["random init"]["runs"][0]["data_info"]  # all tiles
     lp = by_id["hls_burn_scars/segmentation/linear_probe@0.1"]
     assert fro["status"] == "ok" and lp["status"] == "ok"
     run = fro["models"]["random init"]["runs"][0]
@@ -224,6 +228,6 @@ def test_suite_pretrained_row_pretrains_once_then_reuses(tmp_path):
     assert ckpt.stat().st_mtime_ns == stamp  # the finished run reused, not trained again
     # checkpoints given: no pre-training
     other = tmp_path / "other"
-    assert main([*args[:5], f"suite.pretrained.run_dir={other}", *args[6:],
+    assert main([*args[:4], f"suite.pretrained.run_dir={other}", *args[5:],
                  f"run_dir={tmp_path / 'c'}", f"checkpoints={{x: {ckpt}}}"]) == 0  # fmt: skip
     assert not other.exists()

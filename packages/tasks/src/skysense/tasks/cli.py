@@ -233,7 +233,7 @@ def _commented_keys(config: str, overrides: list[str]) -> list[str]:
     """The primary config file and the files of the groups chosen on the command line
     (``task=X``, ``suite=X``, ``data=X``), as written: every key with its comment; a structured
     option (``model=X``) by its documented fields."""
-    from skysense.tasks.conf.schema import describe, describe_primary
+    from skysense.tasks.conf.schema import describe, describe_primary, describe_sections
 
     root = resources.files(CONFIG_MODULE)
     primary = describe_primary(config)
@@ -241,15 +241,15 @@ def _commented_keys(config: str, overrides: list[str]) -> list[str]:
         files = [(f"{config} (skysense.tasks.conf.commands)", primary)]
     else:
         files = [(f"{config}.yaml", root / f"{config}.yaml")]
+        files += [(f"{config}'s {key} (skysense.tasks.conf.schema)", text)
+                  for key, text in describe_sections(config).items()]  # fmt: skip
     for o in overrides:
         group, _, option = o.partition("=")
         entry = root / group / f"{option}.yaml"
         if "." not in group and option and entry.is_file():
             files.append((f"{group}/{option}.yaml", entry))
-        elif "." not in group and option and describe(group, option) is not None:
-            files.append(
-                (f"{group}={option} (skysense.tasks.conf.schema)", describe(group, option))
-            )
+        elif "." not in group and option and (text := describe(group, option)) is not None:
+            files.append((f"{group}={option} (skysense.tasks.conf.schema)", text))
     out = []
     for name, f in files:
         text = f if isinstance(f, str) else f.read_text()

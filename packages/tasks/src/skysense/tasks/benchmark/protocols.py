@@ -45,16 +45,10 @@ log = logging.getLogger(__name__)
 
 FEATURE_PROTOCOLS = {"linear_probe": "linear", "knn": "knn"}
 TRAIN_PROTOCOLS = ("finetune", "frozen_upernet", "siamese", "frozen_upernet_ltae")
-PLANNED: tuple[str, ...] = ()
-PROTOCOLS = (*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS, *PLANNED)
+PROTOCOLS = (*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS)
 
 
 def check_protocol(name: str) -> None:
-    if name in PLANNED:
-        raise NotImplementedError(
-            f"protocol {name!r} is not implemented yet (implemented: "
-            f"{[*FEATURE_PROTOCOLS, *TRAIN_PROTOCOLS]})"
-        )
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; known: {list(PROTOCOLS)}")
 

@@ -176,13 +176,13 @@ def run_benchmark(cfg: DictConfig) -> dict:
 
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     device = resolve_device(cfg.device, "device")
     found = pretrained_checkpoints(cfg)  # before set_threads: pre-training keeps its own
     if found:
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.checkpoints = found
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # with the checkpoints used
     set_threads(cfg.threads)
     models = models_of(cfg)
     feats = Featurisers(cfg, device)

@@ -178,21 +178,34 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneTrainerConfig(TrainerConfig):
-    """``trainer.*`` of fine-tuning (``conf/finetune.yaml`` documents each)."""
+    """``trainer.*`` of fine-tuning (each task config sets its own max_steps / batch_size).
+
+    eval_batch_size: samples (or windows of a scene) per forward in evaluation.
+    num_workers: DataLoader worker processes (0: in the main process).
+    val_fraction: validation split held out of the TRAINING data (0: none): whole scenes of
+      dense data (at least one), images stratified by class otherwise; drawn by the seed.
+      Change detection picks its decision threshold there (precision/recall curve in
+      <init>/pr_curve.{json,png}).
+    label_fraction: share of the remaining training labels trained on (scenes / tiles of dense
+      data; images per class otherwise), drawn by the seed.
+    eval_every, patience, min_delta: early stopping: score the validation split every
+      eval_every steps (0: off); stop after ``patience`` evaluations without an improvement
+      above min_delta (null: run the whole budget); either way the weights of the best
+      evaluation are kept.
+    val_metric: what the evaluations compare: score (the task's headline metric; change
+      detection: F1 at the best threshold) or loss (image tasks: minus the mean validation
+      loss, smoother than the accuracy of a few validation images).
+    """
 
     max_steps: int = 60
     log_every: int = 10
     eval_batch_size: int = 8
     num_workers: int = 0
-    # validation split carved from the training data (0: none), label share trained on,
-    # early stopping: evaluate every N steps (0: off), stop after `patience` evaluations
-    # without an improvement above min_delta (null: run the budget, keep the best weights)
     val_fraction: float = 0.0
     label_fraction: float = 1.0
     eval_every: int = 0
     patience: int | None = None
     min_delta: float = 0.0
-    # what early stopping compares: score (the task's headline metric) or loss (image tasks)
     val_metric: str = "score"
 
 
@@ -297,45 +310,51 @@ def structured_options() -> dict[str, list[str]]:
     return {group: list(options) for group, options in _structured().items()}
 
 
-def describe_primary(config: str) -> str | None:
-    """``--help``'s text for a primary config that is a dataclass (``ingest``, ``infer``): the
-    docstrings of its classes and its defaults as YAML; None for a YAML primary."""
-    import inspect
-
-    from omegaconf import OmegaConf
-
-    from skysense.tasks.conf.commands import PRIMARY
-
-    node = PRIMARY.get(config)
-    if node is None:
-        return None
+def _documented(node, classes=None, about: tuple[str, ...] = ()) -> str:
+    """A dataclass node as ``--help`` shows it: ``about`` and the docstrings of ``classes``
+    (default: the node's own classes and those of its nested sections) as ``#`` lines, then
+    its values as YAML (without a defaults list)."""
     import dataclasses
-
-    classes = [c for c in reversed(node.__mro__) if c is not object]
-    for f in dataclasses.fields(node):  # nested sections (export's head, convert's release)
-        made = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(made):
-            classes.append(type(made))
-    doc = "\n".join(f"{inspect.getdoc(c) or ''}" for c in classes)
-    values = OmegaConf.to_container(OmegaConf.structured(node))
-    values.pop("defaults", None)  # the groups it composes are listed above the keys
-    body = OmegaConf.to_yaml(values).rstrip()
-    return "\n".join(f"# {line}".rstrip() for line in doc.splitlines()) + "\n" + body
-
-
-def describe(group: str, option: str) -> str | None:
-    """``--help``'s text for a ConfigStore option (``model=tiny``, ``optim=adamw``): the meaning
-    of each key and the option's values as YAML; None where ``group`` has no such option."""
     import inspect
     import textwrap
 
     from omegaconf import OmegaConf
 
-    node, classes, *about = _structured().get(group, {}).get(option, (None, ()))
-    if node is None:
-        return None
-    about = [textwrap.fill(a, 96, break_on_hyphens=False) for a in about]
-    doc = "\n".join([*about, *(inspect.getdoc(c) or "" for c in classes)])
-    body = OmegaConf.to_yaml(OmegaConf.structured(node)).rstrip()
+    kind = node if isinstance(node, type) else type(node)
+    if classes is None:
+        classes = [c for c in reversed(kind.__mro__) if c is not object]
+        for f in dataclasses.fields(kind):  # nested sections (export's head, convert's release)
+            made = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(made):
+                classes.append(type(made))
+    lines = [textwrap.fill(a, 96, break_on_hyphens=False) for a in about]
+    doc = "\n".join([*lines, *(inspect.getdoc(c) or "" for c in classes)])
+    values = OmegaConf.to_container(OmegaConf.structured(node))
+    values.pop("defaults", None)  # the groups it composes are listed above the keys
     comments = "\n".join(f"# {line}".rstrip() for line in doc.splitlines())
-    return f"{comments}\n{body}"
+    return f"{comments}\n{OmegaConf.to_yaml(values).rstrip()}"
+
+
+# Typed sections of the YAML primaries, shown by --help beside the file: config -> key -> node.
+SECTIONS = {"finetune": {"trainer": FinetuneTrainerConfig}}
+
+
+def describe_primary(config: str) -> str | None:
+    """``--help``'s text for a primary config that is a dataclass (``ingest``, ``infer``, ...):
+    its docstrings and defaults; None for a YAML primary."""
+    from skysense.tasks.conf.commands import PRIMARY
+
+    node = PRIMARY.get(config)
+    return None if node is None else _documented(node)
+
+
+def describe_sections(config: str) -> dict[str, str]:
+    """``--help``'s text for the typed sections of a YAML primary (finetune's ``trainer``)."""
+    return {key: _documented(node) for key, node in SECTIONS.get(config, {}).items()}
+
+
+def describe(group: str, option: str) -> str | None:
+    """``--help``'s text for a ConfigStore option (``model=tiny``, ``optim=adamw``): the meaning
+    of each key and the option's values as YAML; None where ``group`` has no such option."""
+    node, classes, *about = _structured().get(group, {}).get(option, (None, ()))
+    return None if node is None else _documented(node, classes, tuple(about))

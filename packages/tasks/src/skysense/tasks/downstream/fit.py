@@ -91,16 +91,16 @@ def head_options(task, kind: str) -> dict:
 
 def lr_schedule(o, max_steps: int, lr: float):
     """The base lr of each step for ``optim.schedule`` (None: the trainer's warm-up + cosine)."""
-    name = o.get("schedule") or "cosine"
+    name = o.schedule
     if name == "cosine":
         return None
     if name == "multistep":
         from skysense.tasks.training.schedules import multistep
 
-        ms = tuple(float(m) for m in (o.get("milestones") or (0.6, 0.9)))
+        ms = tuple(float(m) for m in o.milestones)
         if any(not 0.0 < m <= 1.0 for m in ms):
             raise ConfigError("optim.milestones", f"shares of the steps in (0, 1], not {ms}")
-        gamma, warm = float(o.get("gamma", 0.1)), int(o.get("warmup_steps") or 0)
+        gamma, warm = float(o.gamma), int(o.warmup_steps or 0)
         return lambda step: multistep(step, max_steps, lr, ms, gamma, warm)
     raise ConfigError("optim.schedule", f"cosine or multistep, not {name!r}")
 

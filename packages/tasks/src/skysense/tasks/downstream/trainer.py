@@ -71,8 +71,11 @@ class EarlyStopping:
         self.evals.append({"step": step, "val": v})
         if math.isfinite(v) and (self.best_step is None or v > self.best + self.min_delta):
             self.best, self.best_step, self.bad = v, step, 0
+            # What training can change: trainable parameters and every buffer (a frozen
+            # encoder, most of a large model, is not copied at each improvement).
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
             self.best_state = {k: t.detach().to("cpu", copy=True)
-                               for k, t in model.state_dict().items()}  # fmt: skip
+                               for k, t in model.state_dict().items() if k not in frozen}  # fmt: skip
         else:
             self.bad += 1
         log.info("validation at step %d: %.4f (best %.4f at step %s)", step, v, self.best,
@@ -85,7 +88,13 @@ class EarlyStopping:
     def restore(self, model: nn.Module) -> None:
         """Load the weights of the best evaluation (nothing when none was finite)."""
         if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+            missing, unexpected = model.load_state_dict(self.best_state, strict=False)
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            if unexpected or set(missing) - frozen:
+                raise RuntimeError(
+                    f"EarlyStopping.restore: the snapshot does not fit the model (missing "
+                    f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]})"
+                )
 
     def record(self, steps_run: int, budget: int) -> dict:
         """What the run's JSON keeps: the evaluations, the best, and how the run ended."""

@@ -26,17 +26,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from skysense.tasks.downstream.datasets.common import collate
+from skysense.tasks.downstream.datasets.common import IGNORE_INDEX, collate
 from skysense.tasks.downstream.evaluation import (
     evaluate_classification,
     evaluate_dense,
     evaluate_detection,
+    predict_scene,
 )
 
 
-def _change_pv(model, val, ev, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from skysense.tasks.benchmark.threshold import change_probs
+@torch.no_grad()
+def change_probs(model, scenes, ev, device) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, P(change) over labelled pixels (N,), labels (N,)) of every scene."""
+    model.eval()
+    out = []
+    for s in scenes:
+        h, w = s.mask.shape
+        p = predict_scene(model, "change", s.sample, h, w, 2, ev.window, ev.overlap,
+                          ev.batch_size, device)[1]  # fmt: skip
+        keep = s.mask != IGNORE_INDEX
+        out.append((str(s.name), p[keep].float().cpu(), s.mask[keep].long()))
+    return out
 
+
+def _change_pv(model, val, ev, device) -> tuple[torch.Tensor, torch.Tensor]:
     rows = change_probs(model, val.eval, ev, device)
     return torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows])
 

@@ -150,12 +150,11 @@ def health_signals(teacher, batches: list[dict], temp: float, labelled=None) -> 
     if scores:
         sig["retrieval"] = sum(scores) / len(scores)
         sig["retrieval_chance"] = sum(chances) / len(chances)
-    s2 = [pooled_tokens(o, "s2") for o in outs]
-    if all(x is not None for x in s2):
+    if "s2" in pooled:
         # RankMe of the pooled S2 tokens (the features the S2 probes read), where present.
         keep = present["s2"]
         if int(keep.sum()) >= 2:
-            sig["rankme_s2"] = rankme(torch.cat(s2)[keep])
+            sig["rankme_s2"] = rankme(pooled["s2"][keep])
             # ... and of the S2 tokens at every grid location (what dense probes read).
             sig["rankme_s2_dense"] = rankme(torch.cat([dense_tokens(o, "s2") for o in outs]))
     if labelled is not None:
