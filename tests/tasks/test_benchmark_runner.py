@@ -231,3 +231,20 @@ def test_suite_pretrained_row_pretrains_once_then_reuses(tmp_path):
     assert main([*args[:4], f"suite.pretrained.run_dir={other}", *args[5:],
                  f"run_dir={tmp_path / 'c'}", f"checkpoints={{x: {ckpt}}}"]) == 0  # fmt: skip
     assert not other.exists()
+
+
+def test_epoch_budget_counts_the_samples_left_after_the_carve(tmp_path):
+    """epochs are passes over what the run trains on: with a validation share and a label
+    fraction the budget shrinks with them (the 10 % label entries of suite pangaea got the full
+    data set's steps before)."""
+    from omegaconf import OmegaConf
+
+    from skysense.tasks.benchmark.protocols import budget_steps
+    from skysense.tasks.cli import compose
+
+    entry = OmegaConf.create({"epochs": 2, "min_steps": 1, "max_steps": 100000})
+    cfg = compose("finetune", ["data=embedded", f"data.root={tmp_path / 'embedded'}",
+                               "trainer.batch_size=1"])  # fmt: skip
+    full = budget_steps(entry, cfg, 0)
+    cfg.trainer.val_fraction, cfg.trainer.label_fraction = 0.25, 0.5
+    assert full > 0 and budget_steps(entry, cfg, 0) == 2 * round(full / 2 * 0.75 * 0.5)

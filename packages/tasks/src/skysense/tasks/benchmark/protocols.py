@@ -161,8 +161,10 @@ def plateaued(losses: list[float], window: float = 0.2, tol: float = 0.05) -> bo
 
 
 def budget_steps(entry, cfg, seed: int) -> int | None:
-    """``entry.epochs`` passes over the training samples in optimizer steps, clamped to
-    [``min_steps``, ``max_steps``] (None without ``epochs``: the task's ``trainer.max_steps``)."""
+    """``entry.epochs`` passes over the training samples the run trains on (those left after the
+    validation split and the label fraction carve theirs, ``cfg.trainer``) in optimizer steps,
+    clamped to [``min_steps``, ``max_steps``] (None without ``epochs``: the task's
+    ``trainer.max_steps``)."""
     if not entry.get("epochs"):
         return None
     from skysense.tasks.downstream.data import build_task_data
@@ -172,6 +174,8 @@ def budget_steps(entry, cfg, seed: int) -> int | None:
     n = len(n) if isinstance(n, (list, tuple)) else int(n or 0)
     if n <= 0:
         raise ValueError(f"epochs: the data reports no training sample count ({info})")
+    tr = cfg.trainer  # the carve (downstream.holdout): validation share first, then the labels
+    n = max(1, round(n * (1.0 - float(tr.val_fraction)) * float(tr.label_fraction)))
     steps = math.ceil(float(entry.epochs) * n / int(cfg.trainer.batch_size))
     return int(min(max(steps, int(entry.min_steps)), int(entry.max_steps)))
 
