@@ -2,7 +2,8 @@
 
 A figure is ``report.add(group, name, value, unit, baseline=..., ratio=..., note=...)``: ``ratio``
 is ours over the baseline oriented so that > 1 means ours is better (a speed-up, a memory saving),
-measured in the same run. ``kind`` says what a figure is: "ratio" figures are guarded against the
+measured in the same run; ``spread`` is how far its interleaved rounds disagreed, where the
+figure has rounds (:meth:`benchlib.Timings.spread`). ``kind`` says what a figure is: "ratio" figures are guarded against the
 committed reference; "scaling" and "info" figures are reported and plotted only.
 At the end of the session the figures go to $SKYSENSE_BENCH_OUT (default
 bench/results/raw-<mode>.json), which `skysense bench` turns into the JSON and Markdown report.
@@ -33,6 +34,7 @@ class Figure:
     kind: str = "ratio"
     params: dict = field(default_factory=dict)
     note: str = ""
+    spread: float | None = None  # (max - min) / median of the per-round ratios, where known
 
 
 def pytest_configure(config):
@@ -60,6 +62,7 @@ class Report:
         kind=None,
         params=None,
         note="",
+        spread=None,
     ):
         if kind is None:
             kind = "ratio" if ratio is not None else "info"
@@ -74,6 +77,7 @@ class Report:
             kind,
             params or {},
             note,
+            None if spread is None else float(spread),
         )
         self.figures.append(fig)
         return fig

@@ -196,6 +196,7 @@ def test_pretrain_step_throughput_and_mfu(report, setup):
         "of the square matmul's rate (the tiny preset's narrow shapes); the rest is work that "
         "counts no FLOPs: copies, GELU, softmax exponentials, norms, the loss's gathers, "
         "AdamW and the EMA",
+        spread=t.spread("step", "matmul"),
     )
     print(
         f"\npretrain step tiny B={BATCH} {shapes}: {t['step']:.3f} s, {BATCH / t['step']:.2f} "

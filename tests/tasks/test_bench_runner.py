@@ -49,6 +49,52 @@ def test_compare_flags_regressions_and_unexplained_slowdowns():
     }
 
 
+def test_reference_guard_sets_tolerances_from_the_runs_spread():
+    ref = {
+        "runs": [
+            {"ratios": {"g/a": 2.0, "g/b": 10.0, "g/c": 1.0}},
+            {"ratios": {"g/a": 1.6, "g/b": 10.5, "g/c": 0.5}},
+            {"ratios": {"g/a": 2.2, "g/b": 9.9, "g/c": 1.2, "g/new": 3.0}},
+        ]
+    }
+    g = bench.reference_guard(ref, base=0.25)
+    assert g["g/a"]["reference"] == 2.0 and g["g/a"]["departure"] == pytest.approx(0.2)
+    assert g["g/a"]["tolerance"] == pytest.approx(0.3)  # 1.5 x 0.2, above the base
+    assert g["g/b"]["tolerance"] == 0.25  # runs within 5 %: the base
+    assert g["g/c"]["tolerance"] == bench.TOLERANCE_CAP and g["g/c"]["noisy"]  # 1.5 x 0.5 capped
+    assert g["g/new"]["tolerance"] == 0.25 and g["g/new"]["runs"] == [3.0]  # one run: the base
+    legacy = bench.reference_guard({"ratios": {"g/a": 2.0}}, base=0.25)
+    assert legacy["g/a"]["reference"] == 2.0 and legacy["g/a"]["tolerance"] == 0.25
+    figures = [fig("a", 1.45), fig("b", 7.0)]
+    refs = {k: v["reference"] for k, v in g.items()}
+    tols = {k: v["tolerance"] for k, v in g.items()}
+    v = {c["key"]: c for c in bench.compare(figures, refs, 0.25, tols)}
+    assert v["g/a"]["verdict"] == "ok"  # 1.45 >= 2.0 x (1 - 0.3)
+    assert v["g/b"]["verdict"] == "regression" and "x (1 - 0.25)" in v["g/b"]["why"]
+    assert bench.compare([fig("a", 1.35)], refs, 0.25, tols)[0]["verdict"] == "regression"
+
+
+def test_compare_timings_add_rounds_for_short_calls():
+    import time
+
+    bl = _benchlib()
+    t = bl.compare({"fast": lambda: None, "slow": lambda: time.sleep(0.002)}, repeat=2, warmup=0)
+    assert len(t.rounds["fast"]) == 2  # min_time 0: the rounds asked for
+    t = bl.compare(
+        {"fast": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.003)},
+        repeat=2,
+        warmup=0,
+        min_time=0.03,
+        max_repeat=40,
+    )
+    n = len(t.rounds["fast"])
+    assert len(t.rounds["slow"]) == n and 10 <= n <= 31  # until the fast one ran 30 ms in all
+    assert t["slow"] > t["fast"] and t.spread("fast", "slow") >= 0.0
+    assert t.spread("fast", "slow") == bl.spread(
+        [b / a for a, b in zip(t.rounds["fast"], t.rounds["slow"])]
+    )
+
+
 def test_figure_key_includes_params_in_order():
     assert bench.figure_key(fig("a", 1.0, n=3, d=4)) == "g/a[d=4,n=3]"
 
@@ -65,7 +111,7 @@ def test_markdown_and_plot(tmp_path):
         "comparison": bench.compare(figures, {}, 0.6),
     }
     md = bench.markdown(report)
-    assert "| x (n=1) | 1 s | 2 s (naive) | 1.3 | new |" in md
+    assert "| x (n=1) | 1 s | 2 s (naive) | 1.3 |  |  | new |" in md
     assert "| t | sweep=N, N=256 | 25.6 s |" in md
     png = bench.plot_scaling(figures, tmp_path / "s.png")
     assert png.exists() and png.stat().st_size > 1000
@@ -111,13 +157,26 @@ def test_flop_counter_counts_cpu_flash_attention():
 
 FAKE_SUITE = """
 import os
+from pathlib import Path
 from benchlib import QUICK
+
+
+def spinners():
+    n = 0
+    for d in Path("/proc").iterdir():
+        try:
+            if int((d / "stat").read_text().split(") ")[1].split()[1]) == os.getpid():
+                n += b"while True: pass" in (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            pass
+    return n
 
 
 def test_figures(report):
     r = float(os.environ["FAKE_RATIO"])
     report.add("g", "fast", 1.0, "s", baseline=r, baseline_name="naive", ratio=r,
                params={"quick": QUICK})
+    report.add("g", "spinners", spinners(), "", kind="info")
     for n in (1, 2, 4):
         report.add("g", "time vs n", 0.1 * n, "s", kind="scaling", params={"sweep": "n", "n": n})
 """
@@ -164,6 +223,45 @@ def test_runner_end_to_end_reference_then_regression(tmp_path, monkeypatch, caps
     assert "REGRESSION: g/fast[quick=True]" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="threads"):
         run(2.0, "threads=0")
+    with pytest.raises(ConfigError, match="add_reference"):
+        run(2.0, "update_reference=true", "add_reference=true")
+
+
+@pytest.mark.slow
+def test_runner_reference_sample_of_runs_and_busy(tmp_path, monkeypatch, capsys):
+    """add_reference=true collects whole runs (one with busy=true: a spinning process for the
+    suite, recorded in the report); the guard's tolerance comes from their spread."""
+    from skysense.tasks.cli import compose
+
+    d = _fake_bench(tmp_path)
+    out = tmp_path / "results"
+
+    def run(ratio, *overrides):
+        monkeypatch.setenv("FAKE_RATIO", str(ratio))
+        cfg = compose("bench", ["mode=full", f"bench_dir={d}", f"out_dir={out}", *overrides])
+        return bench.main(cfg)
+
+    def spinners():
+        report = json.loads((out / "report-full.json").read_text())
+        return next(f["value"] for f in report["figures"] if f["name"] == "spinners"), report
+
+    assert run(2.0, "update_reference=true") == 0
+    assert spinners()[0] == 0
+    assert run(1.6, "add_reference=true", "busy=true") == 0
+    n, report = spinners()
+    assert n == 1 and report["machine"]["busy"] is True and len(report["machine"]["load_avg"]) == 6
+    assert run(2.2, "add_reference=true") == 0
+    ref = json.loads((out / "reference-full.json").read_text())
+    assert [r["busy"] for r in ref["runs"]] == [False, True, False]
+    key = "g/fast[quick=False]"
+    assert ref["ratios"][key] == 2.0 and ref["tolerances"][key] == pytest.approx(0.3)
+    assert run(1.45) == 0  # inside the spread-set 30 %, outside the base 25 %
+    md = (out / "report-full.md").read_text()
+    assert "## Guard" in md and "| 1.45 |  | 2 (0.3) | ok |" in md
+    assert f"| {key} | 2, 1.6, 2.2 | 0.20 | 0.30 |" in md
+    capsys.readouterr()
+    assert run(1.35) == 1
+    assert f"REGRESSION: {key}: ratio 1.35 < reference 2 x (1 - 0.3)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -12,6 +12,11 @@ and compares each guarded ratio with the committed reference: a ratio below
 bigger than the baseline) that carries no explanation; either makes the command exit 1.
 ``threads`` fixes torch's CPU threads of the whole suite (1 by default: see
 :class:`skysense.tasks.conf.commands.BenchConfig`).
+
+The reference is a sample of whole runs (``add_reference=true`` adds this one; quiet runs and
+runs with the other core busy, ``busy=true``): each figure's reference is the median of its
+runs, and its tolerance is set from how far they spread (:func:`reference_guard`), never below
+the mode's base tolerance and never above :data:`TOLERANCE_CAP`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ from skysense.tasks.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {"full": 0.25, "quick": 0.6}
+# A figure's tolerance from its reference runs: SPREAD_MARGIN x the largest departure of a run from
+# their median, within [base tolerance, TOLERANCE_CAP]; a figure that needs more than the cap is
+# reported "noisy" (more interleaved rounds, not a looser guard, is its remedy).
+SPREAD_MARGIN = 1.5
+TOLERANCE_CAP = 0.6
+REFERENCE_KEEP = 8  # the newest runs a reference keeps
+GUARD_RULE = (
+    f"reference = median of the reference runs; tolerance = max(base, min({TOLERANCE_CAP}, "
+    f"{SPREAD_MARGIN} x the largest |run - median| / median)); regression: ratio < reference x "
+    "(1 - tolerance)"
+)
 
 
 def find_bench_dir(start: Path | None = None) -> Path:
@@ -102,25 +118,71 @@ def figure_key(f: dict) -> str:
     return f"{f['group']}/{f['name']}" + (f"[{params}]" if params else "")
 
 
-def compare(figures: list[dict], reference: dict[str, float], tolerance: float) -> list[dict]:
-    """Verdicts for the guarded ("ratio") figures: ok, regression, unexplained, new."""
+def reference_guard(ref: dict, base: float) -> dict[str, dict]:
+    """Each guarded key's reference ratio and tolerance, from a reference file's contents.
+
+    ``ref["runs"]`` (a list of ``{"ratios": {key: ratio}, ...}``, one per whole run): the
+    reference is the median of the key's runs, ``departure`` the largest ``|run - median| /
+    median``, and the tolerance ``max(base, min(TOLERANCE_CAP, SPREAD_MARGIN * departure))``
+    (``noisy`` where the cap cut it). A key in one run only, or a file without runs (one run's
+    ``ratios``), gets ``base``.
+    """
+    import statistics
+
+    runs = ref.get("runs") or [{"ratios": ref.get("ratios", {})}]
+    by_key: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        for k, r in run["ratios"].items():
+            by_key[k].append(float(r))
+    out = {}
+    for k, rs in by_key.items():
+        med = statistics.median(rs)
+        dep = max(abs(r - med) for r in rs) / med if med else 0.0
+        want = SPREAD_MARGIN * dep if len(rs) > 1 else 0.0
+        out[k] = {
+            "reference": med,
+            "tolerance": max(base, min(TOLERANCE_CAP, want)),
+            "runs": rs,
+            "departure": dep,
+            "noisy": want > TOLERANCE_CAP,
+        }
+    return out
+
+
+def compare(
+    figures: list[dict],
+    reference: dict[str, float],
+    tolerance: float,
+    tolerances: dict[str, float] | None = None,
+) -> list[dict]:
+    """Verdicts for the guarded ("ratio") figures: ok, regression, unexplained, new.
+    ``tolerances``: per-key tolerances (:func:`reference_guard`) where they differ from
+    ``tolerance``."""
     out = []
     for f in figures:
         if f.get("kind") != "ratio" or f.get("ratio") is None:
             continue
         key = figure_key(f)
         ref = reference.get(key)
+        tol = (tolerances or {}).get(key, tolerance)
         verdict, why = "ok", ""
-        if ref is not None and f["ratio"] < ref * (1.0 - tolerance):
+        if ref is not None and f["ratio"] < ref * (1.0 - tol):
             verdict = "regression"
-            why = f"ratio {f['ratio']:.3g} < reference {ref:.3g} x (1 - {tolerance})"
+            why = f"ratio {f['ratio']:.3g} < reference {ref:.3g} x (1 - {tol:.3g})"
         elif f["ratio"] < 1.0 and not f.get("note"):
             verdict = "unexplained"
             why = f"ratio {f['ratio']:.3g} < 1.0 with no explanation"
         elif ref is None:
             verdict = "new"
         out.append(
-            {"key": key, "ratio": f["ratio"], "reference": ref, "verdict": verdict, "why": why}
+            {
+                "key": key,
+                "ratio": f["ratio"],
+                "reference": ref,
+                "tolerance": tol,
+                "verdict": verdict,
+                "why": why,
+            }
         )
     return out
 
@@ -162,7 +224,9 @@ def markdown(report: dict) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"{m['memory_gib']} GiB, device {m['device']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"- commit {m['commit']}, {m['date']}; tolerance {report['tolerance']}",
+        f"- commit {m['commit']}, {m['date']}; base tolerance {report['tolerance']}; "
+        + ("the other core busy (a spinning process, busy=true)" if m.get("busy") else "quiet")
+        + (f"; load average {m['load_avg'][0]:.2f} at the start" if m.get("load_avg") else ""),
         "",
         "Every ratio is ours over a baseline measured in the same run, oriented so that > 1 means"
         " ours is better (faster, or less memory).",
@@ -177,8 +241,9 @@ def markdown(report: dict) -> str:
         ratio_figs = [f for f in figs if f["kind"] != "scaling"]
         if ratio_figs:
             lines += [
-                "| figure | ours | baseline | ratio | verdict | note |",
-                "|---|---|---|---|---|---|",
+                "| figure | ours | baseline | ratio | spread | reference (tolerance) | verdict "
+                "| note |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for f in ratio_figs:
                 v = verdicts.get(figure_key(f), {})
@@ -190,9 +255,15 @@ def markdown(report: dict) -> str:
                 base = _fmt(f["baseline"], f["unit"]) + (
                     f" ({f['baseline_name']})" if f.get("baseline_name") else ""
                 )
+                ref = (
+                    f"{_fmt(v['reference'])} ({v['tolerance']:.2g})"
+                    if v.get("reference") is not None
+                    else ""
+                )
                 lines.append(
                     f"| {name} | {_fmt(f['value'], f['unit'])} | {base} | {_fmt(f['ratio'])} | "
-                    f"{v.get('verdict', f['kind'])} | {f.get('note', '')} |"
+                    f"{_fmt(f.get('spread'))} | {ref} | {v.get('verdict', f['kind'])} | "
+                    f"{f.get('note', '')} |"
                 )
             lines.append("")
         scaling = [f for f in figs if f["kind"] == "scaling"]
@@ -202,6 +273,7 @@ def markdown(report: dict) -> str:
                 p = ", ".join(f"{k}={x}" for k, x in f["params"].items())
                 lines.append(f"| {f['name']} | {p} | {_fmt(f['value'], f['unit'])} |")
             lines.append("")
+    lines += guard_section(report)
     bad = [v for v in report["comparison"] if v["verdict"] in ("regression", "unexplained")]
     lines += ["## Verdict", ""]
     if bad:
@@ -209,6 +281,51 @@ def markdown(report: dict) -> str:
     else:
         lines.append("No regression: every guarded ratio is within tolerance of the reference.")
     return "\n".join(lines) + "\n"
+
+
+def guard_section(report: dict) -> list[str]:
+    """The guard's rule, its reference runs and the figures whose tolerance their spread set."""
+    guard = report.get("guard")
+    if not guard:
+        return []
+    lines = [
+        "## Guard",
+        "",
+        f"Rule: {GUARD_RULE}. Spread column: (max - min) / median of the "
+        "figure's per-round ratios in this run, where it has rounds.",
+        "",
+    ]
+    runs = guard.get("runs", [])
+    if runs:
+        lines += [
+            f"Reference runs ({len(runs)}):",
+            "",
+            "| date | commit | load | load average |",
+            "|---|---|---|---|",
+        ]
+        for r in runs:
+            la = r.get("load_avg")
+            lines.append(
+                f"| {r.get('date', '')} | {r.get('commit', '')} | "
+                f"{'other core busy' if r.get('busy') else 'quiet'} | "
+                f"{'' if not la else f'{la[0]:.2f}'} |"
+            )
+        lines.append("")
+    wide = [(k, g) for k, g in guard["figures"].items() if g["tolerance"] > report["tolerance"]]
+    if wide:
+        lines += [
+            "Figures whose reference runs spread past the base tolerance (tolerance from their "
+            "spread):",
+            "",
+            "| figure | runs | departure | tolerance |",
+            "|---|---|---|---|",
+        ]
+        for k, g in sorted(wide, key=lambda x: -x[1]["departure"]):
+            rs = ", ".join(f"{r:.3g}" for r in g["runs"])
+            flag = " (noisy: capped; needs more rounds)" if g["noisy"] else ""
+            lines.append(f"| {k} | {rs} | {g['departure']:.2f} | {g['tolerance']:.2f}{flag} |")
+        lines.append("")
+    return lines
 
 
 def plot_scaling(figures: list[dict], path: Path) -> Path | None:
@@ -274,6 +391,11 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
         if not isinstance(threads, int) or threads < 1:
             raise ConfigError("threads", f"must be a positive integer or null, got {threads!r}")
         env.update(SKYSENSE_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    if cfg.busy:
+        env["SKYSENSE_BENCH_BUSY"] = "1"  # benchlib starts one spinning process for the session
+    if cfg.update_reference and cfg.add_reference:
+        raise ConfigError("add_reference", "update_reference=true and add_reference=true: say one")
+    load_start = os.getloadavg()
     cmd = [
         sys.executable,
         "-m",
@@ -294,18 +416,27 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
         return 1
     raw_data = json.loads(raw.read_text())
     figures = raw_data["figures"]
-    reference = json.loads(ref_path.read_text())["ratios"] if ref_path.exists() else {}
-    if not reference and not cfg.update_reference:
+    ref_file = json.loads(ref_path.read_text()) if ref_path.exists() else {}
+    if not ref_file and not (cfg.update_reference or cfg.add_reference):
         log.warning(
             "no reference at %s: every ratio is new (run with update_reference=true)", ref_path
         )
-    comparison = compare(figures, reference, tolerance)
+    guard = reference_guard(ref_file, tolerance)
+    comparison = compare(
+        figures,
+        {k: g["reference"] for k, g in guard.items()},
+        tolerance,
+        {k: g["tolerance"] for k, g in guard.items()},
+    )
+    mach = machine(raw_data.get("torch_threads"))
+    mach.update(busy=bool(cfg.busy), load_avg=[*load_start, *os.getloadavg()])
     report = {
         "mode": mode,
         "tolerance": tolerance,
-        "machine": machine(raw_data.get("torch_threads")),
+        "machine": mach,
         "figures": figures,
         "comparison": comparison,
+        "guard": {"runs": [_run_summary(r) for r in ref_file.get("runs", [])], "figures": guard},
         "pytest_exit": rc,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,16 +446,31 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     if png:
         md += f"\n![scaling]({png.name})\n"
     (out_dir / f"report-{mode}.md").write_text(md)
-    if cfg.update_reference:
-        ratios = {
-            figure_key(f): f["ratio"]
-            for f in figures
-            if f["kind"] == "ratio" and f["ratio"] is not None
+    if (cfg.update_reference or cfg.add_reference) and rc == 0:
+        run = {
+            **_run_summary(mach),
+            "ratios": {
+                figure_key(f): f["ratio"]
+                for f in figures
+                if f["kind"] == "ratio" and f["ratio"] is not None
+            },
         }
+        runs = [*ref_file.get("runs", []), run] if cfg.add_reference else [run]
+        runs = runs[-REFERENCE_KEEP:]
+        new = reference_guard({"runs": runs}, tolerance)
         ref_path.write_text(
-            json.dumps({"mode": mode, "machine": report["machine"], "ratios": ratios}, indent=1)
+            json.dumps(
+                {
+                    "mode": mode,
+                    "rule": GUARD_RULE,
+                    "ratios": {k: g["reference"] for k, g in new.items()},
+                    "tolerances": {k: g["tolerance"] for k, g in new.items()},
+                    "runs": runs,
+                },
+                indent=1,
+            )
         )
-        log.info("wrote the reference %s (%d ratios)", ref_path, len(ratios))
+        log.info("wrote the reference %s (%d runs, %d ratios)", ref_path, len(runs), len(new))
     bad = [v for v in comparison if v["verdict"] in ("regression", "unexplained")]
     print(f"skysense bench: {len(figures)} figures, report {out_dir / f'report-{mode}.md'}")
     for v in bad:
@@ -332,4 +478,9 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     if rc != 0:
         print(f"skysense bench: pytest exited {rc}", file=sys.stderr)
         return 1
-    return 1 if (bad and not cfg.update_reference) else 0
+    return 1 if (bad and not (cfg.update_reference or cfg.add_reference)) else 0
+
+
+def _run_summary(m: dict) -> dict:
+    """What a reference keeps of a run's machine record: when, which commit, how loaded."""
+    return {k: m.get(k) for k in ("date", "commit", "cpu", "torch_threads", "busy", "load_avg")}

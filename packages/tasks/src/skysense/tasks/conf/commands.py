@@ -38,12 +38,18 @@ class BenchConfig:
 
     mode: full (every figure at the sizes of the issues' acceptance points) or quick (small
       sizes, ratios only, for CI: under 2 minutes).
-    tolerance: a guarded ratio that falls below reference * (1 - tolerance) is a regression
-      (exit 1); null: 0.25 in full mode, 0.6 (generous) in quick mode.
+    tolerance: the base tolerance: a guarded ratio that falls below reference * (1 - tolerance)
+      is a regression (exit 1); null: 0.25 in full mode, 0.6 (generous) in quick mode. A figure
+      whose reference runs spread further gets a tolerance set from that spread (1.5 x the
+      largest departure of a run from their median, at most 0.6: skysense.tasks.bench).
     bench_dir: the suite's folder (null: ./bench, else found upward from the working directory).
     out_dir: where the report goes (null: <bench_dir>/results).
     reference: reference ratios to compare with (null: <out_dir>/reference-<mode>.json).
-    update_reference: write this run's ratios as the new reference instead of comparing.
+    update_reference: make this run the reference (a sample of one run) instead of guarding.
+    add_reference: add this run to the reference's sample of runs (the newest 8 are kept): the
+      way to measure the spread the tolerances are set from, quiet and with busy=true.
+    busy: the guard under load: one spinning process (a pure-Python loop) holds a core for the
+      whole suite; the report records it and the load average.
     threads: torch's CPU threads for the whole suite (also OMP_NUM_THREADS of its processes);
       null: torch's default (one per core). 1 by default: on a shared machine an OpenMP region
       of 2+ threads stalls whenever another process holds a core (the same pre-training step
@@ -59,6 +65,8 @@ class BenchConfig:
     out_dir: str | None = None
     reference: str | None = None
     update_reference: bool = False
+    add_reference: bool = False
+    busy: bool = False
     threads: int | None = 1
     pytest_args: str = ""
 
