@@ -258,6 +258,7 @@ def test_runner_reference_sample_of_runs_and_busy(tmp_path, monkeypatch, capsys)
     assert run(1.45) == 0  # inside the spread-set 30 %, outside the base 25 %
     md = (out / "report-full.md").read_text()
     assert "## Guard" in md and "| 1.45 |  | 2 (0.3) | ok |" in md
+    assert md.count("| other core busy |") == 1 and md.count("| quiet |") == 2  # the 3 runs
     assert f"| {key} | 2, 1.6, 2.2 | 0.20 | 0.30 |" in md
     capsys.readouterr()
     assert run(1.35) == 1

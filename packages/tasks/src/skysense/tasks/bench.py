@@ -226,7 +226,12 @@ def markdown(report: dict) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- commit {m['commit']}, {m['date']}; base tolerance {report['tolerance']}; "
         + ("the other core busy (a spinning process, busy=true)" if m.get("busy") else "quiet")
-        + (f"; load average {m['load_avg'][0]:.2f} at the start" if m.get("load_avg") else ""),
+        + (
+            f"; 1-min load average {m['load_avg'][0]:.2f} at the start, {m['load_avg'][3]:.2f} "
+            "at the end"
+            if m.get("load_avg")
+            else ""
+        ),
         "",
         "Every ratio is ours over a baseline measured in the same run, oriented so that > 1 means"
         " ours is better (faster, or less memory).",
@@ -300,7 +305,7 @@ def guard_section(report: dict) -> list[str]:
         lines += [
             f"Reference runs ({len(runs)}):",
             "",
-            "| date | commit | load | load average |",
+            "| date | commit | load | 1-min load average, start / end |",
             "|---|---|---|---|",
         ]
         for r in runs:
@@ -308,7 +313,7 @@ def guard_section(report: dict) -> list[str]:
             lines.append(
                 f"| {r.get('date', '')} | {r.get('commit', '')} | "
                 f"{'other core busy' if r.get('busy') else 'quiet'} | "
-                f"{'' if not la else f'{la[0]:.2f}'} |"
+                f"{'' if not la else f'{la[0]:.2f} / {la[3]:.2f}'} |"
             )
         lines.append("")
     wide = [(k, g) for k, g in guard["figures"].items() if g["tolerance"] > report["tolerance"]]
