@@ -44,7 +44,8 @@ class BenchConfig:
       largest departure of a run from their median, at most 0.6: skysense.tasks.bench).
     bench_dir: the suite's folder (null: ./bench, else found upward from the working directory).
     out_dir: where the report goes (null: <bench_dir>/results).
-    reference: reference ratios to compare with (null: <out_dir>/reference-<mode>.json).
+    reference: the reference file, a sample of whole runs' ratios to compare with (null:
+      <out_dir>/reference-<mode>.json).
     update_reference: make this run the reference (a sample of one run) instead of guarding.
     add_reference: add this run to the reference's sample of runs (the newest 8 are kept): the
       way to measure the spread the tolerances are set from, quiet and with busy=true.
