@@ -2,7 +2,8 @@
 ``run_inference`` (``skysense infer``) or TerraTorch's ``tiled_inference`` over the same model.
 
 Run by bench/test_bench_peers.py, ours with the project's .venv, the peer with
-.venv-peers-terratorch (which has the skysense sources on its path):
+.venv-peers-terratorch (the peer's run puts this checkout's skysense sources first on its path:
+the environment may be shared between checkouts through $SKYSENSE_PEERS_VENV):
 
     python infer_run.py {ours|terratorch} MODEL.pt SCENE.tif OUT.tif WINDOW OVERLAP BATCH
 
@@ -48,8 +49,22 @@ def _queued() -> float:
     return total / 1e9
 
 
+def _checkout_sources() -> None:
+    """This checkout's skysense sources first on ``sys.path`` (the peer's environment has no
+    skysense installed; a path baked into it at build time would name whichever checkout built
+    it, perhaps since deleted)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    srcs = [root / "kernels" / "src"]
+    srcs += [root / "packages" / p / "src" for p in ("encoders", "losses", "data", "tasks")]
+    sys.path[:0] = [str(p) for p in srcs]
+
+
 def main() -> None:
     side, model_path, scene, out = sys.argv[1:5]
+    if side == "terratorch":
+        _checkout_sources()
     window, overlap, batch = (int(a) for a in sys.argv[5:8])
     import numpy as np
     import rasterio

@@ -3,8 +3,10 @@
 # for torch, torchvision, numpy, rasterio and timm:
 #   .venv-peers            torchgeo 0.10 (the loader peer)
 #   .venv-peers-terratorch terratorch 1.2.13 with the torchgeo it pins (<0.10: its package
-#                          imports torchgeo.trainers.utils, which 0.10 removed), plus the
-#                          skysense sources on sys.path (the inference peer runs our model)
+#                          imports torchgeo.trainers.utils, which 0.10 removed); the inference
+#                          peer runs our model: infer_run.py puts the sources of the checkout it
+#                          belongs to on sys.path (nothing of a checkout is baked in here, so
+#                          $SKYSENSE_PEERS_VENV can be shared between checkouts)
 # Both need Python >= 3.12 (torchgeo >= 0.9 requires it; the project's .venv is 3.11), hence
 # environments of their own. Idempotent: a stamp newer than this script skips the work. A failed
 # build writes its reason to <env>/.peers-absent, which the bench reports as "peer absent".
@@ -44,11 +46,8 @@ build() {
     test -x "$venv/bin/python" || "$PY" -m venv "$venv" >>"$log" 2>&1 || { fail "python -m venv failed"; return 1; }
     "$venv/bin/python" -m pip --disable-pip-version-check install -q -c "$ROOT/constraints.txt" "$@" \
         >>"$log" 2>&1 || { fail "pip install $* failed: $(grep -E '^ERROR' "$log" | tail -3 | tr '\n' ' ')"; return 1; }
-    if [ "$venv" = "$PREFIX-terratorch" ]; then  # the inference peer runs this project's model
-        local site
-        site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-        printf '%s\n' "$ROOT/kernels/src" "$ROOT"/packages/{encoders,losses,data,tasks}/src > "$site/skysense-src.pth"
-    fi
+    # an older build's skysense-src.pth named the checkout that built it: gone
+    rm -f "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/skysense-src.pth"
     "$venv/bin/python" -c "$check" >>"$log" 2>&1 || { fail "$check: $(tail -1 "$log")"; return 1; }
     rm -f "$absent"
     touch "$stamp"

@@ -300,3 +300,20 @@ def test_gpu_pretrain_check_dry_run(tmp_path):
     assert cells[6:8] == ["on", "ok"], row
     model, recomputed, mfu = float(cells[10]), float(cells[11]), float(cells[13])
     assert model > 0 and 0 < recomputed < model and 0 < mfu < 1, row
+
+
+def test_peer_infer_run_finds_this_checkouts_sources(monkeypatch):
+    """The TerraTorch peer's environment has no skysense: infer_run.py puts the sources of the
+    checkout it belongs to first on sys.path (a path baked into a shared environment named a
+    clone since deleted: "No module named 'skysense'")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_run", BENCH / "peers" / "infer_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "path", ["/elsewhere"])
+    mod._checkout_sources()
+    srcs = [Path(p) for p in sys.path[:-1]]
+    assert sys.path[-1] == "/elsewhere" and len(srcs) == 5
+    found = {p.name for s in srcs for p in (s / "skysense").iterdir() if p.is_dir()}
+    assert {"kernels", "encoders", "losses", "data", "tasks"} <= found

@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from collections import defaultdict
@@ -128,8 +129,6 @@ def reference_guard(ref: dict, base: float) -> dict[str, dict]:
     (``noisy`` where the cap cut it). A key in one run only, or a file without runs (one run's
     ``ratios``), gets ``base``.
     """
-    import statistics
-
     runs = ref.get("runs") or [{"ratios": ref.get("ratios", {})}]
     by_key: dict[str, list[float]] = defaultdict(list)
     for run in runs:
@@ -455,7 +454,11 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
     if png:
         md += f"\n![scaling]({png.name})\n"
     (out_dir / f"report-{mode}.md").write_text(md)
-    if (cfg.update_reference or cfg.add_reference) and rc == 0:
+    bad = [v for v in comparison if v["verdict"] in ("regression", "unexplained")]
+    if (cfg.update_reference or cfg.add_reference) and rc != 0:
+        log.warning("the reference %s is left as it was: the suite failed (pytest exit %d)",
+                    ref_path, rc)  # fmt: skip
+    elif cfg.update_reference or cfg.add_reference:
         run = {
             **_run_summary(mach),
             "ratios": {
@@ -488,14 +491,12 @@ def main(cfg: DictConfig, command: str = "bench") -> int:
             )
         )
         log.info("wrote the reference %s (%d runs, %d ratios)", ref_path, len(runs), len(new))
-        bad_now = [v["key"] for v in comparison if v["verdict"] in ("regression", "unexplained")]
-        if bad_now and cfg.add_reference:
+        if bad and cfg.add_reference:
             log.warning(
                 "added to the reference although %d ratio(s) failed the guard before (listed "
                 "below): they widen those figures' tolerances; update_reference=true starts over",
-                len(bad_now),
+                len(bad),
             )
-    bad = [v for v in comparison if v["verdict"] in ("regression", "unexplained")]
     print(f"skysense bench: {len(figures)} figures, report {out_dir / f'report-{mode}.md'}")
     for v in bad:
         print(f"  {v['verdict'].upper()}: {v['key']}: {v['why']}")
