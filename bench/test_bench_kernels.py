@@ -42,9 +42,9 @@ from skysense.kernels.losses import (
 GROUP = "kernels"
 MIB = 1024 * 1024
 # Interleaved peak-memory rounds (median): at quick sizes a first call's allocator growth is as
-# big as the figure; at full sizes one round let the fused losses' peaks (a few chunks of logits
-# next to a naive 4 GiB) swing between runs (prototype CE 74 / 126 MiB, InfoNCE 80 / 96 MiB:
-# ratios 32-63 and 43-51 over the reference's runs). Three rounds add about 90 s to the suite.
+# big as the figure; at full sizes too (about 90 s more), though the fused prototype CE's peak
+# still reads 64 or 128 MiB by run, not by round: a fresh process gave 126 MiB every round, so
+# the low runs reuse pages the suite's earlier tests left (bench/README.md, "The guard").
 MEM_ROUNDS = 3
 
 

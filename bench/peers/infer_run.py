@@ -56,9 +56,9 @@ def _checkout_sources() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    srcs = [root / "kernels" / "src"]
-    srcs += [root / "packages" / p / "src" for p in ("encoders", "losses", "data", "tasks")]
-    sys.path[:0] = [str(p) for p in srcs]
+    sys.path[:0] = [
+        str(p) for p in (root / "kernels" / "src", *sorted(root.glob("packages/*/src")))
+    ]
 
 
 def main() -> None:
